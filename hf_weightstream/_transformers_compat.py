@@ -1,0 +1,150 @@
+"""Every private transformers API we rely on, in one place.
+
+Streaming must build a model exactly as ``from_pretrained`` does (same init contexts, same dtype rules, same
+non-persistent buffers, same key renaming and weight converters) without reading its weights. transformers
+offers no public hook for that, so we call the same internals its loader calls. Should one of them move or
+change shape, ``tests/test_transformers_compat.py`` fails loudly naming it, instead of models loading wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    build_glob_alternation,
+    rename_source_key,
+)
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.modeling_utils import _get_dtype
+from transformers.monkey_patching import patch_output_recorders
+from transformers.utils.loading_report import LoadStateDictInfo
+
+from .errors import CheckpointError
+
+__all__ = [
+    "ConversionGroup",
+    "KeyPlan",
+    "LoadStateDictInfo",
+    "build_skeleton",
+    "plan_checkpoint_keys",
+    "resolve_dtype",
+    "target_dtypes",
+]
+
+
+def resolve_dtype(dtype: Any, config: Any, checkpoint_dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
+    """transformers' own dtype rules (``"auto"`` reads the config, then the checkpoint); updates ``config``."""
+    if dtype is None:
+        dtype = "auto"
+    sharded_metadata = {"dtype": str(checkpoint_dtype or torch.float32).removeprefix("torch.")}
+    return _get_dtype(dtype, None, config, sharded_metadata, None, True)
+
+
+def build_skeleton(cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, model_kwargs: dict) -> Any:
+    """The model with every parameter on the meta device, and real non-persistent buffers.
+
+    Uses the very init contexts of ``from_pretrained`` (default dtype, no weight tying during init, meta device),
+    then materialises non-persistent buffers (rotary ``inv_freq``...) the way its finalisation step does, so they
+    are bit-identical to a normal load.
+    """
+    config = copy.deepcopy(config)
+    contexts = cls.get_init_context(dtype, False, False, False)
+    from transformers.utils.generic import ContextManagers
+
+    with ContextManagers(contexts):
+        model = cls(config, **model_kwargs)
+        patch_output_recorders(model)
+    for param in model.parameters():
+        param._is_hf_initialized = True
+    model._move_missing_keys_from_meta_to_device(set(), {"": "cpu"}, None, None)
+    model._initialize_missing_keys(False)
+    model.tie_weights(recompute_mapping=False)
+    model.eval()
+    return model
+
+
+@dataclass
+class ConversionGroup:
+    """Checkpoint tensors that transformers turns into one or more parameters with a `WeightConverter`."""
+
+    first_target: str
+    template: WeightConverter
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint key, source pattern)
+
+    def convert(self, tensors: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+        """Run transformers' converter on already-read tensors; returns parameter name -> tensor."""
+        converter = copy.deepcopy(self.template)
+        for key, pattern in self.sources:
+            converter.add_tensor(self.first_target, key, pattern, tensors[key])
+        info = LoadStateDictInfo(set(), set(), set(), [], {}, set())
+        out = converter.convert(self.first_target, model=model, config=model.config, loading_info=info)
+        if info.conversion_errors:
+            raise CheckpointError(
+                f"transformers could not convert the checkpoint tensors for {self.first_target}: "
+                f"{info.conversion_errors}"
+            )
+        return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
+
+
+@dataclass
+class KeyPlan:
+    """How checkpoint keys become parameters: plain renames, and groups that need a converter."""
+
+    renamed: dict[str, str]  # parameter/buffer name -> checkpoint key
+    groups: list[ConversionGroup]
+    unexpected: list[str]
+
+
+def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str] | None) -> KeyPlan:
+    """Apply transformers' renamings and converters to checkpoint keys, as its loader does, without tensors."""
+    mapping = get_model_conversion_mapping(model, key_mapping, None)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    meta_state = model.state_dict()
+    prefix = model.base_model_prefix
+
+    renamed: dict[str, str] = {}
+    groups: dict[str, ConversionGroup] = {}
+    unexpected: list[str] = []
+    for key in keys:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if target not in meta_state and key in meta_state:
+            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
+        if target not in meta_state:
+            unexpected.append(key)
+        elif pattern is None:
+            renamed[target] = key
+        else:
+            group = groups.setdefault(target, ConversionGroup(target, pattern_to_converter[pattern]))
+            group.sources.append((key, pattern))
+    return KeyPlan(renamed, list(groups.values()), unexpected)
+
+
+def expected_targets(group: ConversionGroup, model: Any) -> list[str]:
+    """Parameter names a converter group will produce, from its target patterns (without running it)."""
+    names = set(model.state_dict().keys())
+    first_pattern = group.template.target_patterns[0]
+    out = []
+    for pattern in group.template.target_patterns:
+        candidate = group.first_target.replace(first_pattern, pattern)
+        if candidate in names:
+            out.append(candidate)
+    return out or [group.first_target]
+
+
+def target_dtypes(model: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype each tensor is loaded in: the ``keep_in_fp32`` plan where it applies, else the placeholder's."""
+    plan = model._get_dtype_plan(dtype)
+    pattern, group_to_glob = (build_glob_alternation(list(plan))[:2]) if plan else (None, {})
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        match = pattern.search(name) if pattern is not None else None
+        out[name] = plan[group_to_glob[match.lastgroup]] if match else tensor.dtype
+    return out

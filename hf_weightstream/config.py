@@ -1,0 +1,144 @@
+"""User-facing options of a streamed model.
+
+`StreamConfig` is deliberately a small, validated value object: every field is checked when it is made, so
+a typo such as ``lookahaed=2`` fails at once with a suggestion instead of being silently ignored deep inside
+``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import StreamConfigError
+
+if TYPE_CHECKING:
+    from .residency import WeightPool
+
+POLICIES = ("schedule", "lru")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: int | float | str, what: str = "budget") -> int:
+    """Turn ``150_000_000``, ``"150MB"`` or ``"1.5GiB"`` into bytes.
+
+    Decimal units (MB, GB) are powers of ten and binary ones (MiB, GiB) powers of two, as in transformers'
+    ``max_memory`` and ``max_shard_size``.
+    """
+    if isinstance(value, bool):
+        raise StreamConfigError(f"{what} must be a number of bytes or a string like '150MB', not {value!r}.")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise StreamConfigError(f"{what} must be positive, got {value!r}.")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            number = float(match.group(1))
+            size = int(number * _UNITS[(match.group(2) or "b").lower()])
+            if size > 0:
+                return size
+    raise StreamConfigError(
+        f"Cannot read {what}={value!r}: use a positive number of bytes or a string such as '150MB', "
+        "'2GiB' or '1.5GB' (MB/GB are powers of 10, MiB/GiB powers of 2)."
+    )
+
+
+@dataclass
+class StreamConfig:
+    """How a model streams its weights.
+
+    Args:
+        budget: bytes of weights that may be held on the execution device at once (resident plus in flight),
+            as an int or a string like ``"150MB"``. ``None`` picks a default from the device's free memory.
+        policy: ``"schedule"`` (default) keeps a fixed set of units resident and streams the rest in
+            execution order, which is optimal for the cyclic access of a decoder; ``"lru"`` evicts the least
+            recently used unit, which suits irregular access.
+        lookahead: how many units ahead of the running one are read in the background.
+        device: execution device; default is the first CUDA GPU if there is one, else the CPU.
+        num_workers: background reader threads.
+        pool: a `WeightPool` shared with other models, so several models live under one budget.
+        complete_download: for Hub repos, fetch the rest of each shard in the background and commit it to the
+            Hub cache once verified.
+        max_connections: parallel HTTP range requests when streaming from the Hub.
+        coalesce_gap: two byte ranges of one unit closer than this are read as one.
+    """
+
+    budget: int | str | None = None
+    policy: str = "schedule"
+    lookahead: int = 2
+    device: str | torch.device | None = None
+    num_workers: int = 4
+    pool: WeightPool | None = None
+    complete_download: bool = True
+    max_connections: int = 4
+    coalesce_gap: int = 1 << 20
+    _budget_bytes: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            self._budget_bytes = parse_size(self.budget)
+        if self.policy not in POLICIES:
+            raise StreamConfigError(f"Unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}.")
+        for name in ("lookahead", "coalesce_gap"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise StreamConfigError(f"{name} must be an integer >= 0, got {value!r}.")
+        for name in ("num_workers", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StreamConfigError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.device is not None:
+            try:
+                self.device = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise StreamConfigError(f"Cannot use device={self.device!r}: {err}") from None
+        if self.pool is not None and self.budget is not None:
+            raise StreamConfigError(
+                "Pass either budget= or pool=, not both: a pool's budget is shared by all its models."
+            )
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self._budget_bytes
+
+    def replace(self, **changes: Any) -> StreamConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        options.update(changes)
+        return StreamConfig(**options)
+
+
+_generated_init = StreamConfig.__init__
+
+
+@functools.wraps(_generated_init)
+def _checked_init(self: StreamConfig, *args: Any, **kwargs: Any) -> None:
+    # The dataclass __init__ would raise a bare TypeError; name the closest field instead.
+    known = sorted(f.name for f in fields(StreamConfig) if f.init)
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise StreamConfigError(f"Unknown StreamConfig field {key!r}.{hint} Known fields: {', '.join(known)}.")
+    _generated_init(self, *args, **kwargs)
+
+
+StreamConfig.__init__ = _checked_init  # type: ignore[method-assign]

@@ -1,0 +1,67 @@
+"""Accelerate hooks that make each unit's weights resident just before it runs.
+
+Each streaming unit's entry module(s) get a `StreamHook`, an accelerate `ModelHook`: accelerate's
+``add_hook_to_module`` wraps ``forward``, and transformers' ``@force_accelerate_hooks`` (modules that read a
+child's weights without calling it) calls the same ``pre_forward``/``post_forward`` pair, so one interface
+serves both.
+
+The root model also gets a forward session, registered with torch's own module hooks because accelerate's
+wrapper has no ``finally``: with ``always_call=True`` the session ends even when a forward raises (a bad input
+in a notebook), so no unit stays pinned and the model keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from torch import nn
+
+if TYPE_CHECKING:
+    from .engine import StreamEngine
+    from .units import Unit
+
+
+class StreamHook(ModelHook):
+    """Pins a unit's weights for the duration of its module's forward."""
+
+    def __init__(self, engine: StreamEngine, unit: Unit):
+        self.engine = engine
+        self.unit = unit
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.engine.acquire(self.unit)
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.engine.release(self.unit)
+        return output
+
+    def __repr__(self) -> str:
+        return f"StreamHook(unit={self.unit.name!r})"
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor) and value.device != device:
+        return value.to(device)
+    return value
+
+
+def attach(model: nn.Module, engine: StreamEngine) -> None:
+    """Hook every unit's entry modules and open/close a forward session around the root."""
+    for unit in engine.units:
+        for module in unit.modules:
+            add_hook_to_module(module, StreamHook(engine, unit), append=True)
+
+    def begin(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        engine.begin_forward()
+        # Like accelerate's dispatched models: tensors given on another device follow the model.
+        device = engine.device
+        return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
+
+    def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        engine.end_forward()
+
+    model.register_forward_pre_hook(begin, with_kwargs=True)
+    model.register_forward_hook(end, with_kwargs=True, always_call=True)

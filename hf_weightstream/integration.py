@@ -1,0 +1,339 @@
+"""``from_pretrained(..., device_map="stream")``: the transformers integration.
+
+transformers has no plugin registry for device-map modes, so importing hf_weightstream wraps
+``PreTrainedModel.from_pretrained`` and the Auto classes' ``from_pretrained`` (idempotently: notebooks re-run
+cells). The Auto wrapper takes our options out of the kwargs before transformers sees them (a WeightPool holds
+locks and threads, which transformers' config code would try to deep-copy) and passes them on in a context
+variable to the model-class wrapper, which builds the streamed model instead of loading it.
+
+A streamed model behaves like a normal one: ``model.device`` is the execution device, ``.to()``/``.cuda()``
+retarget it instead of moving (absent) weights, ``hf_device_map`` names a real device so pipelines accept it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.modeling_utils import ModuleUtilsMixin
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
+from transformers.utils.hub import resolve_revision
+
+from . import _transformers_compat as compat
+from .checkpoint import open_hub_repo, open_local_folder
+from .config import StreamConfig, parse_size
+from .engine import StreamEngine
+from .errors import StreamConfigError, StreamingRuntimeError
+from .hooks import attach
+from .residency import WeightPool, get_default_pool
+from .units import build_units
+
+_REQUEST: contextvars.ContextVar[StreamConfig | None] = contextvars.ContextVar("hf_weightstream", default=None)
+_ATTR = "_hf_weightstream"
+_labels = itertools.count(1)
+
+# from_pretrained options that cannot apply to a streamed model, with the reason we give.
+_UNSUPPORTED = {
+    "quantization_config": "streaming reads unquantized safetensors weights",
+    "gguf_file": "streaming needs safetensors, not GGUF (load it normally once and save_pretrained it)",
+    "state_dict": "streaming reads weights from files, not from an in-memory state_dict",
+    "tp_plan": "tensor parallelism is not supported with streaming",
+    "distributed_config": "distributed loading is not supported with streaming",
+    "offload_folder": "streaming reads the original files and writes no offload copy",
+    "use_kernels": "hub kernels are not supported with streaming",
+}
+
+
+def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
+    """Pop our options from ``from_pretrained`` kwargs; a StreamConfig if streaming was asked for."""
+    device_map = kwargs.get("device_map")
+    streaming = kwargs.pop("streaming", False)
+    config = kwargs.pop("stream_config", None)
+    if isinstance(device_map, str) and device_map == "stream":
+        kwargs.pop("device_map")
+    elif not streaming and config is None:
+        return None
+    elif device_map is not None:
+        raise StreamConfigError(
+            f"device_map={device_map!r} cannot be combined with streaming: use device_map='stream' "
+            "(and StreamConfig(device=...) to pick the execution device)."
+        )
+    if config is None:
+        config = StreamConfig()
+    elif isinstance(config, dict):
+        config = StreamConfig(**config)
+    elif not isinstance(config, StreamConfig):
+        raise StreamConfigError(f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}.")
+    return config
+
+
+def install() -> None:
+    """Wrap transformers' loaders and the ``device`` property (safe to call any number of times)."""
+    if getattr(PreTrainedModel.from_pretrained, "_hf_weightstream", False):
+        return
+    model_loader = PreTrainedModel.from_pretrained.__func__
+    auto_loader = _BaseAutoModelClass.from_pretrained.__func__
+
+    @functools.wraps(model_loader)
+    def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        config = stream_request(kwargs)
+        pending = _REQUEST.get()
+        if config is None and pending is not None:
+            config = pending
+        if config is None:
+            return model_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        token = _REQUEST.set(None)  # consumed: a nested from_pretrained loads normally
+        try:
+            return load_streamed(cls, pretrained_model_name_or_path, *model_args, stream_config=config, **kwargs)
+        finally:
+            _REQUEST.reset(token)
+
+    @functools.wraps(auto_loader)
+    def auto_from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        config = stream_request(kwargs)
+        if config is None:
+            return auto_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        token = _REQUEST.set(config)
+        try:
+            return auto_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            _REQUEST.reset(token)
+
+    from_pretrained._hf_weightstream = True
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    _BaseAutoModelClass.from_pretrained = classmethod(auto_from_pretrained)
+
+    device_property = ModuleUtilsMixin.device
+
+    def device(self: Any) -> torch.device:
+        engine = self.__dict__.get(_ATTR)
+        return engine.device if engine is not None else device_property.fget(self)
+
+    ModuleUtilsMixin.device = property(device, doc=device_property.__doc__)
+
+
+def engine_of(model: Any) -> StreamEngine:
+    """The engine of a streamed model, or a clear error for a normal one."""
+    engine = getattr(model, "__dict__", {}).get(_ATTR)
+    if engine is None:
+        raise StreamingRuntimeError(
+            f"{type(model).__name__} is not a streamed model: load it with "
+            "from_pretrained(..., device_map='stream')."
+        )
+    return engine
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # only where /proc is absent (macOS, Windows)
+
+    return psutil.virtual_memory().available
+
+
+def _budget_from_max_memory(max_memory: dict | None, device: torch.device) -> int | None:
+    if not max_memory:
+        return None
+    keys: list[Any] = [str(device), device]
+    if device.type == "cuda":
+        keys += [device.index, f"cuda:{device.index}"]
+    else:
+        keys.append("cpu")
+    for key in keys:
+        if key in max_memory:
+            return parse_size(max_memory[key], what=f"max_memory[{key!r}]")
+    raise StreamConfigError(
+        f"max_memory has no entry for the execution device {device} (keys: {list(max_memory)}); "
+        f"add one, e.g. max_memory={{{'cpu' if device.type == 'cpu' else device.index!r}: '2GB'}}."
+    )
+
+
+def load_streamed(
+    cls: type[PreTrainedModel],
+    pretrained_model_name_or_path: Any,
+    *model_args: Any,
+    stream_config: StreamConfig,
+    **kwargs: Any,
+) -> Any:
+    """Build ``cls`` on the meta device and attach streaming hooks; reads configs and headers only."""
+    for name, reason in _UNSUPPORTED.items():
+        if kwargs.get(name):
+            raise StreamConfigError(f"{name}= cannot be used with device_map='stream': {reason}.")
+    if model_args:
+        raise StreamConfigError("Positional model arguments are not supported with streaming; pass a config.")
+    if pretrained_model_name_or_path is None:
+        raise StreamConfigError("Streaming needs a model folder or Hub repo id to read weights from.")
+    config = kwargs.pop("config", None)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    dtype = kwargs.pop("dtype", None)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype
+    max_memory = kwargs.pop("max_memory", None)
+    key_mapping = kwargs.pop("key_mapping", None)
+    generation_config = kwargs.pop("generation_config", None)
+    variant = kwargs.pop("variant", None)
+    trust_remote_code = kwargs.pop("trust_remote_code", None)
+    from_auto = kwargs.pop("_from_auto", False)
+    from_pipeline = kwargs.pop("_from_pipeline", None)
+    if kwargs.pop("use_safetensors", None) is False:
+        raise StreamConfigError("use_safetensors=False cannot be streamed: streaming reads safetensors files.")
+    for name in ("adapter_kwargs", "adapter_name", "low_cpu_mem_usage", "_fast_init", "offload_buffers",
+                 "ignore_mismatched_sizes", "weights_only", "disable_mmap", "tqdm_class", "_commit_hash"):
+        kwargs.pop(name, None)
+    download_kwargs = {
+        name: kwargs.pop(name, default)
+        for name, default in (
+            ("cache_dir", None),
+            ("force_download", False),
+            ("proxies", None),
+            ("local_files_only", False),
+            ("token", None),
+            ("revision", "main"),
+            ("subfolder", ""),
+        )
+    }
+    name = str(pretrained_model_name_or_path)
+    local = os.path.isdir(name)
+    if not local:
+        download_kwargs["revision"] = resolve_revision(
+            name,
+            download_kwargs["revision"],
+            token=download_kwargs["token"],
+            local_files_only=download_kwargs["local_files_only"],
+            cache_dir=download_kwargs["cache_dir"],
+        )
+
+    if not isinstance(config, PreTrainedConfig):
+        config, model_kwargs = cls.config_class.from_pretrained(
+            config if config is not None else name,
+            return_unused_kwargs=True,
+            _from_auto=from_auto,
+            _from_pipeline=from_pipeline,
+            **download_kwargs,
+            **kwargs,
+        )
+    else:
+        model_kwargs = kwargs
+    if "attn_implementation" in model_kwargs:
+        config._attn_implementation = model_kwargs.pop("attn_implementation")
+    if "experts_implementation" in model_kwargs:
+        config._experts_implementation = model_kwargs.pop("experts_implementation")
+
+    if local:
+        checkpoint = open_local_folder(Path(name) / download_kwargs["subfolder"], variant)
+    else:
+        hub_kwargs = {k: v for k, v in download_kwargs.items() if k != "proxies" or v is not None}
+        checkpoint = open_hub_repo(name, hub_kwargs, variant)
+
+    config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype())
+    config.name_or_path = name
+    model = compat.build_skeleton(cls, config, dtype, model_kwargs)
+    plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping)
+    dtype_of = compat.target_dtypes(model, dtype)
+
+    device = stream_config.device or default_device()
+    pool = stream_config.pool
+    if pool is None and stream_config.budget_bytes is None and max_memory is None:
+        pool = get_default_pool()
+    units = build_units(model, checkpoint.index, plan, dtype_of, stream_config.coalesce_gap)
+    if pool is None:
+        budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
+        if budget is None:
+            model_bytes = sum(u.raw_bytes if u.views_only else u.out_bytes for u in units)
+            budget = min(int(0.7 * _available_memory(device)), 2 * model_bytes)
+        pool = WeightPool(budget, device=device, num_workers=stream_config.num_workers)
+    elif max_memory is not None:
+        raise StreamConfigError("Pass either max_memory= or a StreamConfig pool, not both.")
+
+    engine = StreamEngine(
+        model,
+        units,
+        checkpoint.source,
+        pool,
+        device,
+        policy=stream_config.policy,
+        lookahead=stream_config.lookahead,
+        label=f"{name}#{next(_labels)}",
+    )
+    engine.checkpoint = checkpoint
+    if device.type != "cpu":
+        _move_real_buffers(model, device)
+    attach(model, engine)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.__dict__[_ATTR] = engine
+    model.hf_device_map = {"": str(device)}
+    _bind_device_methods(model, engine)
+
+    if model.can_generate() and hasattr(model, "adjust_generation_fn"):
+        generation_kwargs = {k: v for k, v in download_kwargs.items()}
+        if local:
+            name_for_generation = str(Path(name))
+        else:
+            name_for_generation = name
+        model.adjust_generation_fn(
+            generation_config,
+            from_auto,
+            from_pipeline,
+            name_for_generation,
+            **generation_kwargs,
+            trust_remote_code=trust_remote_code,
+        )
+    if output_loading_info:
+        info = compat.LoadStateDictInfo(set(), set(plan.unexpected), set(), [], {}, set())
+        return model, info.to_dict()
+    return model
+
+
+def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                cast = dtype if dtype is not None and buf.is_floating_point() else None
+                module._buffers[name] = buf.to(device=device, dtype=cast)
+
+
+def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Change where (and in which dtype) a streamed model computes; weights are re-read on next use."""
+    engine = engine_of(model)
+    engine.retarget(device, dtype)
+    _move_real_buffers(model, engine.device, dtype)
+    return model
+
+
+def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
+    """``to``/``cuda``/``cpu``/``half``... retarget the execution device instead of moving weights."""
+
+    def to(*args: Any, **kwargs: Any) -> Any:
+        device, dtype, _non_blocking, _memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        return retarget(model, device, dtype)
+
+    def cuda(device: Any = None) -> Any:
+        index = device if isinstance(device, int) else None
+        target = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", index)
+        return retarget(model, target)
+
+    model.to = to
+    model.cuda = cuda
+    model.cpu = lambda: retarget(model, torch.device("cpu"))
+    model.half = lambda: retarget(model, None, torch.float16)
+    model.float = lambda: retarget(model, None, torch.float32)
+    model.bfloat16 = lambda: retarget(model, None, torch.bfloat16)

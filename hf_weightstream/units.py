@@ -1,0 +1,245 @@
+"""Streaming units: the groups of tensors that are read, made resident and evicted together.
+
+A unit is a decoder block (found from ``_no_split_modules``) or, for tensors outside any block, the module that
+holds them (embeddings, final norm, head). Units that share a tensor (tied embeddings) or a weight converter
+(fused MoE experts) are merged, so a tied weight is read once and stays one object. Each unit knows the byte
+ranges it needs, coalesced so that a block usually costs a single read.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._transformers_compat import ConversionGroup, KeyPlan, expected_targets
+from .errors import CheckpointError
+from .index import CheckpointIndex, TensorEntry
+
+
+@dataclass
+class Slot:
+    """One place in the model where a tensor is attached (a tied tensor has several)."""
+
+    module: nn.Module
+    attr: str
+    is_param: bool
+    placeholder: torch.Tensor  # the meta tensor put back on eviction
+
+
+@dataclass
+class TensorSpec:
+    """A parameter or persistent buffer the unit installs, and where its bytes come from."""
+
+    name: str
+    aliases: list[str]  # every state-dict name of this tensor (several when tied)
+    slots: list[Slot]
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # target dtype on the execution device
+    source: TensorEntry | None  # None when a converter group produces it
+
+
+@dataclass
+class ReadRange:
+    """A contiguous byte range of one shard, placed at ``buffer_offset`` in the unit's read buffer."""
+
+    shard: str
+    offset: int
+    length: int
+    buffer_offset: int
+
+
+@dataclass(eq=False)
+class Unit:
+    """A streaming unit and its residency state (guarded by the owning pool's lock)."""
+
+    name: str
+    modules: list[nn.Module]
+    specs: list[TensorSpec]
+    groups: list[ConversionGroup]
+    entries: dict[str, TensorEntry]  # checkpoint key -> entry, for everything the unit reads
+    ranges: list[ReadRange] = field(default_factory=list)
+    raw_bytes: int = 0
+    out_bytes: int = 0
+    views_only: bool = True  # tensors are dtype-matching views of the read buffer (no cast, no converter)
+    # --- runtime state, owned by WeightPool ---
+    state: str = "absent"  # absent | loading | resident
+    pins: int = 0
+    pin_threads: dict[int, int] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] | None = None
+    buffer: torch.Tensor | None = None  # the read buffer kept alive by views
+    held_bytes: int = 0  # bytes charged to the budget while loading/resident
+    installed: bool = False
+    last_used: int = 0
+    prefetched: bool = False  # loaded ahead and not yet used
+    error: BaseException | None = None
+    engine: Any = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def buffer_position(self, entry: TensorEntry) -> int:
+        for rng in self.ranges:
+            if rng.shard == entry.shard and rng.offset <= entry.offset < rng.offset + rng.length:
+                return rng.buffer_offset + entry.offset - rng.offset
+        raise AssertionError(f"{entry.key} is outside the ranges of unit {self.name}")
+
+
+def _block_classes(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def build_units(
+    model: nn.Module,
+    index: CheckpointIndex,
+    plan: KeyPlan,
+    dtype_of: dict[str, torch.dtype],
+    coalesce_gap: int,
+) -> list[Unit]:
+    """Split the model into units and work out what each one reads.
+
+    ``dtype_of`` gives the target dtype of every tensor (transformers' dtype plan applied).
+    """
+    state = model.state_dict(keep_vars=True)
+    blocks = _block_classes(model)
+    block_names = [
+        name for name, module in model.named_modules() if name and type(module).__name__ in blocks
+    ]
+    outer_blocks = [n for n in block_names if not any(n.startswith(b + ".") for b in block_names if b != n)]
+
+    def unit_of(tensor_name: str) -> str:
+        for block in outer_blocks:
+            if tensor_name.startswith(block + "."):
+                return block
+        return _parent(tensor_name)
+
+    # Aliases: names that are the same tensor object (tied weights).
+    by_identity: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        by_identity.setdefault(id(tensor), []).append(name)
+
+    group_of_target: dict[str, ConversionGroup] = {}
+    for group in plan.groups:
+        for target in expected_targets(group, model):
+            group_of_target[target] = group
+
+    uf = _UnionFind()
+    specs: dict[str, TensorSpec] = {}
+    missing: list[str] = []
+    for names in by_identity.values():
+        source_name = next((n for n in names if n in plan.renamed or n in group_of_target), None)
+        if source_name is None:
+            missing.append(names[0])
+            continue
+        slots = []
+        for name in names:
+            module = model.get_submodule(_parent(name))
+            attr = name.rpartition(".")[2]
+            is_param = attr in module._parameters
+            slots.append(Slot(module, attr, is_param, state[name]))
+            uf.union(unit_of(names[0]), unit_of(name))
+        placeholder = state[source_name]
+        entry = index.entries[plan.renamed[source_name]] if source_name in plan.renamed else None
+        if entry is not None:
+            _check_compatible(source_name, entry, placeholder)
+        specs[source_name] = TensorSpec(
+            source_name, names, slots, tuple(placeholder.shape), dtype_of.get(source_name, placeholder.dtype), entry
+        )
+    if missing:
+        shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(
+            f"The checkpoint has no tensor for {len(missing)} weight(s) the model needs: {shown}. Check that the "
+            "checkpoint matches the model class/config; streaming never fills weights with random values."
+        )
+    for group in plan.groups:
+        targets = [t for t in expected_targets(group, model) if t in specs]
+        for target in targets[1:]:
+            uf.union(unit_of(targets[0]), unit_of(target))
+
+    members: dict[str, list[TensorSpec]] = {}
+    for spec in specs.values():
+        members.setdefault(uf.find(unit_of(spec.name)), []).append(spec)
+    units = []
+    for root, unit_specs in members.items():
+        module_names = sorted({unit_of(alias) for spec in unit_specs for alias in spec.aliases})
+        groups = list({id(g): g for s in unit_specs if (g := group_of_target.get(s.name)) is not None}.values())
+        entries = {s.source.key: s.source for s in unit_specs if s.source is not None}
+        for group in groups:
+            for key, _pattern in group.sources:
+                entries[key] = index.entries[key]
+        unit = Unit(
+            name=root,
+            modules=[model.get_submodule(n) for n in module_names],
+            specs=unit_specs,
+            groups=groups,
+            entries=entries,
+        )
+        _plan_reads(unit, coalesce_gap)
+        unit.out_bytes = sum(_nbytes(s.shape, s.dtype) for s in unit_specs)
+        unit.views_only = not groups and all(s.source.dtype == s.dtype for s in unit_specs)
+        units.append(unit)
+    return units
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel * dtype.itemsize
+
+
+def _check_compatible(name: str, entry: TensorEntry, placeholder: torch.Tensor) -> None:
+    if tuple(placeholder.shape) != entry.shape:
+        raise CheckpointError(
+            f"{entry.shard}: tensor {entry.key!r} has shape {list(entry.shape)} but the model built from its "
+            f"config expects {list(placeholder.shape)} for {name}. The checkpoint and config.json disagree."
+        )
+    if entry.dtype.is_floating_point != placeholder.dtype.is_floating_point:
+        raise CheckpointError(
+            f"{entry.shard}: tensor {entry.key!r} is stored as {entry.dtype} but {name} is a "
+            f"{placeholder.dtype} parameter; casting would change its meaning. The checkpoint does not match "
+            "the model (is it quantized? streaming supports unquantized safetensors checkpoints)."
+        )
+
+
+def _plan_reads(unit: Unit, coalesce_gap: int) -> None:
+    """Merge the unit's tensors into as few contiguous reads as possible."""
+    ordered = sorted(unit.entries.values(), key=lambda e: (e.shard, e.offset))
+    ranges: list[ReadRange] = []
+    for entry in ordered:
+        last = ranges[-1] if ranges else None
+        if last and last.shard == entry.shard and entry.offset - (last.offset + last.length) <= coalesce_gap:
+            last.length = max(last.length, entry.offset + entry.nbytes - last.offset)
+        else:
+            ranges.append(ReadRange(entry.shard, entry.offset, entry.nbytes, 0))
+    position = 0
+    for rng in ranges:
+        rng.buffer_offset = position
+        position += rng.length
+    unit.ranges = ranges
+    unit.raw_bytes = position
