@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     WeightConverter,
     WeightRenaming,
     build_glob_alternation,
     rename_source_key,
 )
-from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.modeling_utils import _get_dtype
 from transformers.monkey_patching import patch_output_recorders
 from transformers.utils.loading_report import LoadStateDictInfo
@@ -116,7 +116,9 @@ def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str
     for key in keys:
         target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
         if target not in meta_state and key in meta_state:
-            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
+            target, pattern = rename_source_key(
+                key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state
+            )
         if target not in meta_state:
             unexpected.append(key)
         elif pattern is None:

@@ -94,7 +94,9 @@ def open_hub_repo(repo_id: str, download_kwargs: dict[str, Any], variant: str | 
         except EntryNotFoundError:
             if shard == single_name:
                 raise CheckpointError(_no_safetensors_message(repo_id, download_kwargs)) from None
-            raise CheckpointError(f"Shard {shard} of {repo_id} is listed in its index but not in the repo.") from None
+            raise CheckpointError(
+                f"Shard {shard} of {repo_id} is listed in its index but not in the repo."
+            ) from None
         except LocalEntryNotFoundError:
             raise CheckpointError(
                 f"Shard {shard} of {repo_id} is not in the local Hub cache and downloads are off "

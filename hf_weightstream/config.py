@@ -137,7 +137,9 @@ def _checked_init(self: StreamConfig, *args: Any, **kwargs: Any) -> None:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise StreamConfigError(f"Unknown StreamConfig field {key!r}.{hint} Known fields: {', '.join(known)}.")
+            raise StreamConfigError(
+                f"Unknown StreamConfig field {key!r}.{hint} Known fields: {', '.join(known)}."
+            )
     _generated_init(self, *args, **kwargs)
 
 

@@ -133,7 +133,9 @@ class StreamEngine:
             if self._trace is not None:
                 trace, self._trace = self._trace, None
                 if trace and all(u.pins == 0 for u in self.units):
-                    self._set_schedule(trace)
+                    with self.pool.cond:
+                        self._set_schedule(trace)
+                        self._prefetch_ahead()  # the next pass starts with these
         finally:
             self.forward_lock.release()
 
@@ -143,9 +145,11 @@ class StreamEngine:
         for i, unit in enumerate(trace):
             self._position.setdefault(id(unit), []).append(i)
         self._pos = len(trace) - 1
-        self.keep_resident = plan_resident_set(trace, self.pool.budget, self.lookahead) if (
-            self.policy == "schedule"
-        ) else set()
+        self.keep_resident = (
+            plan_resident_set(trace, self.pool.budget, self.lookahead)
+            if (self.policy == "schedule")
+            else set()
+        )
         self.counters["schedule_length"] = len(trace)
 
     def _advance(self, unit: Unit) -> None:
@@ -248,7 +252,9 @@ class StreamEngine:
             unit.last_used = self.pool.tick()
         start = self._compute_start.pop(id(unit), None)
         if start is not None:
-            self.events.append(("compute", unit.name, start, time.perf_counter(), threading.current_thread().name))
+            self.events.append(
+                ("compute", unit.name, start, time.perf_counter(), threading.current_thread().name)
+            )
 
     def _unpin(self, unit: Unit, thread: int) -> None:
         count = unit.pin_threads.get(thread, 0)
@@ -320,7 +326,9 @@ class StreamEngine:
     def _read(self, unit: Unit, buffer: torch.Tensor) -> None:
         view = memoryview(buffer.numpy())
         for rng in unit.ranges:
-            self.source.read_into(rng.shard, rng.offset, view[rng.buffer_offset : rng.buffer_offset + rng.length])
+            self.source.read_into(
+                rng.shard, rng.offset, view[rng.buffer_offset : rng.buffer_offset + rng.length]
+            )
 
     def _read_and_materialize(self, unit: Unit) -> dict[str, torch.Tensor]:
         if not self.copy_to_device:  # CPU execution: the read buffer itself holds the weights
@@ -419,17 +427,24 @@ class StreamEngine:
     def _uninstall(self, unit: Unit) -> None:
         for spec in unit.specs:
             for slot in spec.slots:
-                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = slot.placeholder
+                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = (
+                    slot.placeholder
+                )
         unit.installed = False
 
     # ------------------------------------------------------------------------------------ retarget
     def retarget(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
         """Compute on another device and/or dtype from now on; resident weights are dropped, not moved."""
-        if device is not None and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device is not None and device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise StreamingRuntimeError(f"Cannot run on {device}: CUDA is not available on this machine.")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
         with self.forward_lock, self.pool.cond:
             if any(u.pins for u in self.units):
-                raise StreamingRuntimeError("Cannot move a streamed model while it is running a forward pass.")
+                raise StreamingRuntimeError(
+                    "Cannot move a streamed model while it is running a forward pass."
+                )
             while any(u.state == "loading" for u in self.units):
                 self.pool.cond.wait()
             self.release_all()
@@ -448,7 +463,9 @@ class StreamEngine:
                         if spec.dtype.is_floating_point and spec.dtype != dtype:
                             spec.dtype = dtype
                             meta = torch.empty(spec.shape, dtype=dtype, device="meta")
-                            placeholder = nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
+                            placeholder = (
+                                nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
+                            )
                             for slot in spec.slots:
                                 slot.placeholder = placeholder
                                 target = slot.module._parameters if slot.is_param else slot.module._buffers

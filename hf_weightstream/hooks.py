@@ -58,7 +58,9 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
         engine.begin_forward()
         # Like accelerate's dispatched models: tensors given on another device follow the model.
         device = engine.device
-        return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
+        return tuple(_to_device(a, device) for a in args), {
+            k: _to_device(v, device) for k, v in kwargs.items()
+        }
 
     def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         engine.end_forward()

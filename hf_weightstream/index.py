@@ -91,7 +91,9 @@ def parse_header(header: bytes, shard: str, file_size: int) -> dict[str, TensorE
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{shard}: corrupt safetensors header entry for {key!r}. {FIX_HINT}") from None
+            raise CheckpointError(
+                f"{shard}: corrupt safetensors header entry for {key!r}. {FIX_HINT}"
+            ) from None
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise CheckpointError(

@@ -34,7 +34,9 @@ from .hooks import attach
 from .residency import WeightPool, get_default_pool
 from .units import build_units
 
-_REQUEST: contextvars.ContextVar[StreamConfig | None] = contextvars.ContextVar("hf_weightstream", default=None)
+_REQUEST: contextvars.ContextVar[StreamConfig | None] = contextvars.ContextVar(
+    "hf_weightstream", default=None
+)
 _ATTR = "_hf_weightstream"
 _labels = itertools.count(1)
 
@@ -69,7 +71,9 @@ def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
     elif isinstance(config, dict):
         config = StreamConfig(**config)
     elif not isinstance(config, StreamConfig):
-        raise StreamConfigError(f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}.")
+        raise StreamConfigError(
+            f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}."
+        )
     return config
 
 
@@ -81,7 +85,9 @@ def install() -> None:
     auto_loader = _BaseAutoModelClass.from_pretrained.__func__
 
     @functools.wraps(model_loader)
-    def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+    def from_pretrained(
+        cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
+    ) -> Any:
         config = stream_request(kwargs)
         pending = _REQUEST.get()
         if config is None and pending is not None:
@@ -90,12 +96,16 @@ def install() -> None:
             return model_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         token = _REQUEST.set(None)  # consumed: a nested from_pretrained loads normally
         try:
-            return load_streamed(cls, pretrained_model_name_or_path, *model_args, stream_config=config, **kwargs)
+            return load_streamed(
+                cls, pretrained_model_name_or_path, *model_args, stream_config=config, **kwargs
+            )
         finally:
             _REQUEST.reset(token)
 
     @functools.wraps(auto_loader)
-    def auto_from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+    def auto_from_pretrained(
+        cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
+    ) -> Any:
         config = stream_request(kwargs)
         if config is None:
             return auto_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
@@ -130,7 +140,11 @@ def engine_of(model: Any) -> StreamEngine:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def _available_memory(device: torch.device) -> int:
@@ -194,9 +208,21 @@ def load_streamed(
     from_auto = kwargs.pop("_from_auto", False)
     from_pipeline = kwargs.pop("_from_pipeline", None)
     if kwargs.pop("use_safetensors", None) is False:
-        raise StreamConfigError("use_safetensors=False cannot be streamed: streaming reads safetensors files.")
-    for name in ("adapter_kwargs", "adapter_name", "low_cpu_mem_usage", "_fast_init", "offload_buffers",
-                 "ignore_mismatched_sizes", "weights_only", "disable_mmap", "tqdm_class", "_commit_hash"):
+        raise StreamConfigError(
+            "use_safetensors=False cannot be streamed: streaming reads safetensors files."
+        )
+    for name in (
+        "adapter_kwargs",
+        "adapter_name",
+        "low_cpu_mem_usage",
+        "_fast_init",
+        "offload_buffers",
+        "ignore_mismatched_sizes",
+        "weights_only",
+        "disable_mmap",
+        "tqdm_class",
+        "_commit_hash",
+    ):
         kwargs.pop(name, None)
     download_kwargs = {
         name: kwargs.pop(name, default)
@@ -285,10 +311,7 @@ def load_streamed(
 
     if model.can_generate() and hasattr(model, "adjust_generation_fn"):
         generation_kwargs = {k: v for k, v in download_kwargs.items()}
-        if local:
-            name_for_generation = str(Path(name))
-        else:
-            name_for_generation = name
+        name_for_generation = str(Path(name)) if local else name
         model.adjust_generation_fn(
             generation_config,
             from_auto,
@@ -303,7 +326,9 @@ def load_streamed(
     return model
 
 
-def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+def _move_real_buffers(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None
+) -> None:
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device.type != "meta":
@@ -328,7 +353,9 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
 
     def cuda(device: Any = None) -> Any:
         index = device if isinstance(device, int) else None
-        target = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", index)
+        target = (
+            torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", index)
+        )
         return retarget(model, target)
 
     model.to = to

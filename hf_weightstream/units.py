@@ -127,9 +127,7 @@ def build_units(
     """
     state = model.state_dict(keep_vars=True)
     blocks = _block_classes(model)
-    block_names = [
-        name for name, module in model.named_modules() if name and type(module).__name__ in blocks
-    ]
+    block_names = [name for name, module in model.named_modules() if name and type(module).__name__ in blocks]
     outer_blocks = [n for n in block_names if not any(n.startswith(b + ".") for b in block_names if b != n)]
 
     def unit_of(tensor_name: str) -> str:
@@ -168,7 +166,12 @@ def build_units(
         if entry is not None:
             _check_compatible(source_name, entry, placeholder)
         specs[source_name] = TensorSpec(
-            source_name, names, slots, tuple(placeholder.shape), dtype_of.get(source_name, placeholder.dtype), entry
+            source_name,
+            names,
+            slots,
+            tuple(placeholder.shape),
+            dtype_of.get(source_name, placeholder.dtype),
+            entry,
         )
     if missing:
         shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
@@ -187,7 +190,9 @@ def build_units(
     units = []
     for root, unit_specs in members.items():
         module_names = sorted({unit_of(alias) for spec in unit_specs for alias in spec.aliases})
-        groups = list({id(g): g for s in unit_specs if (g := group_of_target.get(s.name)) is not None}.values())
+        groups = list(
+            {id(g): g for s in unit_specs if (g := group_of_target.get(s.name)) is not None}.values()
+        )
         entries = {s.source.key: s.source for s in unit_specs if s.source is not None}
         for group in groups:
             for key, _pattern in group.sources:

@@ -1,0 +1,284 @@
+"""Behaviour of the streaming engine: lazy loading, prefetch order, the budget, policies, model semantics."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from accelerate.hooks import ModelHook
+from transformers import AutoModelForCausalLM
+
+import hf_weightstream
+from hf_weightstream import BudgetError, StreamConfig
+from hf_weightstream.hooks import StreamHook
+from hf_weightstream.sources import LocalFileSource
+
+PROMPT = torch.tensor([[1, 7, 8, 9, 10, 11, 12]])
+
+
+def stream(folder, **config):
+    return AutoModelForCausalLM.from_pretrained(
+        folder, device_map="stream", stream_config=StreamConfig(**config)
+    )
+
+
+def sizes(model):
+    units = model._hf_weightstream.units
+    return sum(u.resident_bytes for u in units), max(u.charge_bytes for u in units)
+
+
+class RecordingSource(LocalFileSource):
+    """A real file source that also records every byte range it serves."""
+
+    def __init__(self, inner: LocalFileSource):
+        super().__init__(inner.paths)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def read_into(self, shard, offset, out):
+        self.calls.append((shard, offset, len(out)))
+        super().read_into(shard, offset, out)
+
+
+def test_from_pretrained_reads_headers_only(checkpoints, monkeypatch):
+    reads: list[tuple[str, int, int]] = []
+    original = LocalFileSource.read_into
+
+    def recording(self, shard, offset, out):
+        reads.append((shard, offset, len(out)))
+        return original(self, shard, offset, out)
+
+    monkeypatch.setattr(LocalFileSource, "read_into", recording)
+    model = stream(checkpoints("llama"))
+    index = model._hf_weightstream.checkpoint.index
+    data_start = {}
+    for entry in index.entries.values():
+        data_start[entry.shard] = min(entry.offset, data_start.get(entry.shard, entry.offset))
+    assert reads, "headers are read through the source"
+    assert all(offset + length <= data_start[shard] for shard, offset, length in reads), (
+        "a weight byte was read"
+    )
+    stats = hf_weightstream.stats(model)
+    assert stats["bytes_read"] == 0 and stats["resident_bytes"] == 0
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # non-persistent buffers are real
+    assert not model.training
+
+
+def test_each_unit_has_an_accelerate_hook(checkpoints):
+    model = stream(checkpoints("llama"))
+    for unit in model._hf_weightstream.units:
+        for module in unit.modules:
+            assert isinstance(module._hf_hook, ModelHook) and isinstance(module._hf_hook, StreamHook)
+    names = {u.name for u in model._hf_weightstream.units}
+    assert {"model.layers.0", "model.layers.3", "model.norm", "model.embed_tokens", "lm_head"} <= names
+
+
+def test_prefetch_of_next_unit_starts_during_current_forward(checkpoints):
+    """Deterministic: layer k's forward blocks until the source has started reading layer k+1."""
+    model = stream(checkpoints("llama"), lookahead=1, num_workers=1)
+    engine = model._hf_weightstream
+    model(PROMPT)  # trace the execution order
+    hf_weightstream.release(model)
+    started: dict[str, threading.Event] = {u.name: threading.Event() for u in engine.units}
+    by_range = {(r.shard, r.offset): u.name for u in engine.units for r in u.ranges}
+
+    class Signalling(RecordingSource):
+        def read_into(self, shard, offset, out):
+            name = by_range.get((shard, offset))
+            if name:
+                started[name].set()
+            super().read_into(shard, offset, out)
+
+    engine.source = Signalling(engine.source)
+    order = [u.name for u in engine.schedule]
+    waited: list[str] = []
+
+    def block_until_next_read(module, args):  # runs inside the layer's forward, after its pre_forward
+        name = f"model.layers.{module.layer_idx}"
+        nxt = order[(order.index(name) + 1) % len(order)]
+        assert started[nxt].wait(timeout=10), f"read of {nxt} did not start during {name}'s forward"
+        waited.append(name)
+
+    handles = [
+        model.model.layers[i].self_attn.register_forward_pre_hook(block_until_next_read) for i in range(4)
+    ]
+    try:
+        with torch.no_grad():
+            model(PROMPT)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert waited == [f"model.layers.{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_budget_is_never_exceeded(checkpoints, fraction):
+    model = stream(checkpoints("llama"), lookahead=2)
+    total, biggest = sizes(model)
+    budget = max(int(total * fraction), biggest)
+    model = stream(checkpoints("llama"), lookahead=2, budget=budget)
+    model.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    stats = hf_weightstream.stats(model)
+    assert 0 < stats["peak_resident_bytes"] <= budget
+    assert stats["peak_total_bytes"] <= budget
+
+
+def test_budget_below_largest_unit_is_a_clear_error(checkpoints):
+    model = stream(checkpoints("llama"))
+    _total, biggest = sizes(model)
+    with pytest.raises(BudgetError, match=rf"smaller than unit '.+'.*at least {biggest:,} bytes"):
+        stream(checkpoints("llama"), budget=biggest - 1)
+
+
+def test_max_memory_sets_the_budget(checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoints("llama"), device_map="stream", max_memory={"cpu": "1MB"}
+    )
+    assert hf_weightstream.stats(model)["budget_bytes"] == 1_000_000
+    with pytest.raises(hf_weightstream.StreamConfigError, match="no entry for the execution device"):
+        AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream", max_memory={0: "1MB"})
+
+
+def test_schedule_policy_hits_where_lru_never_does(checkpoints):
+    """Cyclic access with a budget below the model: LRU always evicts the unit needed next."""
+    total, biggest = sizes(stream(checkpoints("llama")))
+    budget = max(int(total * 0.6), biggest)
+    rates = {}
+    for policy in ("lru", "schedule"):
+        model = stream(checkpoints("llama"), policy=policy, lookahead=0, budget=budget)
+        model(PROMPT)  # the first pass traces the schedule, the second loads the kept set
+        model(PROMPT)
+        hf_weightstream.reset_stats(model)
+        for _ in range(5):
+            model(PROMPT)
+        stats = hf_weightstream.stats(model)
+        rates[policy] = stats["hit_rate"]
+        kept = stats["kept_resident_units"]
+    assert rates["lru"] == 0.0
+    assert kept > 0
+    assert rates["schedule"] == pytest.approx(kept / 7)  # 7 units per pass, the kept ones always hit
+
+
+def test_lookahead_turns_misses_into_prefetches(checkpoints):
+    total, biggest = sizes(stream(checkpoints("llama")))
+    model = stream(checkpoints("llama"), lookahead=2, budget=max(total // 2, 3 * biggest))
+    model.generate(PROMPT, max_new_tokens=5, do_sample=False)
+    stats = hf_weightstream.stats(model)
+    assert stats["prefetches"] > 0
+    assert stats["misses"] <= stats["units"], "after the first pass, every unit should come from prefetch"
+
+
+def test_behaves_like_a_normal_model(checkpoints):
+    model = stream(checkpoints("llama"))
+    assert model.device == torch.device("cpu")
+    assert next(iter(model.hf_device_map.values())) == "cpu"
+    inputs = {"input_ids": PROMPT, "attention_mask": torch.ones_like(PROMPT)}
+    out = model.generate(
+        **{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=3, do_sample=False
+    )
+    assert out.shape == (1, PROMPT.shape[1] + 3)
+    bos_only = model.generate(max_new_tokens=3, do_sample=False)  # no inputs: BOS created on model.device
+    assert bos_only[0, 0].item() == model.generation_config.bos_token_id
+    assert model.to("cpu") is model and model.cpu() is model
+    assert model.to(torch.device("cpu")).device == torch.device("cpu")
+    with torch.inference_mode():
+        assert model(PROMPT).logits.shape[-1] == 128
+
+
+def test_to_dtype_recasts_on_next_read(checkpoints):
+    folder = checkpoints("llama")
+    ref = AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16)
+    model = stream(folder)
+    model(PROMPT)
+    model.to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(ref(PROMPT).logits, model(PROMPT).logits)
+
+
+def test_cuda_retarget_without_gpu_is_a_clear_error(checkpoints):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    model = stream(checkpoints("llama"))
+    for move in (model.cuda, lambda: model.to("cuda:1")):
+        with pytest.raises(hf_weightstream.StreamingRuntimeError, match="CUDA is not available"):
+            move()
+    assert model.device.type == "cpu"
+    assert model(PROMPT).logits.device.type == "cpu"
+
+
+def test_tied_weights_stay_tied_and_are_read_once(checkpoints):
+    model = stream(checkpoints("llama_tied"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    seen = {}
+
+    def check(module, args):
+        seen["tied"] = model.lm_head.weight is model.model.embed_tokens.weight
+        seen["device"] = model.lm_head.weight.device.type
+
+    model.lm_head.register_forward_pre_hook(check)
+    model(PROMPT)
+    assert seen == {"tied": True, "device": "cpu"}
+    index = model._hf_weightstream.checkpoint.index
+    assert hf_weightstream.stats(model)["bytes_read"] == index.total_bytes  # big budget: each byte read once
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_output_loading_info_returns_tuple(checkpoints):
+    model, info = AutoModelForCausalLM.from_pretrained(
+        checkpoints("llama"), device_map="stream", output_loading_info=True
+    )
+    assert hasattr(model, "_hf_weightstream")
+    assert set(info) >= {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}
+    assert not info["missing_keys"]
+
+
+def test_streaming_true_and_reimport_are_idempotent(checkpoints):
+    import importlib
+
+    importlib.reload(hf_weightstream)
+    hf_weightstream.integration.install()
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), streaming=True)
+    assert hf_weightstream.stats(model)["budget_bytes"] > 0
+    plain = AutoModelForCausalLM.from_pretrained(checkpoints("llama"))
+    assert not hasattr(plain, "_hf_weightstream")
+    assert plain.device.type == "cpu"
+
+
+def test_a_forward_that_raises_leaves_the_model_usable(checkpoints):
+    model = stream(checkpoints("llama"))
+    expected = model(PROMPT).logits
+    boom = model.model.layers[2].register_forward_pre_hook(
+        lambda m, a: (_ for _ in ()).throw(ValueError("boom"))
+    )
+    with pytest.raises(ValueError, match="boom"):
+        model(PROMPT)
+    boom.remove()
+    assert all(u.pins == 0 for u in model._hf_weightstream.units)
+    assert torch.equal(model(PROMPT).logits, expected)
+
+
+def test_one_model_from_two_threads_is_serialised_and_correct(checkpoints):
+    folder = checkpoints("llama")
+    ref = AutoModelForCausalLM.from_pretrained(folder)
+    expected = ref.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    total, biggest = sizes(stream(folder))
+    model = stream(folder, budget=max(total // 2, biggest))
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(2):
+                results.append(model.generate(PROMPT, max_new_tokens=6, do_sample=False))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors
+    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)

@@ -1,0 +1,141 @@
+"""Bad input fails early with an error that names the problem and the fix, and changes no file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from hf_weightstream import CheckpointError, StreamConfig, StreamConfigError
+from hf_weightstream.config import parse_size
+
+
+def copy_of(checkpoints, tmp_path, kind="llama"):
+    return shutil.copytree(checkpoints(kind), tmp_path / kind)
+
+
+def shards(folder):
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def load(folder, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="stream", **kwargs)
+
+
+def test_unknown_stream_config_field_suggests_the_right_one():
+    with pytest.raises(
+        StreamConfigError, match="Unknown StreamConfig field 'lookahaed'. Did you mean 'lookahead'"
+    ):
+        StreamConfig(lookahaed=2)
+
+
+@pytest.mark.parametrize("bad", ["150 parsecs", "-5MB", "", "MB", 0, True])
+def test_bad_budget_strings(bad):
+    with pytest.raises(StreamConfigError, match="budget"):
+        StreamConfig(budget=bad)
+
+
+def test_budget_units():
+    assert parse_size("150MB") == 150_000_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5 gb") == 1_500_000_000
+    assert parse_size(1234) == 1234
+
+
+def test_bad_options(checkpoints):
+    folder = checkpoints("llama")
+    with pytest.raises(StreamConfigError, match="policy"):
+        StreamConfig(policy="fifo")
+    with pytest.raises(StreamConfigError, match="stream_config must be"):
+        load(folder, stream_config=42)
+    with pytest.raises(StreamConfigError, match="cannot be combined with streaming"):
+        AutoModelForCausalLM.from_pretrained(folder, device_map="auto", streaming=True)
+    with pytest.raises(StreamConfigError, match="quantization_config= cannot be used"):
+        load(folder, quantization_config={"quant_method": "bitsandbytes"})
+    with pytest.raises(StreamConfigError, match="Unknown StreamConfig field"):
+        load(folder, stream_config={"budjet": "1MB"})
+
+
+def test_missing_shard_file(checkpoints, tmp_path):
+    folder = copy_of(checkpoints, tmp_path)
+    victim = shards(folder)[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"Shard {victim.name} is listed in .* but missing"):
+        load(folder)
+
+
+def test_truncated_shard(checkpoints, tmp_path):
+    folder = copy_of(checkpoints, tmp_path)
+    victim = shards(folder)[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    before = digest(folder)
+    with pytest.raises(CheckpointError, match=rf"{victim.name}: truncated.*download it again"):
+        load(folder)
+    assert digest(folder) == before, "the checkpoint must not be modified"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: struct.pack("<Q", 10**12) + data[8:], "header length"),
+        (lambda data: data[:8] + b"{not json" + data[17:], "corrupt safetensors header"),
+        (lambda data: data[:3], "too short"),
+    ],
+)
+def test_corrupt_header(checkpoints, tmp_path, damage, message):
+    folder = copy_of(checkpoints, tmp_path)
+    victim = shards(folder)[0]
+    victim.write_bytes(damage(victim.read_bytes()))
+    with pytest.raises(CheckpointError, match=message):
+        load(folder)
+
+
+def test_tensor_missing_from_every_shard(checkpoints, tmp_path):
+    folder = tmp_path / "missing"
+    model = LlamaForCausalLM.from_pretrained(checkpoints("llama"))
+    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.2.mlp.up_proj.weight"}
+    model.save_pretrained(folder, state_dict=state)
+    with pytest.raises(
+        CheckpointError, match=r"no tensor for 1 weight\(s\).*model.layers.2.mlp.up_proj.weight"
+    ):
+        load(folder)
+
+
+def test_shape_disagreeing_with_config(checkpoints, tmp_path):
+    folder = copy_of(checkpoints, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"has shape \[128, 64\] but the model .* expects \[96, 64\]"):
+        load(folder)
+
+
+def test_integer_tensor_where_float_expected(checkpoints, tmp_path):
+    folder = tmp_path / "ints"
+    model = LlamaForCausalLM.from_pretrained(checkpoints("llama"))
+    state = dict(model.state_dict())
+    state["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+    model.save_pretrained(folder, state_dict=state)
+    with pytest.raises(CheckpointError, match="casting would change its meaning"):
+        load(folder)
+
+
+def test_bin_checkpoint_needs_safetensors(checkpoints, tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(checkpoints("llama") / "config.json", folder)
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(
+        CheckpointError, match="Streaming needs safetensors.*pytorch_model.bin.*save_pretrained"
+    ):
+        load(folder)

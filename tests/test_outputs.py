@@ -1,0 +1,101 @@
+"""A streamed model gives bit-for-bit the outputs of a normal ``from_pretrained`` load, whatever the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+
+import hf_weightstream
+from hf_weightstream import StreamConfig
+
+DECODERS = ["llama", "llama_tied", "qwen2_tied", "gpt2", "qwen3_moe"]
+PROMPT = torch.tensor([[1, 7, 8, 9, 10, 11, 12]])
+
+
+def _load_pair(folder, budget_fraction: float = 0.4, **config):
+    ref = AutoModelForCausalLM.from_pretrained(folder)
+    streamed = AutoModelForCausalLM.from_pretrained(
+        folder, device_map="stream", stream_config=StreamConfig(**config)
+    )
+    engine = streamed._hf_weightstream
+    total = sum(u.resident_bytes for u in engine.units)
+    biggest = max(u.charge_bytes for u in engine.units)
+    engine.pool.budget = max(int(total * budget_fraction), biggest)
+    assert engine.pool.budget < total
+    return ref, streamed
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_greedy_and_logits_identical(checkpoints, kind):
+    ref, streamed = _load_pair(checkpoints(kind))
+    with torch.no_grad():
+        assert torch.equal(ref(PROMPT).logits, streamed(PROMPT).logits)
+    expected = ref.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    got = streamed.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    assert torch.equal(expected, got)
+    stats = hf_weightstream.stats(streamed)
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+    assert stats["evictions"] > 0, "the budget is below the model size, so units must have been evicted"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_seeded_sampling_identical(checkpoints, kind):
+    ref, streamed = _load_pair(checkpoints(kind))
+    torch.manual_seed(123)
+    expected = ref.generate(PROMPT, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9)
+    torch.manual_seed(123)
+    got = streamed.generate(PROMPT, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9)
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen3_moe"])
+def test_beam_search_identical(checkpoints, kind):
+    ref, streamed = _load_pair(checkpoints(kind))
+    expected = ref.generate(PROMPT, max_new_tokens=6, num_beams=3, do_sample=False)
+    got = streamed.generate(PROMPT, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(expected, got)
+
+
+def test_batched_left_padded_identical(checkpoints):
+    folder = checkpoints("llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(["the cat sat on the mat", "a dog ran"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0, "left padding expected"
+    ref, streamed = _load_pair(folder)
+    expected = ref.generate(**batch, max_new_tokens=6, do_sample=False)
+    got = streamed.generate(**batch.to(streamed.device), max_new_tokens=6, do_sample=False)
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, "auto"])
+def test_dtypes_follow_transformers(checkpoints, dtype):
+    folder = checkpoints("llama")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", dtype=dtype)
+    assert streamed.dtype == ref.dtype
+    for (name, a), (_, b) in zip(ref.named_buffers(), streamed.named_buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(ref(PROMPT).logits, streamed(PROMPT).logits)
+
+
+def test_text_generation_pipeline(checkpoints):
+    folder = checkpoints("llama_tied")
+    expected = pipeline("text-generation", model=str(folder))(
+        "the cat sat", max_new_tokens=5, do_sample=False
+    )
+    pipe = pipeline("text-generation", model=str(folder), device_map="stream")
+    assert hasattr(pipe.model, "_hf_weightstream")
+    assert pipe("the cat sat", max_new_tokens=5, do_sample=False) == expected
+
+
+def test_feature_extraction_pipeline_encoder(checkpoints):
+    folder = checkpoints("bert")
+    expected = pipeline("feature-extraction", model=str(folder))("the big red tree")
+    pipe = pipeline("feature-extraction", model=str(folder), device_map="stream")
+    assert pipe("the big red tree") == expected
+    ref = AutoModel.from_pretrained(folder)
+    streamed = AutoModel.from_pretrained(folder, streaming=True)
+    with torch.no_grad():
+        assert torch.equal(ref(PROMPT).pooler_output, streamed(PROMPT).pooler_output)
