@@ -119,11 +119,9 @@ class StreamConfig:
     def budget_bytes(self) -> int | None:
         return self._budget_bytes
 
-    def replace(self, **changes: Any) -> StreamConfig:
-        """A copy with some fields changed (validated like a new config)."""
-        options = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        options.update(changes)
-        return StreamConfig(**options)
+    def __deepcopy__(self, memo: dict) -> StreamConfig:
+        # transformers deep-copies from_pretrained kwargs; a config naming a shared pool must stay one object.
+        return self
 
 
 _generated_init = StreamConfig.__init__
@@ -137,9 +135,7 @@ def _checked_init(self: StreamConfig, *args: Any, **kwargs: Any) -> None:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise StreamConfigError(
-                f"Unknown StreamConfig field {key!r}.{hint} Known fields: {', '.join(known)}."
-            )
+            raise StreamConfigError(f"Unknown StreamConfig field {key!r}.{hint} Known fields: {', '.join(known)}.")
     _generated_init(self, *args, **kwargs)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import BudgetError, StreamingRuntimeError
+from .residency import Ledger
 
 if TYPE_CHECKING:
     from .residency import WeightPool
@@ -76,6 +77,7 @@ class StreamEngine:
         self.policy = policy
         self.lookahead = lookahead
         self.label = label
+        self.ledger = Ledger()
         self.keep_resident: set[str] = set()
         self.schedule: list[Unit] = []
         self._position: dict[int, list[int]] = {}
@@ -88,9 +90,7 @@ class StreamEngine:
         self.counters = collections.Counter()
         self.stall_seconds = 0.0
         self.read_seconds = 0.0
-        self.events: collections.deque[tuple[str, str, float, float, str]] = collections.deque(
-            maxlen=_EVENT_LOG_SIZE
-        )
+        self.events: collections.deque[tuple[str, str, float, float, str]] = collections.deque(maxlen=_EVENT_LOG_SIZE)
         self._compute_start: dict[int, float] = {}
         # Off the CPU, reads land in (pinned) host staging buffers, then are copied to the device.
         self.copy_to_device = device.type != "cpu"
@@ -146,9 +146,7 @@ class StreamEngine:
             self._position.setdefault(id(unit), []).append(i)
         self._pos = len(trace) - 1
         self.keep_resident = (
-            plan_resident_set(trace, self.pool.budget, self.lookahead)
-            if (self.policy == "schedule")
-            else set()
+            plan_resident_set(trace, self.pool.budget, self.lookahead) if (self.policy == "schedule") else set()
         )
         self.counters["schedule_length"] = len(trace)
 
@@ -252,9 +250,7 @@ class StreamEngine:
             unit.last_used = self.pool.tick()
         start = self._compute_start.pop(id(unit), None)
         if start is not None:
-            self.events.append(
-                ("compute", unit.name, start, time.perf_counter(), threading.current_thread().name)
-            )
+            self.events.append(("compute", unit.name, start, time.perf_counter(), threading.current_thread().name))
 
     def _unpin(self, unit: Unit, thread: int) -> None:
         count = unit.pin_threads.get(thread, 0)
@@ -326,9 +322,7 @@ class StreamEngine:
     def _read(self, unit: Unit, buffer: torch.Tensor) -> None:
         view = memoryview(buffer.numpy())
         for rng in unit.ranges:
-            self.source.read_into(
-                rng.shard, rng.offset, view[rng.buffer_offset : rng.buffer_offset + rng.length]
-            )
+            self.source.read_into(rng.shard, rng.offset, view[rng.buffer_offset : rng.buffer_offset + rng.length])
 
     def _read_and_materialize(self, unit: Unit) -> dict[str, torch.Tensor]:
         if not self.copy_to_device:  # CPU execution: the read buffer itself holds the weights
@@ -367,9 +361,7 @@ class StreamEngine:
             kept = sum(len(b) for b in self._staging.values())
             if kept < self.lookahead + 1:
                 self._staging.setdefault(buffer.numel(), []).append(buffer)
-                self.staging_bytes = max(
-                    self.staging_bytes, sum(k * len(b) for k, b in self._staging.items())
-                )
+                self.staging_bytes = max(self.staging_bytes, sum(k * len(b) for k, b in self._staging.items()))
 
     def _side_stream(self) -> torch.cuda.Stream:
         stream = getattr(self._streams, "stream", None)
@@ -417,9 +409,7 @@ class StreamEngine:
             tensor = unit.tensors[spec.name]
             if stream is not None:
                 tensor.record_stream(stream)
-            value: torch.Tensor = (
-                nn.Parameter(tensor, requires_grad=False) if spec.slots[0].is_param else tensor
-            )
+            value: torch.Tensor = nn.Parameter(tensor, requires_grad=False) if spec.slots[0].is_param else tensor
             for slot in spec.slots:
                 (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = value
         unit.installed = True
@@ -427,9 +417,7 @@ class StreamEngine:
     def _uninstall(self, unit: Unit) -> None:
         for spec in unit.specs:
             for slot in spec.slots:
-                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = (
-                    slot.placeholder
-                )
+                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = slot.placeholder
         unit.installed = False
 
     # ------------------------------------------------------------------------------------ retarget
@@ -442,9 +430,7 @@ class StreamEngine:
                 device = torch.device("cuda", torch.cuda.current_device())
         with self.forward_lock, self.pool.cond:
             if any(u.pins for u in self.units):
-                raise StreamingRuntimeError(
-                    "Cannot move a streamed model while it is running a forward pass."
-                )
+                raise StreamingRuntimeError("Cannot move a streamed model while it is running a forward pass.")
             while any(u.state == "loading" for u in self.units):
                 self.pool.cond.wait()
             self.release_all()
@@ -463,9 +449,7 @@ class StreamEngine:
                         if spec.dtype.is_floating_point and spec.dtype != dtype:
                             spec.dtype = dtype
                             meta = torch.empty(spec.shape, dtype=dtype, device="meta")
-                            placeholder = (
-                                nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
-                            )
+                            placeholder = nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
                             for slot in spec.slots:
                                 slot.placeholder = placeholder
                                 target = slot.module._parameters if slot.is_param else slot.module._buffers

@@ -1,10 +1,9 @@
 """``from_pretrained(..., device_map="stream")``: the transformers integration.
 
 transformers has no plugin registry for device-map modes, so importing hf_weightstream wraps
-``PreTrainedModel.from_pretrained`` and the Auto classes' ``from_pretrained`` (idempotently: notebooks re-run
-cells). The Auto wrapper takes our options out of the kwargs before transformers sees them (a WeightPool holds
-locks and threads, which transformers' config code would try to deep-copy) and passes them on in a context
-variable to the model-class wrapper, which builds the streamed model instead of loading it.
+``PreTrainedModel.from_pretrained`` (idempotently: notebooks re-run cells). The Auto classes and pipelines end
+there too: they pass ``device_map``, ``streaming`` and ``stream_config`` through as kwargs the config does not
+use, and the wrapper takes them out and builds the streamed model instead of loading one.
 
 A streamed model behaves like a normal one: ``model.device`` is the execution device, ``.to()``/``.cuda()``
 retarget it instead of moving (absent) weights, ``hf_device_map`` names a real device so pipelines accept it.
@@ -12,7 +11,6 @@ retarget it instead of moving (absent) weights, ``hf_device_map`` names a real d
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import itertools
 import os
@@ -22,7 +20,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_utils import ModuleUtilsMixin
-from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
@@ -34,9 +31,6 @@ from .hooks import attach
 from .residency import WeightPool, get_default_pool
 from .units import build_units
 
-_REQUEST: contextvars.ContextVar[StreamConfig | None] = contextvars.ContextVar(
-    "hf_weightstream", default=None
-)
 _ATTR = "_hf_weightstream"
 _labels = itertools.count(1)
 
@@ -71,53 +65,25 @@ def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
     elif isinstance(config, dict):
         config = StreamConfig(**config)
     elif not isinstance(config, StreamConfig):
-        raise StreamConfigError(
-            f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}."
-        )
+        raise StreamConfigError(f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}.")
     return config
 
 
 def install() -> None:
-    """Wrap transformers' loaders and the ``device`` property (safe to call any number of times)."""
+    """Wrap transformers' loader and the ``device`` property (safe to call any number of times)."""
     if getattr(PreTrainedModel.from_pretrained, "_hf_weightstream", False):
         return
     model_loader = PreTrainedModel.from_pretrained.__func__
-    auto_loader = _BaseAutoModelClass.from_pretrained.__func__
 
     @functools.wraps(model_loader)
-    def from_pretrained(
-        cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
-    ) -> Any:
+    def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
         config = stream_request(kwargs)
-        pending = _REQUEST.get()
-        if config is None and pending is not None:
-            config = pending
         if config is None:
             return model_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        token = _REQUEST.set(None)  # consumed: a nested from_pretrained loads normally
-        try:
-            return load_streamed(
-                cls, pretrained_model_name_or_path, *model_args, stream_config=config, **kwargs
-            )
-        finally:
-            _REQUEST.reset(token)
-
-    @functools.wraps(auto_loader)
-    def auto_from_pretrained(
-        cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
-    ) -> Any:
-        config = stream_request(kwargs)
-        if config is None:
-            return auto_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        token = _REQUEST.set(config)
-        try:
-            return auto_loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        finally:
-            _REQUEST.reset(token)
+        return load_streamed(cls, pretrained_model_name_or_path, *model_args, stream_config=config, **kwargs)
 
     from_pretrained._hf_weightstream = True
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
-    _BaseAutoModelClass.from_pretrained = classmethod(auto_from_pretrained)
 
     device_property = ModuleUtilsMixin.device
 
@@ -133,18 +99,13 @@ def engine_of(model: Any) -> StreamEngine:
     engine = getattr(model, "__dict__", {}).get(_ATTR)
     if engine is None:
         raise StreamingRuntimeError(
-            f"{type(model).__name__} is not a streamed model: load it with "
-            "from_pretrained(..., device_map='stream')."
+            f"{type(model).__name__} is not a streamed model: load it with from_pretrained(..., device_map='stream')."
         )
     return engine
 
 
 def default_device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _available_memory(device: torch.device) -> int:
@@ -208,9 +169,7 @@ def load_streamed(
     from_auto = kwargs.pop("_from_auto", False)
     from_pipeline = kwargs.pop("_from_pipeline", None)
     if kwargs.pop("use_safetensors", None) is False:
-        raise StreamConfigError(
-            "use_safetensors=False cannot be streamed: streaming reads safetensors files."
-        )
+        raise StreamConfigError("use_safetensors=False cannot be streamed: streaming reads safetensors files.")
     for name in (
         "adapter_kwargs",
         "adapter_name",
@@ -326,9 +285,7 @@ def load_streamed(
     return model
 
 
-def _move_real_buffers(
-    model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None
-) -> None:
+def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device.type != "meta":
@@ -353,9 +310,7 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
 
     def cuda(device: Any = None) -> Any:
         index = device if isinstance(device, int) else None
-        target = (
-            torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", index)
-        )
+        target = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", index)
         return retarget(model, target)
 
     model.to = to

@@ -45,6 +45,15 @@ def _storage_unshared(buffer: torch.Tensor) -> bool:
     return use_count(buffer.untyped_storage()._cdata) <= 2  # the buffer, and the temporary storage object
 
 
+class Ledger:
+    """Bytes one model holds in a pool, kept apart from the model so a finalizer can refund them."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
 class WeightPool:
     """One memory budget shared by every model streamed onto it.
 
@@ -79,15 +88,14 @@ class WeightPool:
                     "Use one pool per device."
                 )
             self._engines[id(engine)] = engine
-            weakref.finalize(engine, self._forget, id(engine), engine.units)
+            # The finalizer must not reference the engine (or its units, which do), or it would keep it alive.
+            weakref.finalize(engine, self._forget, engine.ledger)
 
-    def _forget(self, _engine_id: int, units: list[Unit]) -> None:
-        # The model was garbage collected: give its bytes back.
+    def _forget(self, ledger: Ledger) -> None:
+        # The model was garbage collected: its weights are gone, give their bytes back to the budget.
         with self.cond:
-            for unit in units:
-                if unit.held_bytes:
-                    self.held -= unit.held_bytes
-                    unit.held_bytes = 0
+            self.held -= ledger.held
+            ledger.held = 0
             self.cond.notify_all()
 
     def engines(self) -> list[StreamEngine]:
@@ -101,9 +109,16 @@ class WeightPool:
         self.peak_held = max(self.peak_held, self.held)
         self.peak_total = max(self.peak_total, self.held + self.pooled)
 
+    def _charge(self, unit: Unit, nbytes: int) -> None:
+        self.held += nbytes
+        unit.held_bytes += nbytes
+        unit.engine.ledger.held += nbytes
+        self._note_peak()
+
     def refund(self, unit: Unit, nbytes: int) -> None:
         self.held -= nbytes
         unit.held_bytes -= nbytes
+        unit.engine.ledger.held -= nbytes
         self.cond.notify_all()
 
     # ----------------------------------------------------------------------------------------- buffers
@@ -111,8 +126,7 @@ class WeightPool:
         """Return a read buffer: kept for reuse if nothing else views it, else dropped."""
         nbytes = buffer.numel()
         with self.cond:
-            self.held -= nbytes
-            unit.held_bytes -= nbytes
+            self.refund(unit, nbytes)
             if _storage_unshared(buffer):
                 self._free_buffers.setdefault(nbytes, []).append(buffer)
                 self.pooled += nbytes
@@ -146,9 +160,7 @@ class WeightPool:
                 if recycled:
                     unit.buffer = recycled.pop()
                     self.pooled -= buffer_size
-                self.held += nbytes
-                unit.held_bytes += nbytes
-                self._note_peak()
+                self._charge(unit, nbytes)
                 return True
             if self._drop_free_buffer(buffer_size):
                 continue
