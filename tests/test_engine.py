@@ -18,9 +18,7 @@ PROMPT = torch.tensor([[1, 7, 8, 9, 10, 11, 12]])
 
 
 def stream(folder, **config):
-    return AutoModelForCausalLM.from_pretrained(
-        folder, device_map="stream", stream_config=StreamConfig(**config)
-    )
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(**config))
 
 
 def sizes(model):
@@ -55,9 +53,7 @@ def test_from_pretrained_reads_headers_only(checkpoints, monkeypatch):
     for entry in index.entries.values():
         data_start[entry.shard] = min(entry.offset, data_start.get(entry.shard, entry.offset))
     assert reads, "headers are read through the source"
-    assert all(offset + length <= data_start[shard] for shard, offset, length in reads), (
-        "a weight byte was read"
-    )
+    assert all(offset + length <= data_start[shard] for shard, offset, length in reads), "a weight byte was read"
     stats = hf_weightstream.stats(model)
     assert stats["bytes_read"] == 0 and stats["resident_bytes"] == 0
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -100,9 +96,7 @@ def test_prefetch_of_next_unit_starts_during_current_forward(checkpoints):
         assert started[nxt].wait(timeout=10), f"read of {nxt} did not start during {name}'s forward"
         waited.append(name)
 
-    handles = [
-        model.model.layers[i].self_attn.register_forward_pre_hook(block_until_next_read) for i in range(4)
-    ]
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(block_until_next_read) for i in range(4)]
     try:
         with torch.no_grad():
             model(PROMPT)
@@ -132,9 +126,7 @@ def test_budget_below_largest_unit_is_a_clear_error(checkpoints):
 
 
 def test_max_memory_sets_the_budget(checkpoints):
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoints("llama"), device_map="stream", max_memory={"cpu": "1MB"}
-    )
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream", max_memory={"cpu": "1MB"})
     assert hf_weightstream.stats(model)["budget_bytes"] == 1_000_000
     with pytest.raises(hf_weightstream.StreamConfigError, match="no entry for the execution device"):
         AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream", max_memory={0: "1MB"})
@@ -174,9 +166,7 @@ def test_behaves_like_a_normal_model(checkpoints):
     assert model.device == torch.device("cpu")
     assert next(iter(model.hf_device_map.values())) == "cpu"
     inputs = {"input_ids": PROMPT, "attention_mask": torch.ones_like(PROMPT)}
-    out = model.generate(
-        **{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=3, do_sample=False
-    )
+    out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, PROMPT.shape[1] + 3)
     bos_only = model.generate(max_new_tokens=3, do_sample=False)  # no inputs: BOS created on model.device
     assert bos_only[0, 0].item() == model.generation_config.bos_token_id
@@ -249,9 +239,7 @@ def test_streaming_true_and_reimport_are_idempotent(checkpoints):
 def test_a_forward_that_raises_leaves_the_model_usable(checkpoints):
     model = stream(checkpoints("llama"))
     expected = model(PROMPT).logits
-    boom = model.model.layers[2].register_forward_pre_hook(
-        lambda m, a: (_ for _ in ()).throw(ValueError("boom"))
-    )
+    boom = model.model.layers[2].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
         model(PROMPT)
     boom.remove()
@@ -282,3 +270,19 @@ def test_one_model_from_two_threads_is_serialised_and_correct(checkpoints):
     assert not any(t.is_alive() for t in threads), "deadlock"
     assert not errors
     assert len(results) == 4 and all(torch.equal(r, expected) for r in results)
+
+
+def test_device_copy_path_runs_on_cpu(checkpoints):
+    """The accelerator path (host staging buffers, copy, materialise on the device) exercised with CPU tensors."""
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=5, do_sample=False)
+    total, biggest = sizes(stream(folder))
+    model = stream(folder, lookahead=2, budget=max(total // 2, 3 * biggest))
+    engine = model._hf_weightstream
+    engine.copy_to_device = True
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=5, do_sample=False), expected)
+    stats = hf_weightstream.stats(model)
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+    largest_read = max(u.raw_bytes for u in engine.units)
+    assert 0 < stats["staging_bytes"] <= (engine.lookahead + 1) * largest_read, "staging is bounded by the window"
+    assert all(u.buffer is None for u in engine.units), "device copies keep no host buffer"

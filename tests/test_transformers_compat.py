@@ -1,0 +1,70 @@
+"""Fail loudly, naming the API, when a private transformers/torch internal we rely on moves or changes shape.
+
+Everything private lives in hf_weightstream/_transformers_compat.py (plus one torch call in residency.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+from hf_weightstream import _transformers_compat as compat
+from hf_weightstream.residency import _storage_unshared
+
+
+def params(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def test_private_transformers_apis_keep_their_shape():
+    version = transformers.__version__
+    assert params(compat._get_dtype)[:7] == [
+        "dtype",
+        "checkpoint_files",
+        "config",
+        "sharded_metadata",
+        "state_dict",
+        "weights_only",
+        "hf_quantizer",
+    ], f"transformers {version}: modeling_utils._get_dtype changed"
+    assert params(compat.rename_source_key)[:5] == [
+        "source_key",
+        "weight_renamings",
+        "weight_converters",
+        "base_model_prefix",
+        "meta_state_dict",
+    ], f"transformers {version}: core_model_loading.rename_source_key changed"
+    assert params(compat.get_model_conversion_mapping)[:3] == ["model", "key_mapping", "hf_quantizer"]
+    assert params(PreTrainedModel.get_init_context) == [
+        "dtype",
+        "is_quantized",
+        "_is_ds_init_called",
+        "allow_all_kernels",
+    ]
+    assert params(PreTrainedModel._move_missing_keys_from_meta_to_device)[1:] == [
+        "missing_keys",
+        "device_map",
+        "device_mesh",
+        "hf_quantizer",
+    ]
+    assert params(PreTrainedModel._initialize_missing_keys)[1:] == ["is_quantized"]
+    assert params(PreTrainedModel._get_dtype_plan)[1:] == ["dtype"]
+    assert params(WeightConverter.convert)[1:] == ["layer_name", "model", "config", "hf_quantizer", "loading_info"]
+    assert params(WeightConverter.add_tensor)[1:] == ["target_key", "source_key", "source_pattern", "future"]
+    assert issubclass(WeightRenaming, compat.WeightRenaming)
+    assert set(compat.LoadStateDictInfo.__dataclass_fields__) >= {"missing_keys", "unexpected_keys", "error_msgs"}
+    assert callable(compat.patch_output_recorders) and callable(compat.build_glob_alternation)
+
+
+def test_torch_storage_use_count_is_available():
+    """Without it buffers are never recycled: still correct, but every load pays fresh page faults."""
+    buffer = torch.empty(16, dtype=torch.uint8)
+    assert _storage_unshared(buffer)
+    view = buffer[4:8]
+    assert not _storage_unshared(buffer)
+    del view
+    assert _storage_unshared(buffer)
