@@ -214,7 +214,8 @@ class StreamEngine:
             unit.pin_threads[me] = unit.pin_threads.get(me, 0) + 1
             try:
                 self._advance(unit)
-                if unit.state == "resident":
+                waited = unit.state != "resident"
+                if not waited:
                     self.counters["hits"] += 1
                 elif unit.state == "loading":
                     self.counters["late_prefetches"] += 1
@@ -239,7 +240,7 @@ class StreamEngine:
             unit.prefetched = False
             unit.last_used = self.pool.tick()
         now = time.perf_counter()
-        if now - start > 1e-4 and unit.state == "resident":
+        if waited:  # compute stood still while this unit was read
             self.stall_seconds += now - start
         self._compute_start[id(unit)] = now
 
