@@ -186,11 +186,9 @@ class StreamEngine:
         if unit.installed:
             self._uninstall(unit)
         unit.tensors = None
+        unit.chunks = None  # the last views of mapped ranges go: they are unmapped
         unit.state = "absent"
         unit.prefetched = False
-        if unit.buffer is not None:
-            buffer, unit.buffer = unit.buffer, None
-            self.pool.give_buffer(unit, buffer)
         if unit.held_bytes:
             self.pool.refund(unit, unit.held_bytes)
         self.counters["evictions"] += 1
@@ -275,8 +273,7 @@ class StreamEngine:
     # ------------------------------------------------------------------------------------ loading
     def _start_load(self, unit: Unit, prefetch: bool) -> bool:
         """Reserve room and mark the unit loading (pool lock held). Prefetches are submitted here."""
-        buffer_size = 0 if self.copy_to_device else unit.raw_bytes
-        if not self.pool.reserve(unit, unit.charge_bytes, prefetch=prefetch, buffer_size=buffer_size):
+        if not self.pool.reserve(unit, unit.charge_bytes, prefetch=prefetch):
             return False
         unit.state = "loading"
         unit.prefetched = prefetch
@@ -296,9 +293,7 @@ class StreamEngine:
                 unit.error = err
                 unit.state = "absent"
                 unit.prefetched = False
-                if unit.buffer is not None:
-                    buffer, unit.buffer = unit.buffer, None
-                    self.pool.give_buffer(unit, buffer)
+                unit.chunks = None
                 if unit.held_bytes:
                     self.pool.refund(unit, unit.held_bytes)
                 self.pool.cond.notify_all()
@@ -306,11 +301,8 @@ class StreamEngine:
         end = time.perf_counter()
         with self.pool.cond:
             unit.tensors = tensors
-            if not unit.views_only and unit.buffer is not None:
-                buffer, unit.buffer = unit.buffer, None  # tensors were copied out: recycle the read buffer
-                self.pool.give_buffer(unit, buffer)
             extra = unit.held_bytes - unit.resident_bytes
-            if extra > 0:  # the raw device copy made while converting is gone
+            if extra > 0:  # the raw bytes were only needed to cast or convert: they are gone now
                 self.pool.refund(unit, extra)
             unit.state = "resident"
             self.counters["loads"] += 1
@@ -320,17 +312,26 @@ class StreamEngine:
             self.events.append(("read", unit.name, start, end, threading.current_thread().name))
             self.pool.cond.notify_all()
 
-    def _read(self, unit: Unit, buffer: torch.Tensor) -> None:
+    def _read(self, unit: Unit, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Read every range of the unit into one buffer; returns the per-range slices."""
         view = memoryview(buffer.numpy())
+        chunks = []
         for rng in unit.ranges:
-            self.source.read_into(rng.shard, rng.offset, view[rng.buffer_offset : rng.buffer_offset + rng.length])
+            end = rng.buffer_offset + rng.length
+            self.source.read_into(rng.shard, rng.offset, view[rng.buffer_offset : end])
+            chunks.append(buffer[rng.buffer_offset : end])
+        return chunks
 
     def _read_and_materialize(self, unit: Unit) -> dict[str, torch.Tensor]:
-        if not self.copy_to_device:  # CPU execution: the read buffer itself holds the weights
-            if unit.buffer is None:
-                unit.buffer = torch.empty(unit.raw_bytes, dtype=torch.uint8)
-            self._read(unit, unit.buffer)
-            return self._materialize(unit, unit.buffer)
+        if not self.copy_to_device:  # CPU execution: the bytes read are the weights
+            if hasattr(self.source, "map"):
+                chunks = [self.source.map(r.shard, r.offset, r.length) for r in unit.ranges]
+            else:
+                chunks = self._read(unit, torch.empty(unit.raw_bytes, dtype=torch.uint8))
+            tensors = self._materialize(unit, chunks)
+            if unit.views_only:
+                unit.chunks = chunks
+            return tensors
         staging = self._take_staging(unit.raw_bytes)
         try:
             self._read(unit, staging)
@@ -338,15 +339,20 @@ class StreamEngine:
                 stream = self._side_stream()
                 with torch.cuda.stream(stream):
                     data = staging.to(self.device, non_blocking=True)
-                    tensors = self._materialize(unit, data)
+                    tensors = self._materialize(unit, self._slices(unit, data))
                     event = torch.cuda.Event()
                     event.record(stream)
                 event.synchronize()  # the reader thread waits for its copy, never the compute stream
             else:
-                tensors = self._materialize(unit, staging.to(self.device, copy=True))
+                data = staging.to(self.device, copy=True)
+                tensors = self._materialize(unit, self._slices(unit, data))
         finally:
             self._give_staging(staging)
         return tensors
+
+    @staticmethod
+    def _slices(unit: Unit, data: torch.Tensor) -> list[torch.Tensor]:
+        return [data[r.buffer_offset : r.buffer_offset + r.length] for r in unit.ranges]
 
     def _take_staging(self, nbytes: int) -> torch.Tensor:
         """A host buffer for device copies: pinned on CUDA, reused across units of the same size."""
@@ -370,11 +376,11 @@ class StreamEngine:
             stream = self._streams.stream = torch.cuda.Stream(self.device)
         return stream
 
-    def _materialize(self, unit: Unit, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = {
-            key: _view(data, unit.buffer_position(entry), entry.nbytes, entry.dtype, entry.shape)
-            for key, entry in unit.entries.items()
-        }
+    def _materialize(self, unit: Unit, chunks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        raw = {}
+        for key, entry in unit.entries.items():
+            index, position = unit.locate(entry)
+            raw[key] = _view(chunks[index], position, entry.nbytes, entry.dtype, entry.shape)
         out: dict[str, torch.Tensor] = {}
         for spec in unit.specs:
             if spec.source is not None:
@@ -394,10 +400,10 @@ class StreamEngine:
                     )
                 out[name] = tensor.to(specs[name].dtype)
         if not unit.views_only:
-            base = data.untyped_storage().data_ptr()
+            bases = {chunk.untyped_storage().data_ptr() for chunk in chunks}
             for name, tensor in out.items():
-                if tensor.numel() and tensor.untyped_storage().data_ptr() == base:
-                    out[name] = tensor.clone()  # must not outlive the read buffer, which is recycled
+                if tensor.numel() and tensor.untyped_storage().data_ptr() in bases:
+                    out[name] = tensor.clone()  # converters may return views; the raw bytes are released
         missing = [spec.name for spec in unit.specs if spec.name not in out]
         if missing:
             raise StreamingRuntimeError(f"Unit {unit.name!r} produced no tensor for {missing}.")
@@ -443,7 +449,6 @@ class StreamEngine:
                     )
                 self.pool.device = self.device = device
                 self.copy_to_device = device.type != "cpu"
-                self.pool.release_all()  # recycled host buffers are no use on another device
             if dtype is not None:
                 for unit in self.units:
                     for spec in unit.specs:
@@ -477,7 +482,6 @@ class StreamEngine:
                 "resident_units": sum(u.state == "resident" for u in self.units),
                 "kept_resident_units": len(self.keep_resident),
                 "peak_resident_bytes": self.pool.peak_held,
-                "peak_total_bytes": self.pool.peak_total,
                 "bytes_read": self.counters["bytes_read"],
                 "reads": self.counters["reads"],
                 "loads": self.counters["loads"],
@@ -503,7 +507,6 @@ class StreamEngine:
             self.read_seconds = 0.0
             self.events.clear()
             self.pool.peak_held = self.pool.held
-            self.pool.peak_total = self.pool.held + self.pool.pooled
 
 
 def plan_resident_set(schedule: list[Unit], budget: int, lookahead: int) -> set[str]:

@@ -1,9 +1,9 @@
 """The memory budget: which units are resident, which are evicted, and who waits for room.
 
 A `WeightPool` owns one budget in bytes for one execution device. Every byte of weights on that device is
-charged to it before it is read (resident units, units in flight, and recycled read buffers), so the budget is
-really held, not approximated. Several models can share a pool (model switching); each model's `StreamEngine`
-asks the pool for room and the pool picks victims:
+charged to it before it is read (resident units and units in flight, including the raw bytes a unit needs
+while it is cast or converted), so the budget is really held, not approximated. Several models can share a pool
+(model switching); each model's `StreamEngine` asks the pool for room and the pool picks victims:
 
 * units of other models go first, least recently active model first (LRU across models);
 * then the requesting model's own units: those already used this cycle, then those prefetched but not yet used,
@@ -32,19 +32,6 @@ if TYPE_CHECKING:
     from .units import Unit
 
 
-def _storage_unshared(buffer: torch.Tensor) -> bool:
-    """True when no tensor but ``buffer`` itself still views its memory, so it can be recycled safely.
-
-    A caller may have kept a reference to a weight (``w = model.lm_head.weight``); overwriting a buffer that
-    such a tensor views would change their tensor behind their back, so we recycle only unshared buffers.
-    ``torch._C._storage_Use_Count`` is private: if it is gone we simply never recycle.
-    """
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return False
-    return use_count(buffer.untyped_storage()._cdata) <= 2  # the buffer, and the temporary storage object
-
-
 class Ledger:
     """Bytes one model holds in a pool, kept apart from the model so a finalizer can refund them."""
 
@@ -71,10 +58,7 @@ class WeightPool:
         self._engines: weakref.WeakValueDictionary[int, StreamEngine] = weakref.WeakValueDictionary()
         self._ticks = itertools.count(1)
         self.held = 0  # resident + in-flight bytes
-        self.pooled = 0  # free recycled buffers
         self.peak_held = 0
-        self.peak_total = 0
-        self._free_buffers: dict[int, list[torch.Tensor]] = {}
         self._waiting_threads: set[int] = set()
 
     # ----------------------------------------------------------------------------------------- registry
@@ -105,15 +89,11 @@ class WeightPool:
         return next(self._ticks)
 
     # ----------------------------------------------------------------------------------------- accounting
-    def _note_peak(self) -> None:
-        self.peak_held = max(self.peak_held, self.held)
-        self.peak_total = max(self.peak_total, self.held + self.pooled)
-
     def _charge(self, unit: Unit, nbytes: int) -> None:
         self.held += nbytes
         unit.held_bytes += nbytes
         unit.engine.ledger.held += nbytes
-        self._note_peak()
+        self.peak_held = max(self.peak_held, self.held)
 
     def refund(self, unit: Unit, nbytes: int) -> None:
         self.held -= nbytes
@@ -121,49 +101,18 @@ class WeightPool:
         unit.engine.ledger.held -= nbytes
         self.cond.notify_all()
 
-    # ----------------------------------------------------------------------------------------- buffers
-    def give_buffer(self, unit: Unit, buffer: torch.Tensor) -> None:
-        """Return a read buffer: kept for reuse if nothing else views it, else dropped."""
-        nbytes = buffer.numel()
-        with self.cond:
-            self.refund(unit, nbytes)
-            if _storage_unshared(buffer):
-                self._free_buffers.setdefault(nbytes, []).append(buffer)
-                self.pooled += nbytes
-            self.cond.notify_all()
-
-    def _drop_free_buffer(self, keep_size: int) -> bool:
-        sizes = [s for s, bufs in self._free_buffers.items() if bufs and s != keep_size]
-        if not sizes:
-            sizes = [s for s, bufs in self._free_buffers.items() if bufs]
-        if not sizes:
-            return False
-        size = max(sizes)
-        self._free_buffers[size].pop()
-        self.pooled -= size
-        return True
-
     # ----------------------------------------------------------------------------------------- room
-    def reserve(self, unit: Unit, nbytes: int, *, prefetch: bool, buffer_size: int = 0) -> bool:
+    def reserve(self, unit: Unit, nbytes: int, *, prefetch: bool) -> bool:
         """Charge ``nbytes`` for ``unit``, evicting as needed. Call with ``self.cond`` held.
 
-        ``buffer_size`` > 0 asks for a read buffer of that size in device memory: a recycled one is handed over
-        in ``unit.buffer`` (its bytes move from ``pooled`` into the charge). Returns False when a prefetch finds
-        no room.
+        Returns False when a prefetch finds no room (a prefetch never waits).
         """
         requester = unit.engine
         me = threading.get_ident()
         while True:
-            recycled = self._free_buffers.get(buffer_size) if buffer_size else None
-            reusable = buffer_size if recycled else 0
-            if self.held + self.pooled - reusable + nbytes <= self.budget:
-                if recycled:
-                    unit.buffer = recycled.pop()
-                    self.pooled -= buffer_size
+            if self.held + nbytes <= self.budget:
                 self._charge(unit, nbytes)
                 return True
-            if self._drop_free_buffer(buffer_size):
-                continue
             victim = self._choose_victim(requester, unit, prefetch)
             if victim is not None:
                 victim.engine.evict(victim)
@@ -223,9 +172,7 @@ class WeightPool:
             return {
                 "budget_bytes": self.budget,
                 "held_bytes": self.held,
-                "recycled_buffer_bytes": self.pooled,
                 "peak_held_bytes": self.peak_held,
-                "peak_total_bytes": self.peak_total,
                 "models": models,
                 "hits": sum(m["hits"] for m in models.values()),
                 "misses": sum(m["misses"] for m in models.values()),
@@ -233,12 +180,10 @@ class WeightPool:
             }
 
     def release_all(self) -> None:
-        """Evict every unpinned unit of every model and drop recycled buffers."""
+        """Evict every unpinned unit of every model."""
         with self.cond:
             for engine in self.engines():
                 engine.release_all()
-            while self._drop_free_buffer(-1):
-                pass
             self.cond.notify_all()
 
 

@@ -8,7 +8,6 @@ ranges it needs, coalesced so that a block usually costs a single read.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +43,7 @@ class TensorSpec:
 
 @dataclass
 class ReadRange:
-    """A contiguous byte range of one shard, placed at ``buffer_offset`` in the unit's read buffer."""
+    """A contiguous byte range of one shard, placed at ``buffer_offset`` when the unit is read into one buffer."""
 
     shard: str
     offset: int
@@ -64,25 +63,25 @@ class Unit:
     ranges: list[ReadRange] = field(default_factory=list)
     raw_bytes: int = 0
     out_bytes: int = 0
-    views_only: bool = True  # tensors are dtype-matching views of the read buffer (no cast, no converter)
+    views_only: bool = True  # tensors are dtype-matching views of the bytes read (no cast, no converter)
     # --- runtime state, owned by WeightPool ---
     state: str = "absent"  # absent | loading | resident
     pins: int = 0
     pin_threads: dict[int, int] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] | None = None
-    buffer: torch.Tensor | None = None  # the read buffer kept alive by views
+    chunks: list[torch.Tensor] | None = None  # the bytes of each range, kept alive while tensors view them
     held_bytes: int = 0  # bytes charged to the budget while loading/resident
     installed: bool = False
     last_used: int = 0
     prefetched: bool = False  # loaded ahead and not yet used
     error: BaseException | None = None
     engine: Any = None
-    done: threading.Event = field(default_factory=threading.Event)
 
-    def buffer_position(self, entry: TensorEntry) -> int:
-        for rng in self.ranges:
+    def locate(self, entry: TensorEntry) -> tuple[int, int]:
+        """(index of the range holding ``entry``, offset of the entry inside that range)."""
+        for i, rng in enumerate(self.ranges):
             if rng.shard == entry.shard and rng.offset <= entry.offset < rng.offset + rng.length:
-                return rng.buffer_offset + entry.offset - rng.offset
+                return i, entry.offset - rng.offset
         raise AssertionError(f"{entry.key} is outside the ranges of unit {self.name}")
 
 

@@ -1,19 +1,17 @@
 """Fail loudly, naming the API, when a private transformers/torch internal we rely on moves or changes shape.
 
-Everything private lives in hf_weightstream/_transformers_compat.py (plus one torch call in residency.py).
+Everything private lives in hf_weightstream/_transformers_compat.py.
 """
 
 from __future__ import annotations
 
 import inspect
 
-import torch
 import transformers
 from transformers import PreTrainedModel
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 from hf_weightstream import _transformers_compat as compat
-from hf_weightstream.residency import _storage_unshared
 
 
 def params(func) -> list[str]:
@@ -58,13 +56,3 @@ def test_private_transformers_apis_keep_their_shape():
     assert issubclass(WeightRenaming, compat.WeightRenaming)
     assert set(compat.LoadStateDictInfo.__dataclass_fields__) >= {"missing_keys", "unexpected_keys", "error_msgs"}
     assert callable(compat.patch_output_recorders) and callable(compat.build_glob_alternation)
-
-
-def test_torch_storage_use_count_is_available():
-    """Without it buffers are never recycled: still correct, but every load pays fresh page faults."""
-    buffer = torch.empty(16, dtype=torch.uint8)
-    assert _storage_unshared(buffer)
-    view = buffer[4:8]
-    assert not _storage_unshared(buffer)
-    del view
-    assert _storage_unshared(buffer)
