@@ -100,6 +100,12 @@ class StreamEngine:
         for unit in units:
             unit.engine = self
             unit.resident_bytes, unit.charge_bytes = _unit_sizes(unit)
+            if unit.gather and not hasattr(source, "map"):
+                unit.gather = False  # row lookups are for local files; a remote table streams whole
+        self.model_bytes = sum(unit.resident_bytes for unit in units)
+        for unit in units:
+            if unit.gather:  # holds nothing between forwards and is never scheduled or prefetched
+                unit.resident_bytes = unit.charge_bytes = 0
         biggest = max(units, key=lambda u: u.charge_bytes)
         if biggest.charge_bytes > pool.budget:
             raise BudgetError(
@@ -129,6 +135,8 @@ class StreamEngine:
                     stale = unit.pin_threads.pop(me, 0)
                     if stale:  # the forward raised between a unit's pre- and post-forward
                         unit.pins -= stale
+                        if unit.gather:
+                            self._drop_rows(unit)
                 self.pool.cond.notify_all()
             if self._trace is not None:
                 trace, self._trace = self._trace, None
@@ -250,6 +258,66 @@ class StreamEngine:
         start = self._compute_start.pop(id(unit), None)
         if start is not None:
             self.events.append(("compute", unit.name, start, time.perf_counter(), threading.current_thread().name))
+
+    # ------------------------------------------------------------------------------------ embedding rows
+    def gather(self, unit: Unit, ids: torch.Tensor) -> torch.Tensor:
+        """Install only the table rows ``ids`` looks up; returns the ids renumbered into those rows.
+
+        ``F.embedding(inverse, rows)`` equals ``F.embedding(ids, table)`` bit for bit (a lookup is a copy), so a
+        decode step reads one row instead of the whole table (131 MB for a 32k x 1024 fp32 vocabulary).
+        """
+        (spec,) = unit.specs
+        entry = spec.source
+        vocab, width = entry.shape
+        unique, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
+        if unique.numel() and (unique[0] < 0 or unique[-1] >= vocab):
+            raise IndexError(f"index out of range in self: ids must be in [0, {vocab}) for {unit.name}")
+        row_bytes = width * entry.dtype.itemsize
+        rows_bytes = unique.numel() * row_bytes
+        charge = rows_bytes + (unique.numel() * width * spec.dtype.itemsize if spec.dtype != entry.dtype else 0)
+        me = threading.get_ident()
+        start = time.perf_counter()
+        with self.pool.cond:
+            self.last_active = self.pool.tick()
+            self.pool.reserve(unit, charge, prefetch=False)
+            unit.pins += 1
+            unit.pin_threads[me] = unit.pin_threads.get(me, 0) + 1
+        try:
+            raw = torch.empty(rows_bytes, dtype=torch.uint8)
+            view = memoryview(raw.numpy())
+            for i, row in enumerate(unique.tolist()):
+                self.source.read_into(
+                    entry.shard, entry.offset + row * row_bytes, view[i * row_bytes : (i + 1) * row_bytes]
+                )
+            rows = raw.view(entry.dtype).view(unique.numel(), width).to(device=self.device, dtype=spec.dtype)
+        except BaseException:
+            with self.pool.cond:
+                self._unpin(unit, me)
+                self._drop_rows(unit)
+            raise
+        end = time.perf_counter()
+        with self.pool.cond:
+            unit.tensors = {spec.name: rows}
+            self._install(unit)
+            self.counters["gathered_rows"] += unique.numel()
+            self.counters["bytes_read"] += rows_bytes
+            self.counters["reads"] += unique.numel()
+            self.read_seconds += end - start
+            self.stall_seconds += end - start
+        self.events.append(("read", unit.name, start, end, threading.current_thread().name))
+        return inverse.view(ids.shape).to(ids.device)
+
+    def end_gather(self, unit: Unit) -> None:
+        with self.pool.cond:
+            self._unpin(unit, threading.get_ident())
+            self._drop_rows(unit)
+
+    def _drop_rows(self, unit: Unit) -> None:
+        if unit.installed:
+            self._uninstall(unit)
+        unit.tensors = None
+        if unit.held_bytes:
+            self.pool.refund(unit, unit.held_bytes)
 
     def _unpin(self, unit: Unit, thread: int) -> None:
         count = unit.pin_threads.get(thread, 0)
@@ -473,7 +541,7 @@ class StreamEngine:
             accesses = self.counters["hits"] + self.counters["misses"] + self.counters["late_prefetches"]
             return {
                 "units": len(self.units),
-                "model_bytes": sum(u.resident_bytes for u in self.units),
+                "model_bytes": self.model_bytes,
                 "budget_bytes": self.pool.budget,
                 "policy": self.policy,
                 "lookahead": self.lookahead,
@@ -498,6 +566,7 @@ class StreamEngine:
                 ),
                 "schedule_length": len(self.schedule),
                 "staging_bytes": self.staging_bytes,
+                "gathered_rows": self.counters["gathered_rows"],
             }
 
     def reset_stats(self) -> None:

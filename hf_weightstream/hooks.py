@@ -31,11 +31,20 @@ class StreamHook(ModelHook):
         self.unit = unit
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if self.unit.gather:  # an embedding: fetch only the rows of the ids, and look up renumbered ids
+            if args:
+                args = (self.engine.gather(self.unit, args[0]), *args[1:])
+            else:
+                kwargs = {**kwargs, "input": self.engine.gather(self.unit, kwargs["input"])}
+            return args, kwargs
         self.engine.acquire(self.unit)
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.engine.release(self.unit)
+        if self.unit.gather:
+            self.engine.end_gather(self.unit)
+        else:
+            self.engine.release(self.unit)
         return output
 
     def __repr__(self) -> str:
@@ -58,9 +67,7 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
         engine.begin_forward()
         # Like accelerate's dispatched models: tensors given on another device follow the model.
         device = engine.device
-        return tuple(_to_device(a, device) for a in args), {
-            k: _to_device(v, device) for k, v in kwargs.items()
-        }
+        return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
 
     def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         engine.end_forward()

@@ -64,6 +64,7 @@ class Unit:
     raw_bytes: int = 0
     out_bytes: int = 0
     views_only: bool = True  # tensors are dtype-matching views of the bytes read (no cast, no converter)
+    gather: bool = False  # an untied embedding: only the rows a forward looks up are read (see engine.gather)
     # --- runtime state, owned by WeightPool ---
     state: str = "absent"  # absent | loading | resident
     pins: int = 0
@@ -189,9 +190,7 @@ def build_units(
     units = []
     for root, unit_specs in members.items():
         module_names = sorted({unit_of(alias) for spec in unit_specs for alias in spec.aliases})
-        groups = list(
-            {id(g): g for s in unit_specs if (g := group_of_target.get(s.name)) is not None}.values()
-        )
+        groups = list({id(g): g for s in unit_specs if (g := group_of_target.get(s.name)) is not None}.values())
         entries = {s.source.key: s.source for s in unit_specs if s.source is not None}
         for group in groups:
             for key, _pattern in group.sources:
@@ -204,10 +203,26 @@ def build_units(
             entries=entries,
         )
         _plan_reads(unit, coalesce_gap)
+        unit.gather = _is_gatherable(unit)
         unit.out_bytes = sum(_nbytes(s.shape, s.dtype) for s in unit_specs)
         unit.views_only = not groups and all(s.source.dtype == s.dtype for s in unit_specs)
         units.append(unit)
     return units
+
+
+def _is_gatherable(unit: Unit) -> bool:
+    """An embedding lookup needs only the rows of the ids it is given, not the whole (often huge) table."""
+    if len(unit.modules) != 1 or len(unit.specs) != 1 or unit.groups:
+        return False
+    module, spec = unit.modules[0], unit.specs[0]
+    return (
+        isinstance(module, nn.Embedding)
+        and module.max_norm is None  # max_norm renormalises the looked-up rows of the full table in place
+        and len(spec.slots) == 1  # a tied table is also a full matrix for the head
+        and spec.slots[0].attr == "weight"
+        and spec.source is not None
+        and len(spec.shape) == 2
+    )
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
