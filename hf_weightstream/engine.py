@@ -299,6 +299,9 @@ class StreamEngine:
         with self.pool.cond:
             unit.tensors = {spec.name: rows}
             self._install(unit)
+            # padding_idx only shapes gradients, but F.embedding checks it against the (now few) rows.
+            module = unit.modules[0]
+            unit.padding_idx, module.padding_idx = module.padding_idx, None
             self.counters["gathered_rows"] += unique.numel()
             self.counters["bytes_read"] += rows_bytes
             self.counters["reads"] += unique.numel()
@@ -315,6 +318,7 @@ class StreamEngine:
     def _drop_rows(self, unit: Unit) -> None:
         if unit.installed:
             self._uninstall(unit)
+            unit.modules[0].padding_idx = unit.padding_idx
         unit.tensors = None
         if unit.held_bytes:
             self.pool.refund(unit, unit.held_bytes)

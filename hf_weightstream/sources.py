@@ -12,6 +12,7 @@ that views the range unmaps it, so what a process holds is exactly what the budg
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -72,13 +73,25 @@ class LocalFileSource:
         """A uint8 tensor viewing bytes [offset, offset+length) of ``shard`` in place, already paged in."""
         if length == 0:
             return torch.empty(0, dtype=torch.uint8)
+        fd = self._fd(shard)
+        if os.fstat(fd).st_size < offset + length:  # mapping past the end would kill the process (SIGBUS)
+            raise CheckpointError(
+                f"{self.paths[shard]}: the file shrank after it was indexed (bytes up to {offset + length} are "
+                f"gone). {FIX_HINT}"
+            )
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         # ACCESS_COPY (a private mapping) gives a writable buffer, which torch wants; nothing ever writes to it.
-        mapping = mmap.mmap(self._fd(shard), offset + length - start, offset=start, access=mmap.ACCESS_COPY)
+        mapping = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
         data = torch.frombuffer(mapping, dtype=torch.uint8)
         try:
             mapping.madvise(_MADV_POPULATE_READ)  # fault the whole range in now, in this (reader) thread
-        except (OSError, AttributeError):  # kernels before 5.14, or no madvise: touch one byte per page
+        except AttributeError:  # no madvise on this platform: touch one byte per page
+            data[:: mmap.PAGESIZE].sum()
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; anything else is a read error
+                raise CheckpointError(
+                    f"{self.paths[shard]}: reading bytes {offset}-{offset + length} failed: {err}"
+                ) from err
             data[:: mmap.PAGESIZE].sum()
         return data[offset - start :]
 

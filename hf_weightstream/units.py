@@ -65,6 +65,7 @@ class Unit:
     out_bytes: int = 0
     views_only: bool = True  # tensors are dtype-matching views of the bytes read (no cast, no converter)
     gather: bool = False  # an untied embedding: only the rows a forward looks up are read (see engine.gather)
+    padding_idx: int | None = None  # the embedding's own, while gathered rows are installed
     # --- runtime state, owned by WeightPool ---
     state: str = "absent"  # absent | loading | resident
     pins: int = 0

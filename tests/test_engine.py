@@ -10,7 +10,7 @@ from accelerate.hooks import ModelHook
 from transformers import AutoModelForCausalLM
 
 import hf_weightstream
-from hf_weightstream import BudgetError, StreamConfig
+from hf_weightstream import BudgetError, CheckpointError, StreamConfig
 from hf_weightstream.hooks import StreamHook
 from hf_weightstream.sources import LocalFileSource
 
@@ -303,12 +303,26 @@ def test_untied_embedding_reads_only_the_rows_it_looks_up(checkpoints):
     embed = next(u for u in model._hf_weightstream.units if u.name == "model.embed_tokens")
     assert embed.gather and embed not in model._hf_weightstream.schedule
     ids = torch.tensor([[5, 9, 5, 5, 17]])
+    for m in (ref, model):  # a pad id beyond the few gathered rows (F.embedding checks padding_idx)
+        m.model.embed_tokens.padding_idx = 100
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, model(ids).logits)
     assert hf_weightstream.stats(model)["gathered_rows"] == 3  # unique ids only
     assert embed.held_bytes == 0 and model.model.embed_tokens.weight.device.type == "meta"
+    assert model.model.embed_tokens.padding_idx == 100
     with pytest.raises(IndexError, match="index out of range"):
         model(torch.tensor([[1, 500]]))
-    assert embed.held_bytes == 0 and embed.pins == 0
+    assert embed.held_bytes == 0 and embed.pins == 0 and model.model.embed_tokens.padding_idx == 100
     tied = stream(checkpoints("llama_tied"))
     assert not any(u.gather for u in tied._hf_weightstream.units), "a tied table is the head's matrix too"
+
+
+def test_shard_truncated_after_loading_is_a_clear_error(checkpoints, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(checkpoints("llama"), tmp_path / "llama")
+    model = stream(folder)
+    for shard in folder.glob("model-*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises((hf_weightstream.StreamingRuntimeError, CheckpointError), match="shrank after it was indexed"):
+        model(PROMPT)
