@@ -100,8 +100,10 @@ class StreamEngine:
         for unit in units:
             unit.engine = self
             unit.resident_bytes, unit.charge_bytes = _unit_sizes(unit)
-            if unit.gather and not hasattr(source, "map"):
-                unit.gather = False  # row lookups are for local files; a remote table streams whole
+            if unit.rows is not None:
+                unit.rows.engine = self
+                if not hasattr(source, "map"):  # row lookups are for local files; a remote table streams whole
+                    unit.gather_from, unit.gather, unit.rows = None, False, None
         self.model_bytes = sum(unit.resident_bytes for unit in units)
         for unit in units:
             if unit.gather:  # holds nothing between forwards and is never scheduled or prefetched
@@ -135,8 +137,8 @@ class StreamEngine:
                     stale = unit.pin_threads.pop(me, 0)
                     if stale:  # the forward raised between a unit's pre- and post-forward
                         unit.pins -= stale
-                        if unit.gather:
-                            self._drop_rows(unit)
+                    if unit.rows is not None and unit.rows.installed:
+                        self._drop_rows(unit)
                 self.pool.cond.notify_all()
             if self._trace is not None:
                 trace, self._trace = self._trace, None
@@ -264,10 +266,11 @@ class StreamEngine:
         """Install only the table rows ``ids`` looks up; returns the ids renumbered into those rows.
 
         ``F.embedding(inverse, rows)`` equals ``F.embedding(ids, table)`` bit for bit (a lookup is a copy), so a
-        decode step reads one row instead of the whole table (131 MB for a 32k x 1024 fp32 vocabulary).
+        decode step reads one row instead of the whole table (131 MB for a 32k x 1024 fp32 vocabulary), and a
+        tied table is read once per token, for the head, instead of twice.
         """
         (spec,) = unit.specs
-        entry = spec.source
+        entry, rows_state, module = spec.source, unit.rows, unit.gather_from
         vocab, width = entry.shape
         unique, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
         if unique.numel() and (unique[0] < 0 or unique[-1] >= vocab):
@@ -275,13 +278,10 @@ class StreamEngine:
         row_bytes = width * entry.dtype.itemsize
         rows_bytes = unique.numel() * row_bytes
         charge = rows_bytes + (unique.numel() * width * spec.dtype.itemsize if spec.dtype != entry.dtype else 0)
-        me = threading.get_ident()
         start = time.perf_counter()
         with self.pool.cond:
             self.last_active = self.pool.tick()
-            self.pool.reserve(unit, charge, prefetch=False)
-            unit.pins += 1
-            unit.pin_threads[me] = unit.pin_threads.get(me, 0) + 1
+            self.pool.reserve(rows_state, charge, prefetch=False)
         try:
             raw = torch.empty(rows_bytes, dtype=torch.uint8)
             view = memoryview(raw.numpy())
@@ -292,36 +292,35 @@ class StreamEngine:
             rows = raw.view(entry.dtype).view(unique.numel(), width).to(device=self.device, dtype=spec.dtype)
         except BaseException:
             with self.pool.cond:
-                self._unpin(unit, me)
                 self._drop_rows(unit)
             raise
         end = time.perf_counter()
         with self.pool.cond:
-            unit.tensors = {spec.name: rows}
-            self._install(unit)
+            module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
             # padding_idx only shapes gradients, but F.embedding checks it against the (now few) rows.
-            module = unit.modules[0]
-            unit.padding_idx, module.padding_idx = module.padding_idx, None
+            rows_state.padding_idx, module.padding_idx = module.padding_idx, None
+            rows_state.installed = True
             self.counters["gathered_rows"] += unique.numel()
             self.counters["bytes_read"] += rows_bytes
             self.counters["reads"] += unique.numel()
             self.read_seconds += end - start
             self.stall_seconds += end - start
-        self.events.append(("read", unit.name, start, end, threading.current_thread().name))
+        self.events.append(("read", rows_state.name, start, end, threading.current_thread().name))
         return inverse.view(ids.shape).to(ids.device)
 
     def end_gather(self, unit: Unit) -> None:
         with self.pool.cond:
-            self._unpin(unit, threading.get_ident())
             self._drop_rows(unit)
 
     def _drop_rows(self, unit: Unit) -> None:
-        if unit.installed:
-            self._uninstall(unit)
-            unit.modules[0].padding_idx = unit.padding_idx
-        unit.tensors = None
-        if unit.held_bytes:
-            self.pool.refund(unit, unit.held_bytes)
+        rows_state, module = unit.rows, unit.gather_from
+        if rows_state.installed:
+            slot = next(slot for slot in unit.specs[0].slots if slot.module is module)
+            module._parameters["weight"] = slot.placeholder
+            module.padding_idx = rows_state.padding_idx
+            rows_state.installed = False
+        if rows_state.held_bytes:
+            self.pool.refund(rows_state, rows_state.held_bytes)
 
     def _unpin(self, unit: Unit, thread: int) -> None:
         count = unit.pin_threads.get(thread, 0)

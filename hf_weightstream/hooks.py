@@ -29,19 +29,23 @@ class StreamHook(ModelHook):
     def __init__(self, engine: StreamEngine, unit: Unit):
         self.engine = engine
         self.unit = unit
+        self.gathering = False
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.unit.gather:  # an embedding: fetch only the rows of the ids, and look up renumbered ids
+        unit = self.unit
+        # An embedding whose table is not resident fetches only the rows of the ids and looks up renumbered ids.
+        self.gathering = module is unit.gather_from and (unit.gather or unit.state != "resident")
+        if self.gathering:
             if args:
-                args = (self.engine.gather(self.unit, args[0]), *args[1:])
+                args = (self.engine.gather(unit, args[0]), *args[1:])
             else:
-                kwargs = {**kwargs, "input": self.engine.gather(self.unit, kwargs["input"])}
+                kwargs = {**kwargs, "input": self.engine.gather(unit, kwargs["input"])}
             return args, kwargs
-        self.engine.acquire(self.unit)
+        self.engine.acquire(unit)
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if self.unit.gather:
+        if self.gathering:
             self.engine.end_gather(self.unit)
         else:
             self.engine.release(self.unit)

@@ -135,8 +135,8 @@ class WeightPool:
         """Whether waiting can help: some unit is loading, or pinned by a thread that is not itself waiting."""
         for engine in self.engines():
             for unit in engine.units:
-                if unit.state == "loading":
-                    return True
+                if unit.state == "loading" or (unit.rows is not None and unit.rows.held_bytes):
+                    return True  # a read completes, and gathered rows go at the end of their lookup
                 if any(t != me and t not in self._waiting_threads for t in unit.pin_threads):
                     return True
         return False

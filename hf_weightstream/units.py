@@ -52,6 +52,17 @@ class ReadRange:
 
 
 @dataclass(eq=False)
+class GatheredRows:
+    """Embedding rows installed for one forward; charged to the pool apart from the unit's own bytes."""
+
+    name: str
+    engine: Any = None
+    held_bytes: int = 0
+    installed: bool = False
+    padding_idx: int | None = None  # the module's own, while the few rows are installed
+
+
+@dataclass(eq=False)
 class Unit:
     """A streaming unit and its residency state (guarded by the owning pool's lock)."""
 
@@ -64,8 +75,11 @@ class Unit:
     raw_bytes: int = 0
     out_bytes: int = 0
     views_only: bool = True  # tensors are dtype-matching views of the bytes read (no cast, no converter)
-    gather: bool = False  # an untied embedding: only the rows a forward looks up are read (see engine.gather)
-    padding_idx: int | None = None  # the embedding's own, while gathered rows are installed
+    # An embedding entry module can look up rows instead of loading the table (see engine.gather). ``gather``:
+    # the table is only ever looked up (untied), so the unit never loads whole and is never scheduled.
+    gather_from: nn.Module | None = None
+    gather: bool = False
+    rows: GatheredRows | None = None
     # --- runtime state, owned by WeightPool ---
     state: str = "absent"  # absent | loading | resident
     pins: int = 0
@@ -204,26 +218,29 @@ def build_units(
             entries=entries,
         )
         _plan_reads(unit, coalesce_gap)
-        unit.gather = _is_gatherable(unit)
+        unit.gather_from = _embedding_entry(unit)
+        if unit.gather_from is not None:
+            unit.gather = len(unit.specs[0].slots) == 1  # a tied table is also the head's full matrix
+            unit.rows = GatheredRows(f"{root} (rows)")
         unit.out_bytes = sum(_nbytes(s.shape, s.dtype) for s in unit_specs)
         unit.views_only = not groups and all(s.source.dtype == s.dtype for s in unit_specs)
         units.append(unit)
     return units
 
 
-def _is_gatherable(unit: Unit) -> bool:
-    """An embedding lookup needs only the rows of the ids it is given, not the whole (often huge) table."""
-    if len(unit.modules) != 1 or len(unit.specs) != 1 or unit.groups:
-        return False
-    module, spec = unit.modules[0], unit.specs[0]
-    return (
-        isinstance(module, nn.Embedding)
-        and module.max_norm is None  # max_norm renormalises the looked-up rows of the full table in place
-        and len(spec.slots) == 1  # a tied table is also a full matrix for the head
-        and spec.slots[0].attr == "weight"
-        and spec.source is not None
-        and len(spec.shape) == 2
-    )
+def _embedding_entry(unit: Unit) -> nn.Module | None:
+    """The embedding module of a unit whose lookups need only the rows of the ids, not the (often huge) table."""
+    if len(unit.specs) != 1 or unit.groups:
+        return None
+    spec = unit.specs[0]
+    if spec.source is None or len(spec.shape) != 2:
+        return None
+    for slot in spec.slots:
+        module = slot.module
+        # max_norm renormalises the looked-up rows of the full table in place: that needs the table.
+        if isinstance(module, nn.Embedding) and module.max_norm is None and slot.attr == "weight":
+            return module
+    return None
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
