@@ -582,25 +582,36 @@ class StreamEngine:
 
 
 def plan_resident_set(schedule: list[Unit], budget: int, lookahead: int) -> set[str]:
-    """Units to keep resident so that the rest can stream through a lookahead window within the budget.
+    """Units to keep resident so that the rest can stream through a look-ahead window within the budget.
 
     A decoder visits its units in the same cycle every token. With a budget below the model size, LRU evicts
     exactly the unit needed next and never hits; keeping a fixed set resident is optimal for such a cycle
     (Belady). We keep the largest units that fit next to the streaming window, greedily.
+
+    Every byte not kept is read again each token, which sets the floor on time per token, so the window is
+    sized for the depth (0..lookahead) that keeps the most bytes resident (the deepest among equals). Prefetch
+    still looks ``lookahead`` units ahead, but only into room that evicts no kept unit.
     """
     unique = list({id(u): u for u in schedule}.values())
-    kept: set[str] = set()
 
-    def fits(candidate: set[str]) -> bool:
+    def fits(candidate: set[str], depth: int) -> bool:
         kept_bytes = sum(u.resident_bytes for u in unique if u.name in candidate)
         streamed = [u for u in schedule if u.name not in candidate]
         window = 0
         for i in range(len(streamed)):
-            span = {id(u): u for u in (streamed[(i + j) % len(streamed)] for j in range(lookahead + 1))}
+            span = {id(u): u for u in (streamed[(i + j) % len(streamed)] for j in range(depth + 1))}
             window = max(window, sum(u.charge_bytes for u in span.values()))
         return kept_bytes + window <= budget
 
-    for unit in sorted(unique, key=lambda u: -u.resident_bytes):
-        if fits(kept | {unit.name}):
-            kept.add(unit.name)
-    return kept
+    def kept_bytes(names: set[str]) -> int:
+        return sum(u.resident_bytes for u in unique if u.name in names)
+
+    best: set[str] | None = None
+    for depth in range(lookahead, -1, -1):
+        kept: set[str] = set()
+        for unit in sorted(unique, key=lambda u: -u.resident_bytes):
+            if fits(kept | {unit.name}, depth):
+                kept.add(unit.name)
+        if best is None or kept_bytes(kept) > kept_bytes(best):
+            best = kept
+    return best
