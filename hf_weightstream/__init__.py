@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import StreamConfig
 from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError
+from .hub_stream import wait_until_cached
 from .integration import engine_of, install
 from .residency import WeightPool, set_default_pool
 
@@ -25,6 +26,7 @@ __all__ = [
     "reset_stats",
     "set_default_pool",
     "stats",
+    "wait_until_cached",
 ]
 __version__ = "0.1.0"
 

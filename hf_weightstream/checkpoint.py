@@ -2,24 +2,29 @@
 
 For a Hub repo, the commit is pinned once and only the small files are fetched the normal way (config,
 generation config, index). Shards already in the Hub cache are read in place, with no copy. Shards that are
-not cached are handled by `hub_stream` when lazy Hub streaming is available; otherwise they are downloaded
-with ``hf_hub_download`` so the model still works.
+not cached are not downloaded: `hub_stream` reads their safetensors headers with range requests now and their
+weights when the forward pass needs them, and puts the completed files into the Hub cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
 
 from .errors import CheckpointError
+from .hub_stream import HubRepo, HubSource, ShardNotInRepoError, open_remote_shards, recorded_bytes
 from .index import CheckpointIndex, read_shard_header
 from .sources import ByteSource, LocalFileSource
+
+if TYPE_CHECKING:
+    from .units import Unit
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -47,6 +52,11 @@ class Checkpoint:
     repo_id: str | None = None
     commit: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def plan_fetches(self, units: list[Unit]) -> None:
+        """Give a Hub source the order the forward pass reads in, so idle connections fetch ahead in that order."""
+        if isinstance(self.source, HubSource):
+            self.source.expect_reads([(r.shard, r.offset, r.length) for unit in units for r in unit.ranges])
 
 
 def open_local_folder(folder: Path, variant: str | None) -> Checkpoint:
@@ -76,44 +86,84 @@ def open_local_folder(folder: Path, variant: str | None) -> Checkpoint:
     return _index_local(paths, str(folder))
 
 
-def open_hub_repo(repo_id: str, download_kwargs: dict[str, Any], variant: str | None) -> Checkpoint:
-    """Index a Hub repo's shards; shards missing from the cache are downloaded (see module docstring)."""
+def open_hub_repo(
+    repo_id: str,
+    download_kwargs: dict[str, Any],
+    variant: str | None,
+    *,
+    max_connections: int = 4,
+    complete_download: bool = True,
+) -> Checkpoint:
+    """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring)."""
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
     try:
         index_path = hf_hub_download(repo_id, index_name, **download_kwargs)
         shards = sorted(set(_read_weight_map(Path(index_path)).values()))
-    except EntryNotFoundError:
+    except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
         shards = [single_name]
-    except LocalEntryNotFoundError:
-        shards = [single_name]
-    paths: dict[str, Path] = {}
+    repo = HubRepo.pin(repo_id, download_kwargs)
+    local: dict[str, Path] = {}
     for shard in shards:
+        cached = None if repo.force_download else _cached_path(repo, shard)
+        if cached is not None:
+            local[shard] = cached
+    missing = [shard for shard in shards if shard not in local]
+    if missing and repo.offline:
+        raise CheckpointError(_offline_message(repo, missing, index_name))
+    remote = {}
+    if missing:
         try:
-            paths[shard] = Path(hf_hub_download(repo_id, shard, **download_kwargs))
-        except EntryNotFoundError:
+            resolved = open_remote_shards(repo, missing, max_connections)
+        except ShardNotInRepoError as err:
+            shard = err.shard
             if shard == single_name:
                 raise CheckpointError(_no_safetensors_message(repo_id, download_kwargs)) from None
-            raise CheckpointError(
-                f"Shard {shard} of {repo_id} is listed in its index but not in the repo."
-            ) from None
-        except LocalEntryNotFoundError:
-            raise CheckpointError(
-                f"Shard {shard} of {repo_id} is not in the local Hub cache and downloads are off "
-                "(HF_HUB_OFFLINE=1 or local_files_only=True). Run once with network access, or `hf download "
-                f"{repo_id}`."
-            ) from None
-    return _index_local(paths, repo_id)
+            raise CheckpointError(f"Shard {shard} of {repo_id} is listed in its index but not in the repo.") from None
+        for shard, remote_file in resolved.items():
+            if remote_file is None:  # a small file outside LFS: no sha256 to verify a stream against
+                local[shard] = Path(hf_hub_download(repo_id, shard, **download_kwargs))
+            else:
+                remote[shard] = remote_file
+    source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
+    try:
+        return _index(source, source.shard_sizes, repo_id, max_connections, repo_id=repo_id, commit=repo.commit)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _cached_path(repo: HubRepo, shard: str) -> Path | None:
+    cached = try_to_load_from_cache(
+        repo.repo_id, repo.path_in_repo(shard), cache_dir=repo.cache_dir, revision=repo.commit
+    )
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _offline_message(repo: HubRepo, missing: list[str], index_name: str) -> str:
+    details = []
+    for shard in missing:
+        held = recorded_bytes(repo, shard)
+        details.append(f"{shard} ({held:,} bytes fetched so far)" if held else shard)
+    return (
+        f"{len(missing)} weight file(s) of {repo.repo_id} are not (completely) in the local Hub cache and downloads "
+        f"are off (HF_HUB_OFFLINE=1 or local_files_only=True): {', '.join(details)}. Run once with network access "
+        f"(hf_weightstream.hub_stream.wait_until_cached(model) completes the download; a run resumes what an earlier "
+        f"one fetched), or `hf download {repo.repo_id}`. If {index_name} itself is missing from the cache, the same "
+        "applies to it."
+    )
 
 
 def _no_safetensors_message(repo_id: str, download_kwargs: dict[str, Any]) -> str:
-    found = []
-    for name in _OTHER_FORMATS:
-        try:
-            hf_hub_download(repo_id, name, **download_kwargs)
-            found.append(name)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            continue
+    api = HfApi(token=download_kwargs.get("token"))
+    subfolder = download_kwargs.get("subfolder") or ""
+    found = [
+        name
+        for name in _OTHER_FORMATS
+        if api.file_exists(
+            repo_id, f"{subfolder}/{name}" if subfolder else name, revision=download_kwargs.get("revision")
+        )
+    ]  # HEAD requests: never download a multi-GB .bin just to name it
     if found:
         return NEEDS_SAFETENSORS.format(where=repo_id, found=", ".join(found))
     return f"{repo_id} has no {SAFE_WEIGHTS} or {SAFE_INDEX}: no safetensors weights to stream."
@@ -131,13 +181,22 @@ def _read_weight_map(index_file: Path) -> dict[str, str]:
 
 def _index_local(paths: dict[str, Path], location: str) -> Checkpoint:
     source = LocalFileSource(paths)
-    entries = []
-    sizes = {}
-    for shard, path in paths.items():
-        sizes[shard] = os.path.getsize(path)
-        entries.extend(
-            read_shard_header(
-                shard, sizes[shard], lambda offset, length, s=shard: source.read(s, offset, length)
-            ).values()
-        )
-    return Checkpoint(CheckpointIndex(entries, sizes), source, location)
+    return _index(source, {shard: os.path.getsize(path) for shard, path in paths.items()}, location, 1)
+
+
+def _index(
+    source: LocalFileSource | HubSource, sizes: dict[str, int], location: str, parallel: int, **fields: Any
+) -> Checkpoint:
+    """Parse every shard's header through ``source``; in parallel for remote shards (one round trip each)."""
+
+    def header(shard: str) -> list:
+        return list(read_shard_header(shard, sizes[shard], lambda o, n: source.read(shard, o, n)).values())
+
+    shards = sorted(sizes)
+    if parallel > 1 and len(shards) > 1:
+        with ThreadPoolExecutor(max_workers=min(parallel, len(shards)), thread_name_prefix="hf_ws-header") as ex:
+            per_shard = list(ex.map(header, shards))
+    else:
+        per_shard = [header(shard) for shard in shards]
+    entries = [entry for found in per_shard for entry in found]
+    return Checkpoint(CheckpointIndex(entries, sizes), source, location, **fields)

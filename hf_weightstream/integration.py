@@ -226,7 +226,13 @@ def load_streamed(
         checkpoint = open_local_folder(Path(name) / download_kwargs["subfolder"], variant)
     else:
         hub_kwargs = {k: v for k, v in download_kwargs.items() if k != "proxies" or v is not None}
-        checkpoint = open_hub_repo(name, hub_kwargs, variant)
+        checkpoint = open_hub_repo(
+            name,
+            hub_kwargs,
+            variant,
+            max_connections=stream_config.max_connections,
+            complete_download=stream_config.complete_download,
+        )
 
     config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype())
     config.name_or_path = name
@@ -239,6 +245,7 @@ def load_streamed(
     if pool is None and stream_config.budget_bytes is None and max_memory is None:
         pool = get_default_pool()
     units = build_units(model, checkpoint.index, plan, dtype_of, stream_config.coalesce_gap)
+    checkpoint.plan_fetches(units)  # Hub streaming fetches ahead in this order; no-op for local files
     if pool is None:
         budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
         if budget is None:

@@ -18,7 +18,9 @@ and pytest imports it long before a test starts a server on a free port. What th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -107,3 +109,78 @@ def hf_hub_endpoint(url: str, cache_dir: Path | str | None = None) -> Iterator[N
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# -- lazy Hub streaming: a second process -------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def stream_env(url: str, cache_dir: Path | str, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that talks to the local Hub at ``url`` and caches into ``cache_dir``."""
+    env = dict(os.environ)
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HUB_CACHE=str(cache_dir),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]),
+    )
+    env.update(extra)
+    return env
+
+
+def start_stream_worker(
+    url: str,
+    cache_dir: Path | str,
+    repo_id: str,
+    prompt: list[int],
+    *,
+    new_tokens: int = 4,
+    complete_download: bool = True,
+    wait: bool = True,
+) -> subprocess.Popen:
+    """Start ``python hubtools.py``: stream ``repo_id``, greedy-generate, optionally ``wait_until_cached``.
+
+    It prints one JSON line: ``{"tokens": [...], "cached": {shard: sha256}}``.
+    """
+    job = {
+        "repo_id": repo_id,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "complete_download": complete_download,
+        "wait": wait,
+    }
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__)), json.dumps(job)],
+        env=stream_env(url, cache_dir),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_stream_worker(proc: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _stream_worker(job: dict[str, Any]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_weightstream import StreamConfig
+    from hf_weightstream.hub_stream import wait_until_cached
+
+    model = AutoModelForCausalLM.from_pretrained(
+        job["repo_id"], device_map="stream", stream_config=StreamConfig(complete_download=job["complete_download"])
+    )
+    tokens = model.generate(torch.tensor([job["prompt"]]), max_new_tokens=job["new_tokens"], do_sample=False)
+    cached = wait_until_cached(model, timeout=120) if job["wait"] else {}
+    print(json.dumps({"tokens": tokens[0].tolist(), "cached": {k: v.sha256 for k, v in cached.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    _stream_worker(json.loads(sys.argv[1]))

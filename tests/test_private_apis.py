@@ -1,6 +1,7 @@
 """Fail loudly, naming the API, when a private transformers/torch internal we rely on moves or changes shape.
 
-Everything private lives in hf_weightstream/_transformers_compat.py.
+Private transformers APIs live in hf_weightstream/_transformers_compat.py; the private huggingface_hub helpers
+that write Hub cache entries exactly as hf_hub_download does are imported in one block of hub_stream.py.
 """
 
 from __future__ import annotations
@@ -56,3 +57,17 @@ def test_private_transformers_apis_keep_their_shape():
     assert issubclass(WeightRenaming, compat.WeightRenaming)
     assert set(compat.LoadStateDictInfo.__dataclass_fields__) >= {"missing_keys", "unexpected_keys", "error_msgs"}
     assert callable(compat.patch_output_recorders) and callable(compat.build_glob_alternation)
+
+
+def test_private_huggingface_hub_helpers_keep_their_shape():
+    from huggingface_hub import file_download
+
+    expected = {
+        "_cache_commit_hash_for_specific_revision": ["storage_folder", "revision", "commit_hash"],
+        "_check_disk_space": ["expected_size", "target_dir"],
+        "_chmod_and_move": ["src", "dst"],
+        "_create_symlink": ["src", "dst", "new_blob"],
+    }
+    for name, parameters in expected.items():
+        assert params(getattr(file_download, name)) == parameters, f"huggingface_hub.file_download.{name} changed"
+    assert callable(file_download.repo_folder_name) and file_download.REGEX_COMMIT_HASH.match("a" * 40)
