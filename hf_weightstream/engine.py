@@ -8,8 +8,11 @@ Life of a unit, as seen from the hooks:
 2. ``release`` (post-forward) unpins it; it stays resident until the pool needs room.
 
 The schedule is the order of ``acquire`` calls in the first complete forward pass (the way diffusers' group
-offloading traces execution order); later passes follow it cyclically, so the last block of token t prefetches
-the embedding and first blocks of token t+1.
+offloading traces execution order); later passes follow it cyclically, so the head of token t prefetches the
+first blocks of token t+1.
+
+Embedding lookups are the exception: an embedding whose table is not resident reads only the rows of the ids it
+is given (``gather``), so an untied table never loads whole and a tied one loads once per token, for the head.
 """
 
 from __future__ import annotations
