@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
+from .units import full_bytes, measure
 
 if TYPE_CHECKING:
     from .residency import WeightPool
@@ -43,19 +44,6 @@ def _view(buffer: torch.Tensor, position: int, nbytes: int, dtype: torch.dtype, 
     except RuntimeError:  # misaligned for this dtype: copy out (rare; safetensors aligns tensors)
         typed = raw.clone().view(dtype)
     return typed.view(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    return numel
-
-
-def _unit_sizes(unit: Unit) -> tuple[int, int]:
-    """(bytes held while resident, bytes held at the peak of loading)."""
-    resident = unit.raw_bytes if unit.views_only else unit.out_bytes
-    return resident, unit.raw_bytes + (0 if unit.views_only else unit.out_bytes)
 
 
 class StreamEngine:
@@ -102,23 +90,23 @@ class StreamEngine:
         self.staging_bytes = 0
         for unit in units:
             unit.engine = self
-            unit.resident_bytes, unit.charge_bytes = _unit_sizes(unit)
             if unit.rows is not None:
                 unit.rows.engine = self
                 if not hasattr(source, "map"):  # row lookups are for local files; a remote table streams whole
                     unit.gather_from, unit.gather, unit.rows = None, False, None
-        self.model_bytes = sum(unit.resident_bytes for unit in units)
-        for unit in units:
-            if unit.gather:  # holds nothing between forwards and is never scheduled or prefetched
-                unit.resident_bytes = unit.charge_bytes = 0
-        biggest = max(units, key=lambda u: u.charge_bytes)
-        if biggest.charge_bytes > pool.budget:
+                    measure(unit)
+        self.model_bytes = sum(full_bytes(unit) for unit in units)
+        self._check_budget()
+        pool.register(self)
+
+    def _check_budget(self) -> None:
+        biggest = max(self.units, key=lambda u: u.charge_bytes)
+        if biggest.charge_bytes > self.pool.budget:
             raise BudgetError(
-                f"The budget ({pool.budget:,} bytes) is smaller than unit {biggest.name!r}, which needs "
-                f"{biggest.charge_bytes:,} bytes on {device} while it loads. Use a budget of at least "
+                f"The budget ({self.pool.budget:,} bytes) is smaller than unit {biggest.name!r}, which needs "
+                f"{biggest.charge_bytes:,} bytes on {self.device} while it loads. Use a budget of at least "
                 f"{biggest.charge_bytes:,} bytes, ideally a few times more so reads can run ahead."
             )
-        pool.register(self)
 
     # ------------------------------------------------------------------------------------ forward sessions
     def begin_forward(self) -> None:
@@ -534,9 +522,9 @@ class StreamEngine:
                                 slot.placeholder = placeholder
                                 target = slot.module._parameters if slot.is_param else slot.module._buffers
                                 target[slot.attr] = placeholder
-                    unit.out_bytes = sum(s.dtype.itemsize * _numel(s.shape) for s in unit.specs)
-                    unit.views_only = not unit.groups and all(s.source.dtype == s.dtype for s in unit.specs)
-                    unit.resident_bytes, unit.charge_bytes = _unit_sizes(unit)
+                    measure(unit)
+                self.model_bytes = sum(full_bytes(unit) for unit in self.units)
+                self._check_budget()
                 if self.schedule:
                     self._set_schedule(self.schedule)
 

@@ -29,7 +29,7 @@ from .engine import StreamEngine
 from .errors import StreamConfigError, StreamingRuntimeError
 from .hooks import attach
 from .residency import WeightPool, get_default_pool
-from .units import build_units
+from .units import build_units, full_bytes
 
 _ATTR = "_hf_weightstream"
 _labels = itertools.count(1)
@@ -249,7 +249,7 @@ def load_streamed(
     if pool is None:
         budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
         if budget is None:
-            model_bytes = sum(u.raw_bytes if u.views_only else u.out_bytes for u in units)
+            model_bytes = sum(full_bytes(u) for u in units)
             budget = min(int(0.7 * _available_memory(device)), 2 * model_bytes)
         pool = WeightPool(budget, device=device, num_workers=stream_config.num_workers)
     elif max_memory is not None:

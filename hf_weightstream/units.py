@@ -75,6 +75,8 @@ class Unit:
     raw_bytes: int = 0
     out_bytes: int = 0
     views_only: bool = True  # tensors are dtype-matching views of the bytes read (no cast, no converter)
+    resident_bytes: int = 0  # held while resident (0 for a gathered table: it never loads whole)
+    charge_bytes: int = 0  # held at the peak of loading: raw bytes plus cast/converted tensors
     # An embedding entry module can look up rows instead of loading the table (see engine.gather). ``gather``:
     # the table is only ever looked up (untied), so the unit never loads whole and is never scheduled.
     gather_from: nn.Module | None = None
@@ -222,8 +224,7 @@ def build_units(
         if unit.gather_from is not None:
             unit.gather = len(unit.specs[0].slots) == 1  # a tied table is also the head's full matrix
             unit.rows = GatheredRows(f"{root} (rows)")
-        unit.out_bytes = sum(_nbytes(s.shape, s.dtype) for s in unit_specs)
-        unit.views_only = not groups and all(s.source.dtype == s.dtype for s in unit_specs)
+        measure(unit)
         units.append(unit)
     return units
 
@@ -241,6 +242,22 @@ def _embedding_entry(unit: Unit) -> nn.Module | None:
         if isinstance(module, nn.Embedding) and module.max_norm is None and slot.attr == "weight":
             return module
     return None
+
+
+def measure(unit: Unit) -> None:
+    """Work out what the unit holds, from its specs' (current) dtypes; called again when they change."""
+    unit.out_bytes = sum(_nbytes(s.shape, s.dtype) for s in unit.specs)
+    unit.views_only = not unit.groups and all(s.source.dtype == s.dtype for s in unit.specs)
+    if unit.gather:
+        unit.resident_bytes = unit.charge_bytes = 0
+    else:
+        unit.resident_bytes = full_bytes(unit)
+        unit.charge_bytes = unit.raw_bytes + (0 if unit.views_only else unit.out_bytes)
+
+
+def full_bytes(unit: Unit) -> int:
+    """The unit's weights when fully resident, gathered tables included (what ``model_bytes`` reports)."""
+    return unit.raw_bytes if unit.views_only else unit.out_bytes
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -196,6 +196,15 @@ def test_to_dtype_recasts_on_next_read(checkpoints):
         assert torch.equal(ref(PROMPT).logits, model(PROMPT).logits)
 
 
+def test_to_dtype_keeps_a_gathered_table_out_of_the_budget(checkpoints):
+    model = stream(checkpoints("llama"))
+    before = hf_weightstream.stats(model)["model_bytes"]
+    model.to(torch.bfloat16)
+    embed = next(u for u in model._hf_weightstream.units if u.gather)
+    assert embed.resident_bytes == embed.charge_bytes == 0, "a gathered table never loads whole, in any dtype"
+    assert hf_weightstream.stats(model)["model_bytes"] < before  # the cast units are half the size now
+
+
 def test_cuda_retarget_without_gpu_is_a_clear_error(checkpoints):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
