@@ -36,7 +36,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import threading
@@ -70,7 +69,7 @@ from huggingface_hub.file_download import (  # isort: skip
 
 from .engine import StreamEngine
 from .errors import CheckpointError, StreamingRuntimeError
-from .sources import _MADV_POPULATE_READ, LocalFileSource
+from .sources import LocalFileSource, map_range
 
 logger = logging.getLogger(__name__)
 
@@ -222,20 +221,6 @@ def _pread_into(fd: int, offset: int, out: memoryview, name: str) -> None:
         if n == 0:
             raise CheckpointError(f"{name}: unexpected end of file at byte {offset + done}.")
         done += n
-
-
-def _map_fd(fd: int, offset: int, length: int) -> torch.Tensor:
-    """`LocalFileSource.map` for a descriptor we hold: a partial file may be renamed into ``blobs/`` meanwhile."""
-    if length == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
-    data = torch.frombuffer(mapping, dtype=torch.uint8)
-    try:
-        mapping.madvise(_MADV_POPULATE_READ)
-    except (OSError, AttributeError):
-        data[:: mmap.PAGESIZE].sum()
-    return data[offset - start :]
 
 
 def _pwrite_all(fd: int, offset: int, data: bytes) -> None:
@@ -1305,8 +1290,9 @@ class _Session:
             _pread_into(fd, start, out[start - offset : stop - offset], str(stream.partial.data_path))
 
     def map(self, stream: ShardStream, offset: int, length: int) -> torch.Tensor:
+        # The descriptor we hold: the partial file may be renamed into blobs/ meanwhile.
         fd, _ = self.ensure(stream, offset, offset + length, None, engine_read=True)
-        return _map_fd(fd, offset, length)
+        return map_range(fd, offset, length, str(stream.partial.data_path))
 
     def shutdown(self) -> None:
         if self._closed:

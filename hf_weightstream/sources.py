@@ -27,6 +27,29 @@ from .index import FIX_HINT
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux value; Python < 3.13 lacks the name
 
 
+def map_range(fd: int, offset: int, length: int, name: str) -> torch.Tensor:
+    """Map bytes [offset, offset+length) of an open file and page them in now, in the calling (reader) thread."""
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if os.fstat(fd).st_size < offset + length:  # mapping past the end would kill the process (SIGBUS)
+        raise CheckpointError(
+            f"{name}: the file shrank after it was indexed (bytes up to {offset + length} are gone). {FIX_HINT}"
+        )
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    # ACCESS_COPY (a private mapping) gives a writable buffer, which torch wants; nothing ever writes to it.
+    mapping = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
+    data = torch.frombuffer(mapping, dtype=torch.uint8)
+    try:
+        mapping.madvise(_MADV_POPULATE_READ)
+    except AttributeError:  # no madvise on this platform: touch one byte per page
+        data[:: mmap.PAGESIZE].sum()
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; anything else is a read error
+            raise CheckpointError(f"{name}: reading bytes {offset}-{offset + length} failed: {err}") from err
+        data[:: mmap.PAGESIZE].sum()
+    return data[offset - start :]
+
+
 class ByteSource(Protocol):
     """Anything that can fill a buffer with a byte range of a shard."""
 
@@ -71,29 +94,7 @@ class LocalFileSource:
 
     def map(self, shard: str, offset: int, length: int) -> torch.Tensor:
         """A uint8 tensor viewing bytes [offset, offset+length) of ``shard`` in place, already paged in."""
-        if length == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        fd = self._fd(shard)
-        if os.fstat(fd).st_size < offset + length:  # mapping past the end would kill the process (SIGBUS)
-            raise CheckpointError(
-                f"{self.paths[shard]}: the file shrank after it was indexed (bytes up to {offset + length} are "
-                f"gone). {FIX_HINT}"
-            )
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        # ACCESS_COPY (a private mapping) gives a writable buffer, which torch wants; nothing ever writes to it.
-        mapping = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
-        data = torch.frombuffer(mapping, dtype=torch.uint8)
-        try:
-            mapping.madvise(_MADV_POPULATE_READ)  # fault the whole range in now, in this (reader) thread
-        except AttributeError:  # no madvise on this platform: touch one byte per page
-            data[:: mmap.PAGESIZE].sum()
-        except OSError as err:
-            if err.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; anything else is a read error
-                raise CheckpointError(
-                    f"{self.paths[shard]}: reading bytes {offset}-{offset + length} failed: {err}"
-                ) from err
-            data[:: mmap.PAGESIZE].sum()
-        return data[offset - start :]
+        return map_range(self._fd(shard), offset, length, str(self.paths[shard]))
 
     def read(self, shard: str, offset: int, length: int) -> bytes:
         out = bytearray(length)
