@@ -19,6 +19,7 @@ from transformers.core_model_loading import (
     WeightConverter,
     WeightRenaming,
     build_glob_alternation,
+    dot_natural_key,
     rename_source_key,
 )
 from transformers.initialization import no_init_weights
@@ -115,7 +116,9 @@ def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str
     renamed: dict[str, str] = {}
     groups: dict[str, ConversionGroup] = {}
     unexpected: list[str] = []
-    for key in keys:
+    # transformers feeds converters in natural key order, so per-expert tensors stack as experts 0, 1, 2, ..., 10
+    # (string order would put 10 before 2 and silently permute the experts of any MoE with more than 10).
+    for key in sorted(keys, key=dot_natural_key):
         target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
         if target not in meta_state and key in meta_state:
             target, pattern = rename_source_key(

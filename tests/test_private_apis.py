@@ -57,6 +57,10 @@ def test_private_transformers_apis_keep_their_shape():
     assert issubclass(WeightRenaming, compat.WeightRenaming)
     assert set(compat.LoadStateDictInfo.__dataclass_fields__) >= {"missing_keys", "unexpected_keys", "error_msgs"}
     assert callable(compat.patch_output_recorders) and callable(compat.build_glob_alternation)
+    keys = ["experts.10.w", "experts.2.w", "experts.1.w"]
+    assert sorted(keys, key=compat.dot_natural_key) == ["experts.1.w", "experts.2.w", "experts.10.w"], (
+        f"transformers {version}: core_model_loading.dot_natural_key no longer orders keys naturally"
+    )
 
 
 def test_private_huggingface_hub_helpers_keep_their_shape():
