@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,6 +78,7 @@ class StreamEngine:
         self.last_active = 0
         self.forward_lock = threading.RLock()
         self._depth = 0
+        self._warned_grad = False
         self._streams = threading.local()
         self.counters = collections.Counter()
         self.stall_seconds = 0.0
@@ -115,6 +117,19 @@ class StreamEngine:
         self._depth += 1
         if self._depth == 1 and not self.schedule:
             self._trace = []
+
+    def note_grad_forward(self) -> None:
+        """Say once per model that a forward with gradients enabled runs without them."""
+        if not self._warned_grad:
+            self._warned_grad = True
+            warnings.warn(
+                "hf_weightstream: streamed models are for inference. This forward ran with gradients enabled, so it "
+                "ran as under torch.no_grad() (autograd would keep every streamed weight alive past the budget): "
+                "its outputs have no grad_fn and backward() is not possible. Load the model without "
+                "device_map='stream' to train or to take gradients.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def end_forward(self) -> None:
         """Root module post-forward (also when the forward raised): clear stale pins, learn the schedule."""
@@ -287,7 +302,7 @@ class StreamEngine:
             raise
         end = time.perf_counter()
         with self.pool.cond:
-            module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+            module._parameters["weight"] = nn.Parameter(rows, requires_grad=rows.is_floating_point())
             # padding_idx only shapes gradients, but F.embedding checks it against the (now few) rows.
             rows_state.padding_idx, module.padding_idx = module.padding_idx, None
             rows_state.installed = True
@@ -478,7 +493,10 @@ class StreamEngine:
             tensor = unit.tensors[spec.name]
             if stream is not None:
                 tensor.record_stream(stream)
-            value: torch.Tensor = nn.Parameter(tensor, requires_grad=False) if spec.slots[0].is_param else tensor
+            # The flag a normal load gives (transformers: floating point -> True): torch picks kernels by it.
+            value: torch.Tensor = (
+                nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if spec.slots[0].is_param else tensor
+            )
             for slot in spec.slots:
                 (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = value
         unit.installed = True

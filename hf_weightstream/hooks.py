@@ -66,15 +66,27 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
     for unit in engine.units:
         for module in unit.modules:
             add_hook_to_module(module, StreamHook(engine, unit), append=True)
+    grad_modes: list[bool] = []  # per nested root call; callers are serialised by the engine's forward lock
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         engine.begin_forward()
+        # Autograd would keep every evicted weight alive until backward, far past the budget: a streamed forward
+        # always runs as under torch.no_grad(). Users are told once (see StreamEngine.note_grad_forward).
+        grad_was_enabled = torch.is_grad_enabled()
+        grad_modes.append(grad_was_enabled)
+        if grad_was_enabled:
+            engine.note_grad_forward()
+            torch.set_grad_enabled(False)
         # Like accelerate's dispatched models: tensors given on another device follow the model.
         device = engine.device
         return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
 
     def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        engine.end_forward()
+        try:
+            if grad_modes:
+                torch.set_grad_enabled(grad_modes.pop())
+        finally:
+            engine.end_forward()
 
     model.register_forward_pre_hook(begin, with_kwargs=True)
     model.register_forward_hook(end, with_kwargs=True, always_call=True)
