@@ -26,7 +26,7 @@ from . import _transformers_compat as compat
 from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
-from .errors import StreamConfigError, StreamingRuntimeError
+from .errors import CheckpointError, StreamConfigError, StreamingRuntimeError
 from .hooks import attach
 from .residency import WeightPool, get_default_pool
 from .units import build_units, full_bytes
@@ -217,6 +217,14 @@ def load_streamed(
         )
     else:
         model_kwargs = kwargs
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        raise CheckpointError(
+            f"{name} is a pre-quantized checkpoint (quantization_config quant_method={str(method)!r} in its "
+            "config.json); streaming reads unquantized safetensors weights and would compute wrong outputs from "
+            "it. Load it without device_map='stream', or stream an unquantized (bf16/fp16/fp32) version."
+        )
     if "attn_implementation" in model_kwargs:
         config._attn_implementation = model_kwargs.pop("attn_implementation")
     if "experts_implementation" in model_kwargs:

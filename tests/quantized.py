@@ -1,0 +1,96 @@
+"""Tiny pre-quantized checkpoints written by hand to each format's published layout.
+
+transformers cannot quantize to these formats on a CPU, so the fixtures quantize a tiny random model's saved
+tensors themselves and rewrite its shards:
+
+* fine-grained FP8 (DeepSeek-V3 / Qwen3-FP8): every linear weight of the decoder blocks is ``float8_e4m3fn``
+  ``[out, in]`` with a float32 ``weight_scale_inv`` grid ``[ceil(out/128), ceil(in/128)]``, one scale per
+  128x128 block (``w ~= q * scale_inv``); config.json carries
+  ``{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}``.
+
+Tests check that transformers' own ``from_pretrained`` loads each fixture, so a fixture is a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FP8_BLOCK = 128
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+# Linear weights inside the decoder blocks, dense or per expert (routers, norms, embeddings and head stay as they are).
+FP8_LINEAR = re.compile(r"\.layers\.\d+\..*_proj\.weight$")
+
+
+def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale_inv)`` with ``q * scale_inv`` close to ``weight``, one scale per ``block x block`` tile."""
+    rows, cols = weight.shape
+    grid_r, grid_c = math.ceil(rows / block), math.ceil(cols / block)
+    padded = torch.zeros(grid_r * block, grid_c * block, dtype=torch.float32)
+    padded[:rows, :cols] = weight.float()
+    tiles = padded.view(grid_r, block, grid_c, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / FP8_MAX
+    q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(grid_r * block, grid_c * block)[:rows, :cols].contiguous(), scale_inv.contiguous()
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        index.unlink()
+    return tensors
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """Save ``tensors`` as ``model-0000i-of-0000n.safetensors`` plus an index, as ``save_pretrained`` does."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        for key, tensor in shard.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def to_fp8(folder: Path, max_shard_bytes: int = 400_000, skip: re.Pattern | None = None) -> Path:
+    """Rewrite a saved bf16/fp32 checkpoint in ``folder`` as a fine-grained FP8 checkpoint, in place."""
+    tensors = _read_all(folder)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if FP8_LINEAR.search(key) and tensor.dim() == 2 and not (skip and skip.search(key)):
+            out[key], out[key + "_scale_inv"] = quantize_fp8_blockwise(tensor)
+        else:
+            out[key] = tensor
+    write_shards(folder, out, max_shard_bytes)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    }
+    config_path.write_text(json.dumps(config, indent=2))
+    return folder
