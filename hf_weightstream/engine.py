@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import experts as moe
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
-from .units import full_bytes, measure
+from .units import Holding, full_bytes, measure
 
 if TYPE_CHECKING:
+    from .experts import ExpertLayer
     from .residency import WeightPool
     from .sources import ByteSource
     from .units import Unit
@@ -60,9 +62,11 @@ class StreamEngine:
         policy: str,
         lookahead: int,
         label: str,
+        expert_layers: list[ExpertLayer] | None = None,
     ):
         self.model = model
-        self.units = units
+        self.expert_layers = list(expert_layers or [])
+        self.units = units + [unit for layer in self.expert_layers for unit in layer.units]
         self.source = source
         self.pool = pool
         self.device = device
@@ -90,14 +94,20 @@ class StreamEngine:
         self._staging: dict[int, list[torch.Tensor]] = {}
         self._staging_lock = threading.Lock()
         self.staging_bytes = 0
-        for unit in units:
+        self._moe_trace: list[ExpertLayer] = []
+        owner = {id(sub): unit for unit in units for module in unit.modules for sub in module.modules()}
+        for layer in self.expert_layers:
+            layer.block = owner.get(id(layer.module))
+            layer.stack = Holding(f"{layer.name} (stacked experts)", self)
+            layer.router_holding = Holding(f"{layer.name} (router copy)", self, transient=False)
+        for unit in self.units:
             unit.engine = self
             if unit.rows is not None:
                 unit.rows.engine = self
                 if not hasattr(source, "map"):  # row lookups are for local files; a remote table streams whole
                     unit.gather_from, unit.gather, unit.rows = None, False, None
                     measure(unit)
-        self.model_bytes = sum(full_bytes(unit) for unit in units)
+        self.model_bytes = sum(full_bytes(unit) for unit in self.units)
         self._check_budget()
         pool.register(self)
 
@@ -109,6 +119,30 @@ class StreamEngine:
                 f"{biggest.charge_bytes:,} bytes on {self.device} while it loads. Use a budget of at least "
                 f"{biggest.charge_bytes:,} bytes, ideally a few times more so reads can run ahead."
             )
+        for layer in self.expert_layers:
+            routed = min(layer.top_k or 1, layer.num_experts)
+            need = self.experts_call_bytes(layer, routed)
+            if need > self.pool.budget:
+                raise BudgetError(
+                    f"The budget ({self.pool.budget:,} bytes) cannot run one decode step of {layer.name!r}: its block "
+                    f"and the {routed} experts a token is routed to need {need:,} bytes at once. Use a budget of at "
+                    f"least {self.minimum_budget():,} bytes (what a long prompt that routes to every expert needs)."
+                )
+
+    def experts_call_bytes(self, layer: ExpertLayer, routed: int) -> int:
+        """Held at once by a call routed to ``routed`` experts: its block, their stacked copy, one more expert read,
+        and the routers' copies."""
+        block = layer.block.charge_bytes if layer.block is not None else 0
+        expert = max(u.out_bytes for u in layer.units)
+        routers = sum(other.router_bytes for other in self.expert_layers)  # kept for predictions
+        return block + routed * expert + max(u.charge_bytes for u in layer.units) + routers
+
+    def minimum_budget(self) -> int:
+        """The smallest budget any forward fits in: the largest unit, or an MoE call routed to every expert."""
+        need = max(u.charge_bytes for u in self.units)
+        for layer in self.expert_layers:
+            need = max(need, self.experts_call_bytes(layer, layer.num_experts))
+        return need
 
     # ------------------------------------------------------------------------------------ forward sessions
     def begin_forward(self) -> None:
@@ -145,11 +179,15 @@ class StreamEngine:
                         unit.pins -= stale
                     if unit.rows is not None and unit.rows.installed:
                         self._drop_rows(unit)
+                for layer in self.expert_layers:  # the forward raised inside an experts call
+                    self.end_experts(layer)
                 self.pool.cond.notify_all()
             if self._trace is not None:
                 trace, self._trace = self._trace, None
                 if trace and all(u.pins == 0 for u in self.units):
                     with self.pool.cond:
+                        for earlier, later in zip(self._moe_trace, self._moe_trace[1:], strict=False):
+                            earlier.next = later  # whose router predicts the next layer's experts
                         self._set_schedule(trace)
                         self._prefetch_ahead()  # the next pass starts with these
         finally:
@@ -161,9 +199,9 @@ class StreamEngine:
         for i, unit in enumerate(trace):
             self._position.setdefault(id(unit), []).append(i)
         self._pos = len(trace) - 1
-        self.keep_resident = (
-            plan_resident_set(trace, self.pool.budget, self.lookahead) if (self.policy == "schedule") else set()
-        )
+        # Routed experts are acquired per call, outside the cycle: plan the cycle in what their calls leave.
+        budget = max(0, self.pool.budget - self.experts_reserve())
+        self.keep_resident = plan_resident_set(trace, budget, self.lookahead) if (self.policy == "schedule") else set()
         self.counters["schedule_length"] = len(trace)
 
     def _advance(self, unit: Unit) -> None:
@@ -177,7 +215,20 @@ class StreamEngine:
         self._pos = min(positions, key=lambda p: (p - self._pos - 1) % n)
 
     def _next_use(self, unit: Unit) -> int:
-        """Steps until ``unit`` is needed again by the schedule (a large number if never)."""
+        """Steps until ``unit`` is needed again by the schedule (a large number if never).
+
+        An expert is needed when its layer's block runs and the router picks it: with probability p per call
+        (its decayed routing frequency, or 1 once the previous layer predicted it), the expected distance is the
+        block's distance plus (1 - p) / p whole cycles.
+        """
+        layer = unit.expert
+        if layer is not None:
+            n = len(self.schedule)
+            if not n:
+                return 1 << 30
+            first = self._next_use(layer.block) if layer.block is not None else 0
+            p = 1.0 if unit.expert_id in layer.predicted else max(float(layer.frequency[unit.expert_id]), 1e-4)
+            return first + int(n * (1.0 - p) / p)
         positions = self._position.get(id(unit))
         if not positions:
             return 1 << 30
@@ -287,6 +338,7 @@ class StreamEngine:
         start = time.perf_counter()
         with self.pool.cond:
             self.last_active = self.pool.tick()
+            rows_state.owner = threading.get_ident()
             self.pool.reserve(rows_state, charge, prefetch=False)
         try:
             raw = torch.empty(rows_bytes, dtype=torch.uint8)
@@ -327,6 +379,183 @@ class StreamEngine:
             rows_state.installed = False
         if rows_state.held_bytes:
             self.pool.refund(rows_state, rows_state.held_bytes)
+
+    # ------------------------------------------------------------------------------------ routed experts
+    def holdings(self) -> list[Holding]:
+        """Bytes this model holds outside its units: gathered rows, stacked experts, router copies."""
+        out: list[Holding] = [unit.rows for unit in self.units if unit.rows is not None]
+        for layer in self.expert_layers:
+            out += [layer.stack, layer.router_holding]
+        return out
+
+    def experts_reserve(self) -> int:
+        """Room a decode call of the largest MoE layer needs: its routed experts resident plus their stacked copy."""
+        need = 0
+        for layer in self.expert_layers:
+            routed = layer.top_k or max(1, layer.num_experts // 4)
+            need = max(need, 2 * min(routed, layer.num_experts) * layer.expert_bytes)
+        return need
+
+    def run_experts(
+        self, layer: ExpertLayer, used: torch.Tensor, hidden_states: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Make experts ``used`` (ascending ids) resident and return their parameters stacked for one call.
+
+        The stacked copy is charged to the pool until `end_experts`. The experts are copied into it a window at a
+        time and unpinned once copied, so they stay cached where the budget has room but a call never needs its
+        routed experts twice over: the least a call needs is its stack plus one expert in flight.
+        """
+        ids = used.tolist()
+        units = [layer.units[e] for e in ids]
+        cond = self.pool.cond
+        with cond:
+            self.last_active = self.pool.tick()
+            if self._trace is not None and layer not in self._moe_trace:
+                self._moe_trace.append(layer)
+            self._learn_routing(layer, ids)
+            if layer.router_copy is None:
+                layer.router_copy = moe.capture_router(layer)
+                if layer.router_copy is not None:
+                    nbytes = sum(t.nbytes for t in layer.router_copy if t is not None)
+                    self.pool.reserve(layer.router_holding, nbytes, prefetch=False)
+        self._predict_next(layer, hidden_states)
+        specs = {spec.name: spec for spec in units[0].specs}
+        stacks = {
+            attr: torch.empty((len(units), *specs[full].shape[1:]), dtype=specs[full].dtype, device=self.device)
+            for attr, full in layer.full_names.items()
+        }
+        need = self.experts_call_bytes(layer, len(units))
+        if need > self.pool.budget:
+            raise self._experts_budget_error(layer, len(units), need)
+        layer.stack.owner = threading.get_ident()
+        try:
+            with cond:  # the stack first: cached experts already copied may then make room for the next reads
+                self.pool.reserve(layer.stack, sum(t.nbytes for t in stacks.values()), prefetch=False)
+        except BudgetError as err:
+            raise self._experts_budget_error(layer, len(units), need) from err
+        position = 0
+        while position < len(units):
+            window = units[position : position + self._experts_window(units[position])]
+            self.acquire_many(window, layer)
+            try:
+                for i, unit in enumerate(window, start=position):
+                    for attr, full in layer.full_names.items():
+                        stacks[attr][i].copy_(unit.tensors[full][0])
+            finally:
+                self.release_many(window)
+            position += len(window)
+        return stacks
+
+    def _experts_window(self, unit: Unit) -> int:
+        """How many experts to pin at once: what the budget leaves next to everything pinned, up to the readers."""
+        with self.pool.cond:
+            pinned = sum(u.held_bytes for e in self.pool.engines() for u in e.units if u.pins)
+            transient = sum(h.held_bytes for e in self.pool.engines() for h in e.holdings())
+            room = self.pool.budget - pinned - transient
+        per_expert = max(unit.charge_bytes, 1)
+        return max(1, min(2 * self.pool.num_workers, room // per_expert))
+
+    def _experts_budget_error(self, layer: ExpertLayer, routed: int, need: int) -> BudgetError:
+        return BudgetError(
+            f"This call of {layer.name!r} is routed to {routed} of its {layer.num_experts} experts (each token goes "
+            f"to {layer.top_k or 'k'}), which transformers' kernels need resident together: {need:,} bytes with its "
+            f"block, more than the budget of {self.pool.budget:,} bytes allows next to what else is held. Raise the "
+            f"budget to at least {self.minimum_budget():,} bytes (every expert of one layer), or send shorter prompts "
+            "(fewer tokens route to fewer experts)."
+        )
+
+    def end_experts(self, layer: ExpertLayer) -> None:
+        """After an experts call (or a forward that raised in one): full-size placeholders back, stack refunded."""
+        module = layer.module
+        for attr, placeholder in layer.placeholders.items():
+            module._parameters[attr] = placeholder
+        module.num_experts = layer.num_experts
+        with self.pool.cond:
+            if layer.stack.held_bytes:
+                self.pool.refund(layer.stack, layer.stack.held_bytes)
+
+    def _learn_routing(self, layer: ExpertLayer, ids: list[int]) -> None:
+        """Routing frequency (for the cache's ranks) and how well the previous layer predicted this call."""
+        counters = layer.counters
+        counters["calls"] += 1
+        layer.frequency.mul_(moe.FREQUENCY_DECAY)
+        layer.frequency[ids] += 1.0 - moe.FREQUENCY_DECAY
+        if layer.predicted:
+            counters["predicted"] += len(layer.predicted)
+            counters["predicted_used"] += len(layer.predicted.intersection(ids))
+            counters["used"] += len(ids)
+            layer.predicted = frozenset()
+
+    def _predict_next(self, layer: ExpertLayer, hidden_states: torch.Tensor) -> None:
+        """Read the experts the next MoE layer's router would pick for this hidden state, in the background."""
+        nxt = layer.next
+        if nxt is None or not self.lookahead:
+            return
+        predicted = moe.predict(nxt, hidden_states)
+        with self.pool.cond:
+            nxt.predicted = predicted
+            for e in sorted(predicted):
+                unit = nxt.units[e]
+                if unit.state == "absent":
+                    if not self._start_load(unit, prefetch=True):
+                        break  # no room that a sooner need does not hold: the rest would not fit either
+                    self.counters["expert_prefetches"] += 1
+
+    def acquire_many(self, units: list[Unit], layer: ExpertLayer | None = None) -> None:
+        """Pin ``units`` and wait until all are resident; the missing ones are read in parallel."""
+        start = time.perf_counter()
+        me = threading.get_ident()
+        cond = self.pool.cond
+        hits = late = misses = 0
+        with cond:
+            for unit in units:
+                unit.pins += 1
+                unit.pin_threads[me] = unit.pin_threads.get(me, 0) + 1
+            try:
+                for unit in units:
+                    if unit.state == "resident":
+                        hits += 1
+                    elif unit.state == "loading":
+                        late += 1
+                    else:
+                        misses += 1
+                        self._start_load(unit, prefetch=False)
+                        # Submitted at once: a later reservation may wait for room only a finished read can make.
+                        self.pool.executor.submit(self._load, unit)
+            except BaseException:
+                for unit in units:
+                    self._unpin(unit, me)
+                raise
+            while any(unit.state == "loading" for unit in units):
+                cond.wait()
+            failed = next((unit for unit in units if unit.state != "resident"), None)
+            if failed is not None:
+                for unit in units:
+                    self._unpin(unit, me)
+                raise StreamingRuntimeError(f"Could not load weights of {failed.name!r}: {failed.error}") from (
+                    failed.error
+                )
+            tick = self.pool.tick()
+            for unit in units:
+                unit.prefetched = False
+                unit.last_used = tick
+            self.counters["expert_hits"] += hits
+            self.counters["expert_misses"] += misses
+            self.counters["expert_late"] += late
+            if layer is not None:
+                layer.counters["hits"] += hits
+                layer.counters["misses"] += misses
+                layer.counters["late"] += late
+        if misses or late:
+            self.stall_seconds += time.perf_counter() - start
+
+    def release_many(self, units: list[Unit]) -> None:
+        me = threading.get_ident()
+        with self.pool.cond:
+            tick = self.pool.tick()
+            for unit in units:
+                self._unpin(unit, me)
+                unit.last_used = tick
 
     def _unpin(self, unit: Unit, thread: int) -> None:
         count = unit.pin_threads.get(thread, 0)
@@ -579,11 +808,45 @@ class StreamEngine:
                 "schedule_length": len(self.schedule),
                 "staging_bytes": self.staging_bytes,
                 "gathered_rows": self.counters["gathered_rows"],
+                **self._expert_stats(),
             }
+
+    def _expert_stats(self) -> dict[str, Any]:
+        """Expert cache and speculative prefetch figures, overall and per MoE layer (empty for dense models)."""
+        if not self.expert_layers:
+            return {}
+        c = self.counters
+        accesses = c["expert_hits"] + c["expert_misses"] + c["expert_late"]
+        totals = collections.Counter()
+        per_layer = {}
+        for layer in self.expert_layers:
+            lc = layer.counters
+            totals.update(lc)
+            layer_accesses = lc["hits"] + lc["misses"] + lc["late"]
+            per_layer[layer.name] = {
+                "calls": lc["calls"],
+                "hit_rate": lc["hits"] / layer_accesses if layer_accesses else 0.0,
+                "prefetch_recall": lc["predicted_used"] / lc["used"] if lc["used"] else 0.0,
+                "prefetch_precision": lc["predicted_used"] / lc["predicted"] if lc["predicted"] else 0.0,
+                "resident_experts": sum(u.state == "resident" for u in layer.units),
+            }
+        return {
+            "expert_layers": len(self.expert_layers),
+            "expert_hits": c["expert_hits"],
+            "expert_misses": c["expert_misses"],
+            "expert_late_prefetches": c["expert_late"],
+            "expert_hit_rate": c["expert_hits"] / accesses if accesses else 0.0,
+            "expert_prefetches": c["expert_prefetches"],
+            "prefetch_recall": totals["predicted_used"] / totals["used"] if totals["used"] else 0.0,
+            "prefetch_precision": totals["predicted_used"] / totals["predicted"] if totals["predicted"] else 0.0,
+            "experts": per_layer,
+        }
 
     def reset_stats(self) -> None:
         with self.pool.cond:
             self.counters = collections.Counter()
+            for layer in self.expert_layers:
+                layer.counters = dict.fromkeys(layer.counters, 0)
             self.stall_seconds = 0.0
             self.read_seconds = 0.0
             self.events.clear()

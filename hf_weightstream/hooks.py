@@ -18,6 +18,8 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
+from .experts import ExpertsHook
+
 if TYPE_CHECKING:
     from .engine import StreamEngine
     from .units import Unit
@@ -66,6 +68,8 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
     for unit in engine.units:
         for module in unit.modules:
             add_hook_to_module(module, StreamHook(engine, unit), append=True)
+    for layer in engine.expert_layers:
+        add_hook_to_module(layer.module, ExpertsHook(engine, layer), append=True)
     grad_modes: list[bool] = []  # per nested root call; callers are serialised by the engine's forward lock
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

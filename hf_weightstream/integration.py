@@ -27,9 +27,10 @@ from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
 from .errors import CheckpointError, StreamConfigError, StreamingRuntimeError
+from .experts import build_expert_layers, held_out_names
 from .hooks import attach
 from .residency import WeightPool, get_default_pool
-from .units import build_units, full_bytes
+from .units import build_units, collect_specs, full_bytes
 
 _ATTR = "_hf_weightstream"
 _labels = itertools.count(1)
@@ -252,12 +253,17 @@ def load_streamed(
     pool = stream_config.pool
     if pool is None and stream_config.budget_bytes is None and max_memory is None:
         pool = get_default_pool()
-    units = build_units(model, checkpoint.index, plan, dtype_of, stream_config.coalesce_gap)
-    checkpoint.plan_fetches(units)  # Hub streaming fetches ahead in this order; no-op for local files
+    table = collect_specs(model, checkpoint.index, plan, dtype_of)
+    expert_layers = build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
+    units = build_units(
+        model, checkpoint.index, table, stream_config.coalesce_gap, hold_out=held_out_names(expert_layers)
+    )
+    all_units = units + [unit for layer in expert_layers for unit in layer.units]
+    checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
     if pool is None:
         budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
         if budget is None:
-            model_bytes = sum(full_bytes(u) for u in units)
+            model_bytes = sum(full_bytes(u) for u in all_units)
             budget = min(int(0.7 * _available_memory(device)), 2 * model_bytes)
         pool = WeightPool(budget, device=device, num_workers=stream_config.num_workers)
     elif max_memory is not None:
@@ -272,6 +278,7 @@ def load_streamed(
         policy=stream_config.policy,
         lookahead=stream_config.lookahead,
         label=f"{name}#{next(_labels)}",
+        expert_layers=expert_layers,
     )
     engine.checkpoint = checkpoint
     if device.type != "cpu":

@@ -52,12 +52,21 @@ class ReadRange:
 
 
 @dataclass(eq=False)
-class GatheredRows:
-    """Embedding rows installed for one forward; charged to the pool apart from the unit's own bytes."""
+class Holding:
+    """Bytes charged to the pool for something that is not a unit (a call's gathered rows or stacked experts, a
+    router copy). ``transient`` holdings are given back when the call that made them ends."""
 
     name: str
     engine: Any = None
     held_bytes: int = 0
+    transient: bool = True
+    owner: int = 0  # the thread whose call holds it (waiting on oneself can free nothing)
+
+
+@dataclass(eq=False)
+class GatheredRows(Holding):
+    """Embedding rows installed for one forward; charged to the pool apart from the unit's own bytes."""
+
     installed: bool = False
     padding_idx: int | None = None  # the module's own, while the few rows are installed
 
@@ -82,6 +91,9 @@ class Unit:
     gather_from: nn.Module | None = None
     gather: bool = False
     rows: GatheredRows | None = None
+    # One expert of an MoE experts module (see experts.py): its tensors are [1, ...] slices, stacked per call.
+    expert: Any = None  # the ExpertLayer
+    expert_id: int = -1
     # --- runtime state, owned by WeightPool ---
     state: str = "absent"  # absent | loading | resident
     pins: int = 0
@@ -131,28 +143,19 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def build_units(
-    model: nn.Module,
-    index: CheckpointIndex,
-    plan: KeyPlan,
-    dtype_of: dict[str, torch.dtype],
-    coalesce_gap: int,
-) -> list[Unit]:
-    """Split the model into units and work out what each one reads.
+@dataclass
+class SpecTable:
+    """Every tensor the model needs, with where it comes from: read by key, or produced by a converter group."""
 
-    ``dtype_of`` gives the target dtype of every tensor (transformers' dtype plan applied).
-    """
+    specs: dict[str, TensorSpec]  # by the state-dict name that is read (the first alias of a tied tensor)
+    group_of_target: dict[str, ConversionGroup]
+
+
+def collect_specs(
+    model: nn.Module, index: CheckpointIndex, plan: KeyPlan, dtype_of: dict[str, torch.dtype]
+) -> SpecTable:
+    """Pair every parameter and persistent buffer with its checkpoint source; ``dtype_of``: target dtypes."""
     state = model.state_dict(keep_vars=True)
-    blocks = _block_classes(model)
-    block_names = [name for name, module in model.named_modules() if name and type(module).__name__ in blocks]
-    outer_blocks = [n for n in block_names if not any(n.startswith(b + ".") for b in block_names if b != n)]
-
-    def unit_of(tensor_name: str) -> str:
-        for block in outer_blocks:
-            if tensor_name.startswith(block + "."):
-                return block
-        return _parent(tensor_name)
-
     # Aliases: names that are the same tensor object (tied weights).
     by_identity: dict[int, list[str]] = {}
     for name, tensor in state.items():
@@ -163,7 +166,6 @@ def build_units(
         for target in expected_targets(group, model):
             group_of_target[target] = group
 
-    uf = _UnionFind()
     specs: dict[str, TensorSpec] = {}
     missing: list[str] = []
     for names in by_identity.values():
@@ -175,9 +177,7 @@ def build_units(
         for name in names:
             module = model.get_submodule(_parent(name))
             attr = name.rpartition(".")[2]
-            is_param = attr in module._parameters
-            slots.append(Slot(module, attr, is_param, state[name]))
-            uf.union(unit_of(names[0]), unit_of(name))
+            slots.append(Slot(module, attr, attr in module._parameters, state[name]))
         placeholder = state[source_name]
         entry = index.entries[plan.renamed[source_name]] if source_name in plan.renamed else None
         if entry is not None:
@@ -196,7 +196,37 @@ def build_units(
             f"The checkpoint has no tensor for {len(missing)} weight(s) the model needs: {shown}. Check that the "
             "checkpoint matches the model class/config; streaming never fills weights with random values."
         )
-    for group in plan.groups:
+    return SpecTable(specs, group_of_target)
+
+
+def build_units(
+    model: nn.Module,
+    index: CheckpointIndex,
+    table: SpecTable,
+    coalesce_gap: int,
+    hold_out: frozenset[str] | set[str] = frozenset(),
+) -> list[Unit]:
+    """Split the model into units and work out what each one reads.
+
+    ``hold_out`` names tensors that get units of their own elsewhere (per-expert units, see ``experts.py``).
+    """
+    blocks = _block_classes(model)
+    block_names = [name for name, module in model.named_modules() if name and type(module).__name__ in blocks]
+    outer_blocks = [n for n in block_names if not any(n.startswith(b + ".") for b in block_names if b != n)]
+
+    def unit_of(tensor_name: str) -> str:
+        for block in outer_blocks:
+            if tensor_name.startswith(block + "."):
+                return block
+        return _parent(tensor_name)
+
+    specs = {name: spec for name, spec in table.specs.items() if name not in hold_out}
+    group_of_target = table.group_of_target
+    uf = _UnionFind()
+    for spec in specs.values():
+        for alias in spec.aliases:  # tied weights share one unit
+            uf.union(unit_of(spec.aliases[0]), unit_of(alias))
+    for group in {id(g): g for g in group_of_target.values()}.values():
         targets = [t for t in expected_targets(group, model) if t in specs]
         for target in targets[1:]:
             uf.union(unit_of(targets[0]), unit_of(target))

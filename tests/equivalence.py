@@ -6,6 +6,9 @@ each unit's materialized tensors with the plain ``from_pretrained`` model's ``st
 by one: same values bit for bit (``torch.equal``), same dtype, same shape, same ``requires_grad``, same kind
 (parameter or buffer); and every tensor of the plain load is covered by a unit or by a real buffer.
 
+Routed experts (per-expert units) are compared slice by slice: expert ``e``'s ``[1, ...]`` tensors against
+``reference[name][e:e+1]``.
+
 Use it for any fixture (and the architecture zoo): ``assert_units_match_plain_load(streamed, reference)``.
 """
 
@@ -49,7 +52,22 @@ def assert_units_match_plain_load(streamed: nn.Module, reference: nn.Module) -> 
     expected = reference.state_dict(keep_vars=True)
     problems: list[str] = []
     covered: set[str] = set()
+    experts_seen: dict[str, set[int]] = {}
     for unit in engine.units:
+        if unit.expert is not None:  # one expert's [1, ...] slice of each fused parameter, stacked per call
+            engine.acquire_many([unit])
+            try:
+                for name, tensor in unit.tensors.items():
+                    e = unit.expert_id
+                    full = expected[name]
+                    if tensor.dtype != full.dtype or tensor.shape != full[e : e + 1].shape:
+                        problems.append(f"{name}[{e}]: streamed {_describe(tensor)} vs plain {_describe(full)}")
+                    elif not torch.equal(tensor.cpu(), full[e : e + 1].detach().cpu()):
+                        problems.append(f"{name}: values differ for expert {e}")
+                    experts_seen.setdefault(name, set()).add(e)
+            finally:
+                engine.release_many([unit])
+            continue
         engine.acquire(unit)
         try:
             for name, tensor in unit_tensors(engine, unit).items():
@@ -65,6 +83,11 @@ def assert_units_match_plain_load(streamed: nn.Module, reference: nn.Module) -> 
         if name not in covered and tensor.device.type != "meta" and name in expected:
             _compare(name, tensor, expected[name], problems)
             covered.add(name)
+    for name, seen in experts_seen.items():
+        if seen == set(range(expected[name].shape[0])):
+            covered.add(name)
+        if not expected[name].is_floating_point() or not expected[name].requires_grad:
+            problems.append(f"{name}: stacked experts get requires_grad=True, the plain load has False")
     missing = sorted(set(expected) - covered)
     if missing:
         problems.append(f"never materialized by any unit: {missing[:10]}{' ...' if len(missing) > 10 else ''}")

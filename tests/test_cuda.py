@@ -23,7 +23,7 @@ def test_identical_to_resident_model_on_gpu(checkpoints, kind, dtype):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="stream")
     engine = model._hf_weightstream
     total = sum(u.resident_bytes for u in engine.units)
-    engine.pool.budget = max(total // 2, max(u.charge_bytes for u in engine.units))
+    engine.pool.budget = max(total // 2, engine.minimum_budget())
     assert model.device.type == "cuda"
     prompt = torch.randint(3, 120, (1, 100), device="cuda")
     with torch.no_grad():

@@ -218,6 +218,9 @@ def test_api_lists_every_stats_key(checkpoints):
 
     model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream")
     assert list(checked_table("docs/api.md", "stats keys")) == list(hf_weightstream.stats(model))
+    moe = AutoModelForCausalLM.from_pretrained(checkpoints("qwen3_moe"), device_map="stream")
+    moe_keys = [key for key in hf_weightstream.stats(moe) if key not in hf_weightstream.stats(model)]
+    assert list(checked_table("docs/api.md", "MoE stats keys")) == moe_keys
     pool_keys = list(model._hf_weightstream.pool.stats())
     assert list(checked_table("docs/api.md", "WeightPool.stats keys")) == pool_keys
 
