@@ -25,44 +25,64 @@ from transformers.core_model_loading import (
 from transformers.initialization import no_init_weights
 from transformers.modeling_utils import _get_dtype
 from transformers.monkey_patching import patch_output_recorders
+from transformers.quantizers.auto import AutoHfQuantizer, get_hf_quantizer
 from transformers.utils.generic import ContextManagers
 from transformers.utils.loading_report import LoadStateDictInfo
 
 from .errors import CheckpointError
 
 __all__ = [
+    "AutoHfQuantizer",
     "ConversionGroup",
     "KeyPlan",
     "LoadStateDictInfo",
     "build_skeleton",
+    "finish_quantized",
+    "make_quantizer",
     "plan_checkpoint_keys",
     "resolve_dtype",
     "target_dtypes",
 ]
 
 
-def resolve_dtype(dtype: Any, config: Any, checkpoint_dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
+def make_quantizer(config: Any, quantization_config: Any) -> Any:
+    """transformers' quantizer for this load (``get_hf_quantizer``), as ``from_pretrained`` makes it: it merges a
+    user's ``quantization_config`` into the checkpoint's, and decides, for this machine, whether pre-quantized
+    weights are dequantized at load (no kernel for the format here) or kept quantized. Updates ``config``."""
+    hf_quantizer, _config, _device_map = get_hf_quantizer(config, quantization_config, None, True, {})
+    return hf_quantizer
+
+
+def resolve_dtype(
+    dtype: Any, config: Any, checkpoint_dtype: torch.dtype | None, hf_quantizer: Any = None
+) -> tuple[Any, torch.dtype]:
     """transformers' own dtype rules (``"auto"`` reads the config, then the checkpoint); updates ``config``."""
     if dtype is None:
         dtype = "auto"
     sharded_metadata = {"dtype": str(checkpoint_dtype or torch.float32).removeprefix("torch.")}
-    return _get_dtype(dtype, None, config, sharded_metadata, None, True)
+    return _get_dtype(dtype, None, config, sharded_metadata, None, True, hf_quantizer)
 
 
-def build_skeleton(cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, model_kwargs: dict) -> Any:
+def build_skeleton(
+    cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, model_kwargs: dict, hf_quantizer: Any = None
+) -> Any:
     """The model with every parameter on the meta device, and real non-persistent buffers.
 
-    Uses the very init contexts of ``from_pretrained`` (default dtype, no weight tying during init, meta device),
-    then materialises non-persistent buffers (rotary ``inv_freq``...) the way its finalisation step does, so they
-    are bit-identical to a normal load.
+    Uses the very init contexts of ``from_pretrained`` (default dtype, no weight tying during init, meta device)
+    and, for a quantized checkpoint, its quantizer's module replacement, then materialises non-persistent buffers
+    (rotary ``inv_freq``...) the way its finalisation step does, so they are bit-identical to a normal load.
     """
     config = copy.deepcopy(config)
     # Parameters stay on meta and are never initialised, so skip the init functions (a third of the build time).
-    contexts = [*cls.get_init_context(dtype, False, False, False), no_init_weights()]
+    contexts = [*cls.get_init_context(dtype, hf_quantizer is not None, False, False), no_init_weights()]
 
     with ContextManagers(contexts):
         model = cls(config, **model_kwargs)
         patch_output_recorders(model)
+        if hf_quantizer is not None:
+            hf_quantizer.preprocess_model(
+                model=model, dtype=dtype, device_map=None, checkpoint_files=None, use_kernels=False
+            )
     for param in model.parameters():
         param._is_hf_initialized = True
     model._move_missing_keys_from_meta_to_device(set(), {"": "cpu"}, None, None)
@@ -72,6 +92,24 @@ def build_skeleton(cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, 
     return model
 
 
+def finish_quantized(model: Any, hf_quantizer: Any) -> None:
+    """What ``from_pretrained`` does after loading a quantized model (a dequantizing load drops the config)."""
+    model.hf_quantizer = hf_quantizer
+    hf_quantizer.postprocess_model(model)
+
+
+def converter_input_dtype(
+    hf_quantizer: Any, converter: WeightConverter, stored: torch.dtype, target: torch.dtype
+) -> torch.dtype | None:
+    """The dtype transformers casts a checkpoint tensor to before a converter runs on it (None: as stored).
+
+    Without a pre-quantized checkpoint, the target's; with one, the quantizer decides (``get_new_dtype``): a
+    converter that dequantizes gets the stored bytes, since a cast first would round FP8 values or scales."""
+    if hf_quantizer is None or not hf_quantizer.pre_quantized:
+        return target
+    return hf_quantizer.get_new_dtype(converter, torch.empty(0, dtype=stored, device="meta"), target)
+
+
 @dataclass
 class ConversionGroup:
     """Checkpoint tensors that transformers turns into one or more parameters with a `WeightConverter`."""
@@ -79,6 +117,10 @@ class ConversionGroup:
     first_target: str
     template: WeightConverter
     sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint key, source pattern)
+    quantizer: Any = None  # a pre-quantized checkpoint's HfQuantizer: its load operations are in ``template``
+
+    def input_dtype(self, stored: torch.dtype, target: torch.dtype) -> torch.dtype | None:
+        return converter_input_dtype(self.quantizer, self.template, stored, target)
 
     def convert(self, tensors: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
         """Run transformers' converter on already-read tensors; returns parameter name -> tensor."""
@@ -86,7 +128,15 @@ class ConversionGroup:
         for key, pattern in self.sources:
             converter.add_tensor(self.first_target, key, pattern, tensors[key])
         info = LoadStateDictInfo(set(), set(), set(), [], {}, set())
-        out = converter.convert(self.first_target, model=model, config=model.config, loading_info=info)
+        try:
+            out = converter.convert(
+                self.first_target, model=model, config=model.config, hf_quantizer=self.quantizer, loading_info=info
+            )
+        except (ValueError, RuntimeError, AssertionError) as err:  # e.g. a scale grid that does not fit the weight
+            keys = ", ".join(key for key, _ in self.sources)
+            raise CheckpointError(
+                f"transformers could not convert the checkpoint tensors {keys} into {self.first_target}: {err}"
+            ) from err
         if info.conversion_errors:
             raise CheckpointError(
                 f"transformers could not convert the checkpoint tensors for {self.first_target}: "
@@ -104,9 +154,11 @@ class KeyPlan:
     unexpected: list[str]
 
 
-def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str] | None) -> KeyPlan:
+def plan_checkpoint_keys(
+    model: Any, keys: list[str], key_mapping: dict[str, str] | None, hf_quantizer: Any = None
+) -> KeyPlan:
     """Apply transformers' renamings and converters to checkpoint keys, as its loader does, without tensors."""
-    mapping = get_model_conversion_mapping(model, key_mapping, None)
+    mapping = get_model_conversion_mapping(model, key_mapping, hf_quantizer)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
@@ -121,15 +173,13 @@ def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str
     for key in sorted(keys, key=dot_natural_key):
         target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
         if target not in meta_state and key in meta_state:
-            target, pattern = rename_source_key(
-                key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state
-            )
+            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
         if target not in meta_state:
             unexpected.append(key)
         elif pattern is None:
             renamed[target] = key
         else:
-            group = groups.setdefault(target, ConversionGroup(target, pattern_to_converter[pattern]))
+            group = groups.setdefault(target, ConversionGroup(target, pattern_to_converter[pattern], [], hf_quantizer))
             group.sources.append((key, pattern))
     return KeyPlan(renamed, list(groups.values()), unexpected)
 

@@ -78,7 +78,9 @@ class StreamConfig:
         complete_download: for Hub repos, fetch the rest of each shard in the background and commit it to the
             Hub cache once verified.
         max_connections: parallel HTTP range requests when streaming from the Hub.
-        coalesce_gap: two byte ranges of one unit closer than this are read as one.
+        coalesce_gap: two byte ranges of one unit closer than this are read as one (and never a gap larger
+            than an eighth of what the unit needs, so a small unit such as one expert does not read its
+            neighbours).
     """
 
     budget: int | str | None = None

@@ -95,6 +95,7 @@ class StreamEngine:
         self._staging_lock = threading.Lock()
         self.staging_bytes = 0
         self._moe_trace: list[ExpertLayer] = []
+        self.quantization: dict[str, Any] = {}  # the checkpoint's format, set by the loader (quantization.describe)
         owner = {id(sub): unit for unit in units for module in unit.modules for sub in module.modules()}
         for layer in self.expert_layers:
             layer.block = owner.get(id(layer.module))
@@ -694,8 +695,12 @@ class StreamEngine:
                 out[spec.name] = tensor if tensor.dtype == spec.dtype else tensor.to(spec.dtype)
         specs = {spec.name: spec for spec in unit.specs}
         for group in unit.groups:
-            dtype = specs[group.first_target].dtype
-            inputs = {key: raw[key].to(dtype) for key, _ in group.sources}
+            target = specs[group.first_target].dtype
+            inputs = {}
+            for key, _ in group.sources:
+                tensor = raw[key]
+                dtype = group.input_dtype(tensor.dtype, target)  # None: the converter dequantizes stored bytes
+                inputs[key] = tensor if dtype is None else tensor.to(dtype)
             for name, tensor in group.convert(inputs, self.model).items():
                 if name not in specs:
                     continue
@@ -783,6 +788,8 @@ class StreamEngine:
             return {
                 "units": len(self.units),
                 "model_bytes": self.model_bytes,
+                "checkpoint_bytes": sum(u.raw_bytes for u in self.units),
+                "quantization": dict(self.quantization),
                 "budget_bytes": self.pool.budget,
                 "policy": self.policy,
                 "lookahead": self.lookahead,

@@ -249,7 +249,7 @@ def _build_layer(
             group, split = source
             if id(group) not in groups:
                 keys, group_entries = split[e]
-                groups[id(group)] = ConversionGroup(group.first_target, group.template, list(keys))
+                groups[id(group)] = ConversionGroup(group.first_target, group.template, list(keys), group.quantizer)
                 entries.update(group_entries)
             specs.append(TensorSpec(full, [full], [], (1, *spec.shape[1:]), spec.dtype, None))
         unit = Unit(name=f"{name}[{e}]", modules=[], specs=specs, groups=list(groups.values()), entries=entries)

@@ -23,10 +23,11 @@ from transformers.modeling_utils import ModuleUtilsMixin
 from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
+from . import quantization
 from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
-from .errors import CheckpointError, StreamConfigError, StreamingRuntimeError
+from .errors import StreamConfigError, StreamingRuntimeError
 from .experts import build_expert_layers, held_out_names
 from .hooks import attach
 from .residency import WeightPool, get_default_pool
@@ -37,7 +38,6 @@ _labels = itertools.count(1)
 
 # from_pretrained options that cannot apply to a streamed model, with the reason we give.
 _UNSUPPORTED = {
-    "quantization_config": "streaming reads unquantized safetensors weights",
     "gguf_file": "streaming needs safetensors, not GGUF (load it normally once and save_pretrained it)",
     "state_dict": "streaming reads weights from files, not from an in-memory state_dict",
     "tp_plan": "tensor parallelism is not supported with streaming",
@@ -163,6 +163,7 @@ def load_streamed(
     torch_dtype = kwargs.pop("torch_dtype", None)
     dtype = dtype if dtype is not None else torch_dtype
     max_memory = kwargs.pop("max_memory", None)
+    quantization_config = kwargs.pop("quantization_config", None)
     key_mapping = kwargs.pop("key_mapping", None)
     generation_config = kwargs.pop("generation_config", None)
     variant = kwargs.pop("variant", None)
@@ -218,19 +219,12 @@ def load_streamed(
         )
     else:
         model_kwargs = kwargs
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
-        raise CheckpointError(
-            f"{name} is a pre-quantized checkpoint (quantization_config quant_method={str(method)!r} in its "
-            "config.json); streaming reads unquantized safetensors weights and would compute wrong outputs from "
-            "it. Load it without device_map='stream', or stream an unquantized (bf16/fp16/fp32) version."
-        )
     if "attn_implementation" in model_kwargs:
         config._attn_implementation = model_kwargs.pop("attn_implementation")
     if "experts_implementation" in model_kwargs:
         config._experts_implementation = model_kwargs.pop("experts_implementation")
 
+    hf_quantizer = quantization.prepare(config, quantization_config, name)  # before any weight file is opened
     if local:
         checkpoint = open_local_folder(Path(name) / download_kwargs["subfolder"], variant)
     else:
@@ -243,10 +237,15 @@ def load_streamed(
             complete_download=stream_config.complete_download,
         )
 
-    config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype())
+    try:
+        quantization.validate(checkpoint.index, hf_quantizer)
+    except BaseException:
+        checkpoint.source.close()
+        raise
+    config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype(), hf_quantizer)
     config.name_or_path = name
-    model = compat.build_skeleton(cls, config, dtype, model_kwargs)
-    plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping)
+    model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
+    plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping, hf_quantizer)
     dtype_of = compat.target_dtypes(model, dtype)
 
     device = stream_config.device or default_device()
@@ -281,6 +280,9 @@ def load_streamed(
         expert_layers=expert_layers,
     )
     engine.checkpoint = checkpoint
+    engine.quantization = quantization.describe(hf_quantizer)
+    if hf_quantizer is not None:
+        compat.finish_quantized(model, hf_quantizer)
     if device.type != "cpu":
         _move_real_buffers(model, device)
     attach(model, engine)

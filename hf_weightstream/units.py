@@ -312,12 +312,18 @@ def _check_compatible(name: str, entry: TensorEntry, placeholder: torch.Tensor) 
 
 
 def _plan_reads(unit: Unit, coalesce_gap: int) -> None:
-    """Merge the unit's tensors into as few contiguous reads as possible."""
+    """Merge the unit's tensors into as few contiguous reads as possible.
+
+    Bytes between two tensors are read (and charged) only when the gap is small next to what the unit needs: a
+    gap is worth reading to save a read call, never worth doubling a small unit (one expert's tensors of an FP8
+    or MXFP4 checkpoint lie in separate regions of the file).
+    """
     ordered = sorted(unit.entries.values(), key=lambda e: (e.shard, e.offset))
+    gap = min(coalesce_gap, max(4096, sum(e.nbytes for e in ordered) // 8))
     ranges: list[ReadRange] = []
     for entry in ordered:
         last = ranges[-1] if ranges else None
-        if last and last.shard == entry.shard and entry.offset - (last.offset + last.length) <= coalesce_gap:
+        if last and last.shard == entry.shard and entry.offset - (last.offset + last.length) <= gap:
             last.length = max(last.length, entry.offset + entry.nbytes - last.offset)
         else:
             ranges.append(ReadRange(entry.shard, entry.offset, entry.nbytes, 0))

@@ -85,9 +85,9 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def save(family: str, folder: Path, seed: int = 0) -> Path:
+def save(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family]})
+    config = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
     AutoModelForCausalLM.from_config(config).save_pretrained(folder, max_shard_size="200KB")
     return folder
 

@@ -8,6 +8,11 @@ tensors themselves and rewrite its shards:
   128x128 block (``w ~= q * scale_inv``); config.json carries
   ``{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}``.
 
+* MXFP4 (gpt-oss): each experts projection ``[E, in, out]`` is stored transposed as ``*_blocks`` uint8
+  ``[E, out, in/32, 16]`` (32 e2m1 values per block, two per byte, low nibble first) and ``*_scales`` uint8
+  ``[E, out, in/32]`` (a power-of-two exponent per block, biased by 127); biases and every other tensor stay
+  bf16; config.json carries ``{"quant_method": "mxfp4", "modules_to_not_convert": [...]}`` as gpt-oss does.
+
 Tests check that transformers' own ``from_pretrained`` loads each fixture, so a fixture is a real checkpoint.
 """
 
@@ -38,6 +43,48 @@ def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tupl
     scale_inv = amax / FP8_MAX
     q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(grid_r * block, grid_c * block)[:rows, :cols].contiguous(), scale_inv.contiguous()
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+MXFP4_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks, scales)`` of an experts weight ``[E, in, out]``, in gpt-oss' layout (see the module docstring)."""
+    rows = weight.float().transpose(1, 2).contiguous()  # [E, out, in]
+    experts, out, width = rows.shape
+    groups = rows.view(experts, out, width // 32, 32)
+    amax = groups.abs().amax(dim=-1).clamp(min=1e-30)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    nibbles = (scaled[..., None] - FP4_VALUES).abs().argmin(dim=-1).to(torch.uint8)  # nearest e2m1 value
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return packed.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def to_mxfp4(folder: Path, max_shard_bytes: int = 400_000) -> Path:
+    """Rewrite a saved gpt-oss checkpoint in ``folder`` with MXFP4 experts, in place."""
+    tensors = _read_all(folder)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if MXFP4_EXPERTS.search(key):
+            out[key + "_blocks"], out[key + "_scales"] = quantize_mxfp4(tensor)
+        else:
+            out[key] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    write_shards(folder, out, max_shard_bytes)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    config_path.write_text(json.dumps(config, indent=2))
+    return folder
 
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
