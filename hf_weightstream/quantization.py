@@ -8,7 +8,9 @@ converters that `units` already run per unit. So where this machine has no kerne
 each unit is read quantized and dequantized by transformers' own ``Fp8Dequantize`` / ``Mxfp4Dequantize`` in the
 reader thread; where transformers keeps the weights quantized on the device, they stay resident quantized.
 
-Formats stream only where a test shows them bit-identical to transformers' own load; others are refused with
+compressed-tensors checkpoints are read the way transformers reads them with ``dequantize=True`` (per module, at
+load), since its default of decompressing the whole model at the first forward cannot stream; the outputs are the
+same. Formats stream only where a test shows them bit-identical to transformers' own load; others are refused with
 the list of those that stream. A checkpoint is also checked from its headers alone, so a missing scale or a
 scale grid that does not fit its weight fails at ``from_pretrained``, naming the tensor, before anything is read
 (or downloaded).
@@ -16,6 +18,7 @@ scale grid that does not fit its weight fails at ``from_pretrained``, naming the
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -27,6 +30,7 @@ from .index import CheckpointIndex
 STREAMED_FORMATS = {
     "fp8": "fine-grained FP8 (DeepSeek-V3, Qwen3-FP8: e4m3 weights with block-wise weight_scale_inv)",
     "mxfp4": "MXFP4 (gpt-oss: *_blocks and *_scales experts)",
+    "compressed-tensors": "compressed-tensors (e.g. INT4 pack-quantized W4A16; needs `pip install compressed-tensors`)",
 }
 
 
@@ -70,7 +74,22 @@ def prepare(config: Any, requested: Any, name: str) -> Any:
             f"config.json), which streaming does not read. Formats that stream: {_formats()}. Load it without "
             "device_map='stream', or stream an unquantized or supported version of the model."
         )
+    if method == "compressed-tensors":
+        requested = _dequantizing(requested)
     return compat.make_quantizer(config, requested)
+
+
+def _dequantizing(requested: Any) -> Any:
+    """compressed-tensors' default load keeps modules compressed and decompresses the whole model in a hook at the
+    first forward, which cannot stream; its ``dequantize=True`` load (the same values: tested) dequantizes per
+    module with a load operation, which streams per unit like the other formats."""
+    from transformers import CompressedTensorsConfig
+
+    if requested is None:
+        return CompressedTensorsConfig(dequantize=True)
+    merged = copy.copy(requested)
+    merged.dequantize = True
+    return merged
 
 
 def describe(hf_quantizer: Any) -> dict[str, Any]:

@@ -13,6 +13,10 @@ tensors themselves and rewrite its shards:
   ``[E, out, in/32]`` (a power-of-two exponent per block, biased by 127); biases and every other tensor stay
   bf16; config.json carries ``{"quant_method": "mxfp4", "modules_to_not_convert": [...]}`` as gpt-oss does.
 
+* compressed-tensors INT4 W4A16 ``pack-quantized`` (the Kimi-K2-Thinking format), written by the
+  ``compressed-tensors`` package itself (group-wise symmetric scales from each group's range, eight 4-bit values
+  packed per int32 ``weight_packed``, ``weight_scale``, ``weight_shape``; ``lm_head`` ignored).
+
 Tests check that transformers' own ``from_pretrained`` loads each fixture, so a fixture is a real checkpoint.
 """
 
@@ -140,4 +144,28 @@ def to_fp8(folder: Path, max_shard_bytes: int = 400_000, skip: re.Pattern | None
         "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
     }
     config_path.write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def write_compressed_tensors_w4a16(model, folder: Path, max_shard_size: str = "400KB") -> Path:
+    """Save ``model`` as a compressed-tensors W4A16 (group 128) pack-quantized checkpoint."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme("W4A16", ["Linear"])
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], quantization_status="frozen")
+    apply_quantization_config(model, config)
+    for module in model.modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if args is None:
+            continue
+        weight = module.weight.detach()
+        groups = weight.view(weight.shape[0], weight.shape[1] // args.group_size, args.group_size)
+        scale, _zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        module.weight_scale.data.copy_(scale.to(module.weight_scale.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    compressor.update_config(folder)
     return folder

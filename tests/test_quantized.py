@@ -10,10 +10,12 @@ import pytest
 import torch
 from equivalence import assert_units_match_plain_load
 from moe_zoo import save as save_moe
-from quantized import to_fp8, to_mxfp4
+from quantized import to_fp8, to_mxfp4, write_compressed_tensors_w4a16
 from safetensors import safe_open
+from tiny import BUILDERS as tiny_builders
 from tiny import save as save_tiny
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, FineGrainedFP8Config
+from tiny import tokenizer
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, CompressedTensorsConfig, FineGrainedFP8Config
 
 import hf_weightstream
 from hf_weightstream import CheckpointError, StreamConfigError
@@ -46,6 +48,12 @@ def quantized(tmp_path_factory):
         if kind == "mxfp4":  # gpt-oss: MXFP4 experts, 32 experts, 2 blocks of 32 values per row
             save_moe("gpt_oss", folder, hidden_size=64, intermediate_size=64, num_local_experts=32)
             return to_mxfp4(folder)
+        if kind == "ct_w4a16":  # compressed-tensors INT4, groups of 128, written by the compressed-tensors package
+            pytest.importorskip("compressed_tensors")
+            torch.manual_seed(0)
+            write_compressed_tensors_w4a16(tiny_builders["qwen3_dense_fp8_shapes"](), folder)
+            tokenizer().save_pretrained(folder)
+            return folder
         raise KeyError(kind)
 
     def get(kind):
@@ -89,11 +97,23 @@ def _workload(model):
     return out
 
 
-@pytest.mark.parametrize("kind", ["fp8_dense", "fp8_dense_skip", "fp8_moe", "mxfp4"])
+METHOD = {
+    "fp8_dense": "fp8",
+    "fp8_dense_skip": "fp8",
+    "fp8_moe": "fp8",
+    "mxfp4": "mxfp4",
+    "ct_w4a16": "compressed-tensors",
+}
+
+
+@pytest.mark.parametrize("kind", list(METHOD))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_streams_identical_to_transformers_own_load(quantized, kind, dtype):
     folder = quantized(kind)
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    # compressed-tensors: transformers' dequantize=True load, the one that can stream (its default decompresses the
+    # whole model at the first forward, and in bf16 its own two modes differ from each other by ~1e-2)
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if kind == "ct_w4a16" else {}
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     streamed = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="stream")
     engine = streamed._hf_weightstream
     engine.pool.budget = max(engine.minimum_budget(), int(engine.model_bytes * 0.45))
@@ -102,9 +122,9 @@ def test_streams_identical_to_transformers_own_load(quantized, kind, dtype):
         assert torch.equal(expected[name], got[name]), f"{kind}: {name} differs"
     assert_units_match_plain_load(streamed, reference)
     stats = hf_weightstream.stats(streamed)
-    assert stats["quantization"] == {"method": kind.split("_")[0], "resident_form": "dequantized at load"}
+    assert stats["quantization"] == {"method": METHOD[kind], "resident_form": "dequantized at load"}
     assert stats["peak_resident_bytes"] <= stats["budget_bytes"] and stats["evictions"] > 0
-    # the config says what a plain load's says (a dequantizing load drops quantization_config)
+    # the config says what a plain dequantizing load's says (it drops quantization_config)
     assert hasattr(streamed.config, "quantization_config") == hasattr(reference.config, "quantization_config")
 
 
@@ -149,7 +169,7 @@ def _edit_config(folder, **changes):
 def test_unknown_quant_method_is_refused_naming_the_formats_that_stream(quantized, tmp_path):
     folder = _copy(quantized("fp8_dense"), tmp_path)
     _edit_config(folder, quant_method="bogus4")
-    with pytest.raises(CheckpointError, match=r"quant_method='bogus4'.*Formats that stream: 'fp8'.*'mxfp4'"):
+    with pytest.raises(CheckpointError, match=r"quant_method='bogus4'.*Formats that stream: 'fp8'.*'mxfp4'.*'compr"):
         AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
 
 
