@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .units import Unit
 
 _EVENT_LOG_SIZE = 20_000
+TOGETHER_BYTES = 64 << 20  # one reader's share of a run of adjacent units read together
 
 
 def _view(buffer: torch.Tensor, position: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
@@ -448,13 +449,14 @@ class StreamEngine:
         return stacks
 
     def _experts_window(self, unit: Unit) -> int:
-        """How many experts to pin at once: what the budget leaves next to everything pinned, up to the readers."""
+        """How many experts to pin at once: what the budget leaves next to everything pinned (all of them, when it
+        can: adjacent ones are then read together)."""
         with self.pool.cond:
             pinned = sum(u.held_bytes for e in self.pool.engines() for u in e.units if u.pins)
             transient = sum(h.held_bytes for e in self.pool.engines() for h in e.holdings())
             room = self.pool.budget - pinned - transient
         per_expert = max(unit.charge_bytes, 1)
-        return max(1, min(2 * self.pool.num_workers, room // per_expert))
+        return max(1, room // per_expert)
 
     def _experts_budget_error(self, layer: ExpertLayer, routed: int, need: int) -> BudgetError:
         return BudgetError(
@@ -508,6 +510,7 @@ class StreamEngine:
         me = threading.get_ident()
         cond = self.pool.cond
         hits = late = misses = 0
+        started: list[Unit] = []
         with cond:
             for unit in units:
                 unit.pins += 1
@@ -520,13 +523,16 @@ class StreamEngine:
                         late += 1
                     else:
                         misses += 1
+                        unit.loader = me  # read below by this thread: waiting for it cannot make room
                         self._start_load(unit, prefetch=False)
-                        # Submitted at once: a later reservation may wait for room only a finished read can make.
-                        self.pool.executor.submit(self._load, unit)
+                        started.append(unit)
             except BaseException:
+                self._load_failed(started, StreamingRuntimeError("the call that was to read it failed"))
                 for unit in units:
                     self._unpin(unit, me)
                 raise
+            finally:
+                self._submit_together(started)
             while any(unit.state == "loading" for unit in units):
                 cond.wait()
             failed = next((unit for unit in units if unit.state != "resident"), None)
@@ -549,6 +555,43 @@ class StreamEngine:
                 layer.counters["late"] += late
         if misses or late:
             self.stall_seconds += time.perf_counter() - start
+
+    def _submit_together(self, units: list[Unit]) -> None:
+        """Hand demand reads to the readers; units whose bytes touch in the file (the experts a prefill routes to,
+        laid out one after another in each tensor) are read together, one mapping per contiguous run."""
+        loading = [unit for unit in units if unit.state == "loading"]
+        for unit in units:
+            unit.loader = 0
+        group = {id(unit): i for i, unit in enumerate(loading)}
+
+        def root(i: int) -> int:
+            while group_of[i] != i:
+                group_of[i] = group_of[group_of[i]]
+                i = group_of[i]
+            return i
+
+        group_of = list(range(len(loading)))
+        ordered = sorted((r.shard, r.offset, r.offset + r.length, group[id(u)]) for u in loading for r in u.ranges)
+        for (shard, _start, end, i), (next_shard, next_start, _end, j) in zip(ordered, ordered[1:], strict=False):
+            if shard == next_shard and next_start <= end:
+                group_of[root(j)] = root(i)
+        runs: dict[int, list[Unit]] = {}
+        for i, unit in enumerate(loading):
+            runs.setdefault(root(i), []).append(unit)
+        together = hasattr(self.source, "map") and not self.copy_to_device
+        for run in runs.values():
+            if not together or len(run) == 1:
+                for unit in run:
+                    self.pool.executor.submit(self._load, unit)
+                continue
+            job: list[Unit] = []  # a long run is cut so that the readers share it
+            for unit in run:
+                job.append(unit)
+                if sum(u.raw_bytes for u in job) >= TOGETHER_BYTES:
+                    self.pool.executor.submit(self._load_together, job)
+                    job = []
+            if job:
+                self.pool.executor.submit(self._load_together, job)
 
     def release_many(self, units: list[Unit]) -> None:
         me = threading.get_ident()
@@ -596,15 +639,24 @@ class StreamEngine:
         try:
             tensors = self._read_and_materialize(unit)
         except BaseException as err:  # noqa: BLE001 - re-raised in the thread that needs the unit
-            with self.pool.cond:
+            self._load_failed([unit], err)
+            return
+        self._loaded(unit, tensors, start, len(unit.ranges))
+
+    def _load_failed(self, units: list[Unit], err: BaseException) -> None:
+        with self.pool.cond:
+            for unit in units:
+                if unit.state != "loading":
+                    continue
                 unit.error = err
                 unit.state = "absent"
                 unit.prefetched = False
                 unit.chunks = None
                 if unit.held_bytes:
                     self.pool.refund(unit, unit.held_bytes)
-                self.pool.cond.notify_all()
-            return
+            self.pool.cond.notify_all()
+
+    def _loaded(self, unit: Unit, tensors: dict[str, torch.Tensor], start: float, reads: int) -> None:
         end = time.perf_counter()
         with self.pool.cond:
             unit.tensors = tensors
@@ -614,10 +666,46 @@ class StreamEngine:
             unit.state = "resident"
             self.counters["loads"] += 1
             self.counters["bytes_read"] += unit.raw_bytes
-            self.counters["reads"] += len(unit.ranges)
+            self.counters["reads"] += reads
             self.read_seconds += end - start
             self.events.append(("read", unit.name, start, end, threading.current_thread().name))
             self.pool.cond.notify_all()
+
+    def _load_together(self, units: list[Unit]) -> None:
+        """Read adjacent units (a prefill's experts, laid out one after another) with one mapping per shard run.
+
+        Each unit is materialised from its slice of the shared read and made resident on its own. Tensors that
+        would only view the shared mapping are copied out, so evicting one unit frees its memory as its
+        budget charge says, instead of keeping the whole run mapped.
+        """
+        start = time.perf_counter()
+        try:
+            runs: list[tuple[str, int, int]] = []
+            for rng in sorted((r for u in units for r in u.ranges), key=lambda r: (r.shard, r.offset)):
+                last = runs[-1] if runs else None
+                if last and last[0] == rng.shard and rng.offset <= last[1] + last[2]:
+                    runs[-1] = (last[0], last[1], max(last[2], rng.offset + rng.length - last[1]))
+                else:
+                    runs.append((rng.shard, rng.offset, rng.length))
+            mapped = [(shard, offset, self.source.map(shard, offset, length)) for shard, offset, length in runs]
+        except BaseException as err:  # noqa: BLE001 - re-raised in the threads that need the units
+            self._load_failed(units, err)
+            return
+        reads = len(runs)
+        for unit in units:
+            try:
+                chunks = []
+                for rng in unit.ranges:
+                    shard, offset, data = next(m for m in reversed(mapped) if m[0] == rng.shard and m[1] <= rng.offset)
+                    chunks.append(data[rng.offset - offset : rng.offset - offset + rng.length])
+                tensors = self._materialize(unit, chunks)
+                if unit.views_only:
+                    tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+            except BaseException as err:  # noqa: BLE001
+                self._load_failed([unit], err)
+                continue
+            self._loaded(unit, tensors, start, reads)
+            start, reads = time.perf_counter(), 0  # the read itself is counted once, with the first unit
 
     def _read(self, unit: Unit, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Read every range of the unit into one buffer; returns the per-range slices."""

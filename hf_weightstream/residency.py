@@ -139,8 +139,8 @@ class WeightPool:
             if any(h.owner != me and h.owner not in self._waiting_threads for h in held):
                 return True  # gathered rows and stacked experts go at the end of their call
             for unit in engine.units:
-                if unit.state == "loading":
-                    return True  # a read completes
+                if unit.state == "loading" and unit.loader != me:
+                    return True  # a read completes (not one this very thread is still to start)
                 if any(t != me and t not in self._waiting_threads for t in unit.pin_threads):
                     return True
         return False

@@ -98,6 +98,7 @@ class Unit:
     state: str = "absent"  # absent | loading | resident
     pins: int = 0
     pin_threads: dict[int, int] = field(default_factory=dict)
+    loader: int = 0  # the thread that reserved a demand read it has not handed to a reader yet
     tensors: dict[str, torch.Tensor] | None = None
     chunks: list[torch.Tensor] | None = None  # the bytes of each range, kept alive while tensors view them
     held_bytes: int = 0  # bytes charged to the budget while loading/resident

@@ -245,3 +245,20 @@ def test_dense_experts_are_surveyed_as_streaming_whole():
     found = {s.cls: s for s in survey(model)}
     assert not found["Llama4TextExperts"].per_expert
     assert "every expert densely" in found["Llama4TextExperts"].reason
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_prefill_reads_adjacent_experts_together(moe, family):
+    """A long prompt routes to most experts: those whose bytes touch in the file are read as one run."""
+    folder = moe(family)
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    engine = streamed._hf_weightstream
+    tokens = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reference(tokens).logits, streamed(tokens).logits)
+    stats = hf_weightstream.stats(streamed)
+    expert_ranges = sum(len(u.ranges) for layer in engine.expert_layers for u in layer.units if u.tensors is not None)
+    assert stats["expert_misses"] > EXPERTS  # most of both layers' experts
+    assert stats["reads"] < 0.6 * expert_ranges, "separate reads would be one per range of every expert"
+    assert_units_match_plain_load(streamed, reference)
