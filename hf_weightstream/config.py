@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .residency import WeightPool
 
 POLICIES = ("schedule", "lru")
+EXPERT_MODES = ("routed", "whole")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -81,6 +82,8 @@ class StreamConfig:
         coalesce_gap: two byte ranges of one unit closer than this are read as one (and never a gap larger
             than an eighth of what the unit needs, so a small unit such as one expert does not read its
             neighbours).
+        experts: ``"routed"`` (default) reads only the experts each MoE call routes to, one unit per expert;
+            ``"whole"`` streams an MoE layer's experts with its block, like a dense layer.
     """
 
     budget: int | str | None = None
@@ -92,11 +95,14 @@ class StreamConfig:
     complete_download: bool = True
     max_connections: int = 4
     coalesce_gap: int = 1 << 20
+    experts: str = "routed"
     _budget_bytes: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.budget is not None:
             self._budget_bytes = parse_size(self.budget)
+        if self.experts not in EXPERT_MODES:
+            raise StreamConfigError(f"Unknown experts={self.experts!r}: choose one of {', '.join(EXPERT_MODES)}.")
         if self.policy not in POLICIES:
             raise StreamConfigError(f"Unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}.")
         for name in ("lookahead", "coalesce_gap"):

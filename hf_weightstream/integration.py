@@ -253,7 +253,11 @@ def load_streamed(
     if pool is None and stream_config.budget_bytes is None and max_memory is None:
         pool = get_default_pool()
     table = collect_specs(model, checkpoint.index, plan, dtype_of)
-    expert_layers = build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
+    expert_layers = (
+        build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
+        if stream_config.experts == "routed"
+        else []
+    )
     units = build_units(
         model, checkpoint.index, table, stream_config.coalesce_gap, hold_out=held_out_names(expert_layers)
     )

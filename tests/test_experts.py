@@ -262,3 +262,16 @@ def test_a_prefill_reads_adjacent_experts_together(moe, family):
     assert stats["expert_misses"] > EXPERTS  # most of both layers' experts
     assert stats["reads"] < 0.6 * expert_ranges, "separate reads would be one per range of every expert"
     assert_units_match_plain_load(streamed, reference)
+
+
+def test_experts_can_stream_whole_with_their_block(moe):
+    folder = moe("qwen3_moe")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    whole = AutoModelForCausalLM.from_pretrained(
+        folder, device_map="stream", stream_config=StreamConfig(experts="whole")
+    )
+    assert not whole._hf_weightstream.expert_layers and "expert_layers" not in hf_weightstream.stats(whole)
+    with torch.no_grad():
+        assert torch.equal(reference(PROMPT).logits, whole(PROMPT).logits)
+    with pytest.raises(hf_weightstream.StreamConfigError, match="experts='all'"):
+        StreamConfig(experts="all")
