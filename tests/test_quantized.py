@@ -10,7 +10,6 @@ import pytest
 import torch
 from equivalence import assert_units_match_plain_load
 from moe_zoo import save as save_moe
-from quantized import to_fp8, to_mxfp4, write_compressed_tensors_w4a16
 from safetensors import safe_open
 from tiny import BUILDERS as tiny_builders
 from tiny import save as save_tiny
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, CompressedTen
 
 import hf_weightstream
 from hf_weightstream import CheckpointError, StreamConfigError
+from hf_weightstream.testing.checkpoints import to_fp8, to_mxfp4, write_compressed_tensors_w4a16
 
 BATCH = torch.tensor([[1, 7, 8, 9, 10, 11, 12], [0, 0, 0, 5, 6, 7, 3]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])

@@ -1,4 +1,4 @@
-"""Tiny pre-quantized checkpoints written by hand to each format's published layout.
+"""Pre-quantized checkpoints written to each format's published layout, for tests and benchmarks.
 
 transformers cannot quantize to these formats on a CPU, so the fixtures quantize a tiny random model's saved
 tensors themselves and rewrite its shards:
@@ -17,7 +17,8 @@ tensors themselves and rewrite its shards:
   ``compressed-tensors`` package itself (group-wise symmetric scales from each group's range, eight 4-bit values
   packed per int32 ``weight_packed``, ``weight_scale``, ``weight_shape``; ``lm_head`` ignored).
 
-Tests check that transformers' own ``from_pretrained`` loads each fixture, so a fixture is a real checkpoint.
+The tests check that transformers' own ``from_pretrained`` loads each one, so what these write are real
+checkpoints.
 """
 
 from __future__ import annotations
