@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .errors import StreamConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from .residency import WeightPool
 
 POLICIES = ("schedule", "lru")
@@ -114,6 +114,8 @@ class StreamConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StreamConfigError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.device is not None:
+            import torch  # here, so that parse_size and POLICIES stay importable without torch (command line)
+
             try:
                 self.device = torch.device(self.device)
             except (RuntimeError, TypeError) as err:

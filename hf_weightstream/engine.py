@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import experts as moe
+from . import log
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
 from .units import Holding, full_bytes, measure
@@ -84,6 +85,7 @@ class StreamEngine:
         self.forward_lock = threading.RLock()
         self._depth = 0
         self._warned_grad = False
+        self._log_start: tuple[collections.Counter[str], float] | None = None
         self._streams = threading.local()
         self.counters = collections.Counter()
         self.stall_seconds = 0.0
@@ -151,8 +153,10 @@ class StreamEngine:
         """Root module pre-forward: serialise callers of this model and start tracing if needed."""
         self.forward_lock.acquire()
         self._depth += 1
-        if self._depth == 1 and not self.schedule:
-            self._trace = []
+        if self._depth == 1:
+            self._log_start = log.forward_snapshot(self)
+            if not self.schedule:
+                self._trace = []
 
     def note_grad_forward(self) -> None:
         """Say once per model that a forward with gradients enabled runs without them."""
@@ -192,6 +196,8 @@ class StreamEngine:
                             earlier.next = later  # whose router predicts the next layer's experts
                         self._set_schedule(trace)
                         self._prefetch_ahead()  # the next pass starts with these
+                    log.log_schedule(self)
+            log.log_forward(self, self._log_start)
         finally:
             self.forward_lock.release()
 

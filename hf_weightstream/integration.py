@@ -23,7 +23,7 @@ from transformers.modeling_utils import ModuleUtilsMixin
 from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
-from . import quantization
+from . import log, quantization
 from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
@@ -295,6 +295,7 @@ def load_streamed(
             module.__dict__[_ATTR] = engine
     model.hf_device_map = {"": str(device)}
     _bind_device_methods(model, engine)
+    log.log_load(model, engine, log.budget_origin(stream_config, max_memory, get_default_pool()))
 
     if model.can_generate() and hasattr(model, "adjust_generation_fn"):
         generation_kwargs = {k: v for k, v in download_kwargs.items()}

@@ -24,6 +24,8 @@ from hubtools import hub_server, make_tiny_llama
 
 import hf_weightstream
 from hf_weightstream import cli
+from hf_weightstream.cli import _common, _read_speed
+from hf_weightstream.cli import generate as generate_command
 from hf_weightstream.engine import plan_resident_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +245,7 @@ def test_runtime_failures_exit_1(
     folder.mkdir()
     for file in tiny.iterdir():
         (folder / file.name).write_bytes(file.read_bytes())
-    load = cli.load_streamed
+    load = generate_command.load_streamed
 
     def load_then_truncate_a_shard(*args: object, **kwargs: object) -> object:
         model = load(*args, **kwargs)
@@ -251,7 +253,7 @@ def test_runtime_failures_exit_1(
             shard.truncate(100)
         return model
 
-    monkeypatch.setattr(cli, "load_streamed", load_then_truncate_a_shard)
+    monkeypatch.setattr(generate_command, "load_streamed", load_then_truncate_a_shard)
     code, _, err = run(capsys, "generate", folder, PROMPT, "--budget", "60KB")
     assert code == 1
     assert "Could not load weights of" in err
@@ -297,9 +299,9 @@ def test_inspect_names_tied_units_and_refuses_a_budget_below_the_largest_unit(
 def test_page_cache_fraction_and_read_sample(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(os.urandom(1 << 20))
-    fraction = cli.page_cache_fraction(path, 1 << 20)
+    fraction = _read_speed.page_cache_fraction(path, 1 << 20)
     assert fraction is None or fraction > 0.9  # just written: in the page cache
-    sample = cli.measure_read_bandwidth([path, path], limit=1_500_000)
+    sample = _read_speed.measure_read_bandwidth([path, path], limit=1_500_000)
     assert sample.nbytes == 1_500_000 and sample.bandwidth > 0
 
 
@@ -331,7 +333,7 @@ def test_cache_reports_complete_missing_and_partial_shards(
         (partial / f"{etag}.ranges.json").write_text(json.dumps(record))
         (partial / f"{etag}.part").write_bytes(bytes(size))
     code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path)
-    assert re.search(rf"{shards[1]} +partial +1.5 KB of {cli.format_bytes(size)}", out), out
+    assert re.search(rf"{shards[1]} +partial +1.5 KB of {_common.format_bytes(size)}", out), out
     assert f"1 of {len(shards)} shard(s) complete, 1 partial, {len(shards) - 2} missing" in out
     assert f"another revision: {shards[2]} at commit 000000000000" in out
 
