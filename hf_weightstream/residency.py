@@ -175,8 +175,8 @@ class WeightPool:
             models = {engine.label: engine.stats() for engine in self.engines()}
             return {
                 "budget_bytes": self.budget,
-                "held_bytes": self.held,
-                "peak_held_bytes": self.peak_held,
+                "resident_bytes": self.held,
+                "peak_resident_bytes": self.peak_held,
                 "models": models,
                 "hits": sum(m["hits"] for m in models.values()),
                 "misses": sum(m["misses"] for m in models.values()),

@@ -81,6 +81,26 @@ def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, st
 
 
 # ------------------------------------------------------------------------------------------------------ help
+_IMPORTS_AFTER = """
+import sys
+from hf_weightstream.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "huggingface_hub", "numpy") if m in sys.modules)
+print("heavy imports:", heavy, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["generate", "--help"], ["inspect", "--help"]])
+def test_help_and_version_import_neither_torch_nor_transformers(argv: list[str]) -> None:
+    """What makes them instant (their wall time is measured by benchmarks/bench_cli_help.py)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER, *argv], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "heavy imports: []" in result.stderr
+
+
 def test_python_dash_m_help_lists_every_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "hf_weightstream", "--help"],
@@ -93,6 +113,44 @@ def test_python_dash_m_help_lists_every_command() -> None:
     for command in ("demo", "generate", "inspect", "bench", "serve-hub", "cache"):
         assert command in result.stdout
     assert "exit codes" in result.stdout
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"hf-weightstream {hf_weightstream.__version__}"
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"]  # one source: the package's __version__
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hf_weightstream.__version__"}
+
+
+def test_every_subcommand_module_follows_the_protocol() -> None:
+    modules = cli.command_modules()
+    assert [m.NAME for m in modules] == ["demo", "generate", "inspect", "serve-hub", "cache", "bench"]
+    for module in modules:
+        assert isinstance(module.ORDER, int) and module.HELP and module.DESCRIPTION, module.__name__
+        assert callable(module.add_arguments) and callable(module.run), module.__name__
+        assert module.__name__.rsplit(".", 1)[1] == module.NAME.replace("-", "_")
+
+
+def test_a_new_subcommand_is_one_new_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "hello.py").write_text(
+        "NAME = 'hello'\nORDER = 99\nHELP = 'say hello'\nDESCRIPTION = 'Say hello to NAME.'\n"
+        "def add_arguments(parser):\n    parser.add_argument('name')\n"
+        "def run(args):\n    print(f'hello {args.name}')\n    return 0\n"
+    )
+    monkeypatch.setattr(cli, "__path__", [*cli.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "hf_weightstream.cli.hello", raising=False)
+    try:
+        code, out, _ = run(capsys, "--help")
+        assert code == 0 and "say hello" in out
+        code, out, _ = run(capsys, "hello", "world")
+        assert code == 0 and out == "hello world\n"
+    finally:
+        sys.modules.pop("hf_weightstream.cli.hello", None)
 
 
 @pytest.mark.parametrize("command", ["demo", "generate", "inspect", "bench", "serve-hub", "cache"])
