@@ -119,8 +119,7 @@ def test_python_dash_m_help_lists_every_command() -> None:
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.strip() == f"hf-weightstream {hf_weightstream.__version__}"
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     assert "version" in project["project"]["dynamic"]  # one source: the package's __version__
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hf_weightstream.__version__"}
