@@ -162,6 +162,7 @@ class _Terminal(io.StringIO):
 def test_progress_bar_draws_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.utils import logging as hf_logging
 
+    hf_logging.enable_progress_bar()  # the default, which another test may have changed
     for stream, drawn in ((io.StringIO(), False), (_Terminal(), True)):
         monkeypatch.setattr(sys, "stderr", stream)
         with demo_model.progress_bar(4, "Preparing", enabled=True) as bar:

@@ -139,8 +139,13 @@ def _load_full(model_id: str, args: argparse.Namespace) -> Any:
 
     if args.device and args.device != "cpu":
         raise UsageError("--full-load runs on the CPU, as a plain from_pretrained does; it takes no --device.")
+    was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would land in the middle of the answer
-    return AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype(args.dtype))
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype(args.dtype))
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _weights_record(model: Any, full_load: bool) -> dict[str, Any]:
