@@ -374,6 +374,7 @@ def test_inspect_plans_what_the_engine_keeps_after_tracing(
     planned = {row[1] for row in rows if "resident" in row}
     assert planned == {"model.layers.0", "model.norm"}
     assert "estimate" in out and "Read bandwidth" in out and "page cache" in out
+    assert "I/O: local safetensors files; each unit's byte range mapped in place" in out
 
     from transformers import AutoModelForCausalLM
 
