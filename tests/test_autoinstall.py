@@ -46,7 +46,9 @@ def test_import_loads_neither_torch_nor_transformers() -> None:
 @pytest.mark.parametrize(
     "imports",
     [
-        "import hf_weightstream",  # before transformers: installs when its model code loads
+        # our own module imports transformers' model code: the install must not re-enter it half-imported
+        "import hf_weightstream\nfrom hf_weightstream.hub_stream import wait_until_cached",
+        pytest.param("import hf_weightstream", marks=pytest.mark.slow),  # transformers imports it, lazily
         # model code imported directly, not through transformers' lazy module:
         pytest.param("import hf_weightstream\nimport transformers.models.llama.modeling_llama", marks=pytest.mark.slow),
     ],
@@ -62,6 +64,33 @@ def test_trigger_is_where_transformers_defines_its_models() -> None:
     assert PreTrainedModel.__module__ == _autoinstall.TRIGGER
     assert getattr(PreTrainedModel.from_pretrained, "_hf_weightstream", False)
     assert not any(isinstance(f, _autoinstall._InstallAfterImport) for f in sys.meta_path)  # it removed itself
+
+
+def test_the_stand_in_installs_on_the_first_call_and_hands_it_on(checkpoints) -> None:
+    """What the finder puts in place when transformers' model code loads after ``import hf_weightstream``."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers import AutoModelForCausalLM
+
+    installed = PreTrainedModel.__dict__["from_pretrained"]
+    calls = []
+    plain = classmethod(lambda cls, *args, **kwargs: calls.append(cls) or "loaded")
+    PreTrainedModel.from_pretrained = plain  # as before any install
+    try:
+        _autoinstall._install_on_first_call(modeling_utils)
+        stand_in = PreTrainedModel.__dict__["from_pretrained"]
+        assert stand_in is not plain
+        from hf_weightstream import integration
+
+        install = integration.install
+        integration.install = lambda: setattr(PreTrainedModel, "from_pretrained", installed)  # type: ignore[attr-defined]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream")
+        finally:
+            integration.install = install
+        assert PreTrainedModel.__dict__["from_pretrained"] is installed  # the stand-in went after one call
+        assert hasattr(model, "_hf_weightstream") and calls == []
+    finally:
+        PreTrainedModel.from_pretrained = installed
 
 
 def test_public_names_load_on_first_use() -> None:
