@@ -151,7 +151,8 @@ def _prepare() -> Path:
     folder = prepared_demo_model()
     if folder is not None:
         return folder
-    if subprocess.call([sys.executable, "-m", "hf_weightstream.demo_model"]) != 0:
+    # Its stdout is only the folder's path, which we print ourselves; its progress and errors go to stderr.
+    if subprocess.call([sys.executable, "-m", "hf_weightstream.demo_model"], stdout=subprocess.DEVNULL) != 0:
         raise DemoModelError("Preparing the demo model failed (see above).")
     folder = prepared_demo_model()
     if folder is None:
