@@ -1,4 +1,5 @@
-"""Helpers every subcommand shares: argument types, model resolution, loading, plain-text output.
+"""Helpers the subcommands share: argument types, model resolution and loading, answers and the figures reported
+on them (``generate --stats-json`` writes them, ``demo`` reads them back), plain-text output.
 
 Importing this module must stay cheap (no torch, no transformers at module level): ``hf-weightstream --help``
 imports every subcommand module, and each of them imports this one. Functions that need torch or transformers

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import POLICIES
 from ._common import (
+    Answer,
     Overlap,
     UsageError,
     add_model_options,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(model_id)
         baseline_rss = peak_rss_bytes()
 
-    def report(answer: Any) -> None:
+    def report(answer: Answer) -> None:
         """Figures for this answer alone: counters restart after each (one per turn in a chat)."""
         if args.full_load:
             if not args.quiet:
