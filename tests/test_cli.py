@@ -361,9 +361,7 @@ def test_runtime_failures_exit_1(
 
 
 # --------------------------------------------------------------------------------------------------- inspect
-def test_inspect_plans_what_the_engine_keeps_after_tracing(
-    capsys: pytest.CaptureFixture[str], tiny: Path
-) -> None:
+def test_inspect_plans_what_the_engine_keeps_after_tracing(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
     budget, lookahead = 80_000, 1  # a 1-unit window leaves room for one layer and the final norm
     code, out, err = run(capsys, "inspect", tiny, "--budget", budget, "--lookahead", lookahead)
     assert code == 0, err
@@ -396,6 +394,43 @@ def test_inspect_names_tied_units_and_refuses_a_budget_below_the_largest_unit(
     code, out, err = run(capsys, "inspect", tiny_tied, "--budget", "10KB")
     assert code == 2
     assert "model.layers.0" in out and "budget is too small" in err
+
+
+def test_inspect_shows_routed_experts_and_the_quantized_format(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from moe_zoo import save as save_moe
+    from transformers import Llama4Config, Llama4ForCausalLM
+
+    from hf_weightstream.testing.checkpoints import to_mxfp4
+
+    folder = to_mxfp4(save_moe("gpt_oss", tmp_path / "gpt-oss", hidden_size=64, intermediate_size=64))
+    code, out, err = run(capsys, "inspect", folder, "--budget", "4MB")
+    assert code == 0, err
+    assert "Checkpoint: mxfp4, dequantized at load on cpu" in out
+    assert "Experts: 2 MoE layers read per routed expert (128 experts of" in out and "4 routed per token" in out
+    assert "+ 128 experts read per routed expert" in out and "of routed experts the cache does not hold" in out
+    code, out, err = run(capsys, "inspect", folder, "--budget", "100KB")
+    assert code == 2 and "one decode step of 'model.layers.0.mlp.experts' needs" in err
+
+    config = Llama4Config(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=16,
+            intermediate_size_mlp=32,
+            num_hidden_layers=1,
+            vocab_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+        )
+    ).text_config
+    torch.manual_seed(0)
+    Llama4ForCausalLM(config).save_pretrained(tmp_path / "llama4")
+    code, out, err = run(capsys, "inspect", tmp_path / "llama4", "--budget", "10MB")
+    assert code == 0, err
+    assert "Llama4TextExperts) streams whole with its block: its forward runs every expert densely" in out
 
 
 def test_page_cache_fraction_and_read_sample(tmp_path: Path) -> None:

@@ -115,7 +115,43 @@ def _io_line(plan: Plan) -> str:
     return f"I/O: {io_path(plan.engine)}"
 
 
-HEADER: list[Callable[[Plan], str | None]] = [_model_line, _io_line]
+def _format_line(plan: Plan) -> str | None:
+    """A quantized checkpoint: its format, and what is read against what is resident."""
+    engine = plan.engine
+    if not engine.quantization:
+        return None
+    on_disk = sum(u.raw_bytes for u in engine.units)
+    return (
+        f"Checkpoint: {engine.quantization['method']}, {engine.quantization['resident_form']} on {engine.device}: "
+        f"{format_bytes(on_disk)} read to hold {format_bytes(engine.model_bytes)} resident"
+    )
+
+
+def _experts_lines(plan: Plan) -> str | None:
+    """MoE layers: which read per routed expert (and their cost per token), which stream whole and why."""
+    from ..experts import survey
+
+    engine = plan.engine
+    lines = []
+    if engine.expert_layers:
+        first = engine.expert_layers[0]
+        routed = first.top_k or "k"
+        per_token = sum(min(layer.top_k or 1, layer.num_experts) * layer.expert_bytes for layer in engine.expert_layers)
+        lines.append(
+            f"Experts: {len(engine.expert_layers)} MoE layers read per routed expert ({first.num_experts} experts of "
+            f"{format_bytes(first.expert_bytes)}, {routed} routed per token): a decode step reads at most "
+            f"{format_bytes(per_token)} of experts, less what the expert cache holds. A call needs its routed "
+            f"experts at once: a prompt routed to every expert needs a budget of "
+            f"{format_bytes(engine.minimum_budget())}."
+        )
+    split = {layer.name for layer in engine.expert_layers}
+    for found in survey(plan.model):
+        if found.name not in split:
+            lines.append(f"Experts: {found.name} ({found.cls}) streams whole with its block: {found.reason}")
+    return "\n".join(lines) or None
+
+
+HEADER: list[Callable[[Plan], str | None]] = [_model_line, _io_line, _format_line, _experts_lines]
 
 
 def _shared_with(plan: Plan, unit: Unit) -> str | None:
@@ -133,7 +169,27 @@ def _rows_only(plan: Plan, unit: Unit) -> str | None:
     return "reads only the rows each forward looks up" if unit.gather else None
 
 
-UNIT_NOTES: list[Callable[[Plan, Unit], str | None]] = [_shared_with, _runs_per_token, _rows_only]
+def _holds_experts(plan: Plan, unit: Unit) -> str | None:
+    inside = [layer for layer in plan.engine.expert_layers if layer.block is unit]
+    if not inside:
+        return None
+    return f"+ {sum(layer.num_experts for layer in inside)} experts read per routed expert"
+
+
+def _read_vs_resident(plan: Plan, unit: Unit) -> str | None:
+    """Bytes on disk against resident bytes where they differ (a quantized checkpoint, a dtype cast)."""
+    if unit.gather or unit.raw_bytes == unit.resident_bytes:
+        return None
+    return f"reads {format_bytes(unit.raw_bytes)}"
+
+
+UNIT_NOTES: list[Callable[[Plan, Unit], str | None]] = [
+    _shared_with,
+    _runs_per_token,
+    _rows_only,
+    _holds_experts,
+    _read_vs_resident,
+]
 
 
 def _unit_plan(plan: Plan, unit: Unit) -> tuple[str, int]:
@@ -157,20 +213,31 @@ def unit_table(plan: Plan) -> str:
 
 def too_small(plan: Plan) -> str | None:
     largest = max(plan.units, key=lambda u: u.charge_bytes)
-    if largest.charge_bytes <= plan.budget:
-        return None
-    return (
-        f"The budget is too small: unit {largest.name!r} alone needs {largest.charge_bytes:,} bytes "
-        f"({format_bytes(largest.charge_bytes)}) while it loads. Use at least that, ideally a few times more."
-    )
+    if largest.charge_bytes > plan.budget:
+        return (
+            f"The budget is too small: unit {largest.name!r} alone needs {largest.charge_bytes:,} bytes "
+            f"({format_bytes(largest.charge_bytes)}) while it loads. Use at least that, ideally a few times more."
+        )
+    for layer in plan.engine.expert_layers:
+        need = plan.engine.experts_call_bytes(layer, min(layer.top_k or 1, layer.num_experts))
+        if need > plan.budget:
+            return (
+                f"The budget is too small: one decode step of {layer.name!r} needs {need:,} bytes "
+                f"({format_bytes(need)}): its block and its routed experts at once."
+            )
+    return None
 
 
 def summary(plan: Plan) -> list[str]:
     kept_bytes = sum(u.resident_bytes for u in plan.units if u.name in plan.kept)
     per_token = sum(u.raw_bytes for u in plan.streamed)
+    experts = sum(
+        min(layer.top_k or 1, layer.num_experts) * layer.units[0].raw_bytes for layer in plan.engine.expert_layers
+    )
+    routed = f", plus up to {format_bytes(experts)} of routed experts the cache does not hold" if experts else ""
     return [
         f"Kept resident: {len(plan.kept)} units, {format_bytes(kept_bytes)}. Streamed: {len(plan.streamed)} units, "
-        f"about {format_bytes(per_token)} read per token.",
+        f"about {format_bytes(per_token)} read per token{routed}.",
         "This plan is an estimate that takes module order for execution order; the engine plans again "
         "from the order it traces in the first forward pass.",
     ]
