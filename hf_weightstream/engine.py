@@ -862,6 +862,8 @@ class StreamEngine:
                     for spec in unit.specs:
                         if spec.dtype.is_floating_point and spec.dtype != dtype:
                             spec.dtype = dtype
+                            if not spec.slots:  # an expert's slice: stacked per call, never installed itself
+                                continue
                             meta = torch.empty(spec.shape, dtype=dtype, device="meta")
                             placeholder = nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
                             for slot in spec.slots:
@@ -869,6 +871,11 @@ class StreamEngine:
                                 target = slot.module._parameters if slot.is_param else slot.module._buffers
                                 target[slot.attr] = placeholder
                     measure(unit)
+                for layer in self.expert_layers:  # the full-size placeholders put back after each experts call
+                    for attr, placeholder in layer.placeholders.items():
+                        if placeholder.is_floating_point() and placeholder.dtype != dtype:
+                            meta = torch.empty(placeholder.shape, dtype=dtype, device="meta")
+                            layer.placeholders[attr] = layer.module._parameters[attr] = nn.Parameter(meta)
                 self.model_bytes = sum(full_bytes(unit) for unit in self.units)
                 self._check_budget()
                 if self.schedule:

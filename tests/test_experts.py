@@ -275,3 +275,14 @@ def test_experts_can_stream_whole_with_their_block(moe):
         assert torch.equal(reference(PROMPT).logits, whole(PROMPT).logits)
     with pytest.raises(hf_weightstream.StreamConfigError, match="experts='all'"):
         StreamConfig(experts="all")
+
+
+def test_a_dtype_retarget_reaches_the_experts(moe):
+    folder = moe("qwen3_moe")
+    reference = AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream").to(torch.bfloat16)
+    experts = streamed._hf_weightstream.expert_layers[0].module
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and streamed.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.device.type == "meta"
