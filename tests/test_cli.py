@@ -400,7 +400,8 @@ def test_inspect_shows_routed_experts_and_the_quantized_format(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from moe_zoo import save as save_moe
-    from transformers import Llama4Config, Llama4ForCausalLM
+    from tiny import llama4_text_config
+    from transformers import Llama4ForCausalLM
 
     from hf_weightstream.testing.checkpoints import to_mxfp4
 
@@ -413,19 +414,7 @@ def test_inspect_shows_routed_experts_and_the_quantized_format(
     code, out, err = run(capsys, "inspect", folder, "--budget", "100KB")
     assert code == 2 and "one decode step of 'model.layers.0.mlp.experts' needs" in err
 
-    config = Llama4Config(
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=16,
-            intermediate_size_mlp=32,
-            num_hidden_layers=1,
-            vocab_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_local_experts=4,
-        )
-    ).text_config
+    config = llama4_text_config()
     torch.manual_seed(0)
     Llama4ForCausalLM(config).save_pretrained(tmp_path / "llama4")
     code, out, err = run(capsys, "inspect", tmp_path / "llama4", "--budget", "10MB")

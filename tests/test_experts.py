@@ -6,15 +6,13 @@ import pytest
 import torch
 from equivalence import assert_units_match_plain_load
 from moe_zoo import EXPERTS, FAMILIES, TOP_K, max_routed, save
-from transformers import AutoModelForCausalLM, Llama4Config, Llama4ForCausalLM
+from tiny import llama4_text_config
+from transformers import AutoModelForCausalLM, Llama4ForCausalLM
+from workloads import BATCH, MASK, PROMPT, assert_same_outputs, workload
 
 import hf_weightstream
 from hf_weightstream import BudgetError, StreamConfig
 from hf_weightstream.experts import renumber, survey
-
-BATCH = torch.tensor([[1, 7, 8, 9, 10, 11, 12], [0, 0, 0, 5, 6, 7, 3]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
-PROMPT = BATCH[:1]
 
 
 @pytest.fixture(scope="session")
@@ -30,23 +28,11 @@ def moe(tmp_path_factory):
     return get
 
 
-def _workload(model):
-    """Logits of a left-padded batch, greedy on the batch, beam search and seeded sampling on one prompt."""
-    out = {}
-    with torch.no_grad():
-        out["logits"] = model(BATCH, attention_mask=MASK).logits
-    out["greedy"] = model.generate(BATCH, attention_mask=MASK, max_new_tokens=5, do_sample=False)
-    out["beam"] = model.generate(PROMPT, max_new_tokens=4, num_beams=3, do_sample=False)
-    torch.manual_seed(7)
-    out["sample"] = model.generate(PROMPT, max_new_tokens=5, do_sample=True, top_k=20)
-    return out
-
-
 def _streamed_under_small_budget(folder, reference, **kwargs):
     """Streamed with a budget just large enough for the busiest experts call, and below one layer's experts."""
     streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", **kwargs)
     engine = streamed._hf_weightstream
-    routed = max_routed(reference, lambda: _workload(reference))
+    routed = max_routed(reference, lambda: workload(reference))
     engine.pool.budget = max(engine.experts_call_bytes(layer, routed) for layer in engine.expert_layers)
     one_layer = sum(u.resident_bytes for u in engine.expert_layers[0].units)
     assert routed < EXPERTS and engine.pool.budget < one_layer, "the budget must be smaller than one layer's experts"
@@ -71,9 +57,8 @@ def _check_family(moe, family, impl, dtype):
     folder = moe(family)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation=impl)
     streamed = _streamed_under_small_budget(folder, reference, dtype=dtype, experts_implementation=impl)
-    expected, got = _workload(reference), _workload(streamed)
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), f"{family} {impl} {dtype}: {name} differs"
+    expected, got = workload(reference), workload(streamed)
+    assert_same_outputs(expected, got, f"{family} {impl} {dtype}")
     engine = streamed._hf_weightstream
     stats = hf_weightstream.stats(streamed)
     assert stats["expert_layers"] == 2 and len(engine.expert_layers[0].units) == EXPERTS
@@ -227,19 +212,7 @@ def test_speculative_prefetch_reports_recall_and_precision(moe):
 
 
 def test_dense_experts_are_surveyed_as_streaming_whole():
-    config = Llama4Config(
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=16,
-            intermediate_size_mlp=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_local_experts=4,
-            vocab_size=64,
-        )
-    ).text_config
+    config = llama4_text_config()
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
     found = {s.cls: s for s in survey(model)}

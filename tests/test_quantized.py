@@ -15,14 +15,11 @@ from tiny import BUILDERS as tiny_builders
 from tiny import save as save_tiny
 from tiny import tokenizer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, CompressedTensorsConfig, FineGrainedFP8Config
+from workloads import PROMPT, assert_same_outputs, workload
 
 import hf_weightstream
 from hf_weightstream import CheckpointError, StreamConfigError
 from hf_weightstream.testing.checkpoints import to_fp8, to_mxfp4, write_compressed_tensors_w4a16
-
-BATCH = torch.tensor([[1, 7, 8, 9, 10, 11, 12], [0, 0, 0, 5, 6, 7, 3]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
-PROMPT = BATCH[:1]
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +85,6 @@ def test_mxfp4_fixture_is_a_real_checkpoint(quantized):
     assert model.model.layers[0].mlp.experts.gate_up_proj.abs().sum() > 0
 
 
-def _workload(model):
-    out = {}
-    with torch.no_grad():
-        out["logits"] = model(BATCH, attention_mask=MASK).logits
-    out["greedy"] = model.generate(BATCH, attention_mask=MASK, max_new_tokens=5, do_sample=False)
-    out["beam"] = model.generate(PROMPT, max_new_tokens=4, num_beams=3, do_sample=False)
-    return out
-
-
 METHOD = {
     "fp8_dense": "fp8",
     "fp8_dense_skip": "fp8",
@@ -117,9 +105,8 @@ def test_streams_identical_to_transformers_own_load(quantized, kind, dtype):
     streamed = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="stream")
     engine = streamed._hf_weightstream
     engine.pool.budget = max(engine.minimum_budget(), int(engine.model_bytes * 0.45))
-    expected, got = _workload(reference), _workload(streamed)
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), f"{kind}: {name} differs"
+    expected, got = workload(reference), workload(streamed)
+    assert_same_outputs(expected, got, kind)
     assert_units_match_plain_load(streamed, reference)
     stats = hf_weightstream.stats(streamed)
     assert stats["quantization"] == {"method": METHOD[kind], "resident_form": "dequantized at load"}

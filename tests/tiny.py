@@ -15,6 +15,8 @@ from transformers import (
     FalconMambaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    Llama4Config,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MambaConfig,
@@ -116,6 +118,23 @@ def qwen3_dense_fp8_shapes() -> Qwen3ForCausalLM:
         **_common(),
     )
     return Qwen3ForCausalLM(config)
+
+
+def llama4_text_config() -> Llama4TextConfig:
+    """Llama 4's text model, whose experts run densely (every expert on every token)."""
+    return Llama4Config(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=16,
+            intermediate_size_mlp=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            vocab_size=64,
+        )
+    ).text_config
 
 
 def mamba() -> MambaForCausalLM:
