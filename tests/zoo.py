@@ -1,0 +1,360 @@
+"""Transformers' model zoo in miniature: every architecture of its auto mappings, built tiny from its config.
+
+transformers' own test suite (which has a hand-written tiny config per model) is not installed, so the tiny
+configs are derived here, generically: each config class's defaults, with every size shrunk (hidden sizes,
+heads, layers, vocabulary, experts, vision/audio sub-configs) while keeping the relations between them (head
+counts that divide, per-layer lists as long as the layers, special token ids inside the vocabulary).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+import transformers.models.auto.modeling_auto as auto
+from transformers import CONFIG_MAPPING
+
+VOCAB = 256
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+HEAD_DIM = 16
+FFN = 96
+EXPERTS = 4
+TOP_K = 2
+
+# Which auto mapping, i.e. which kind of model (and inputs) each architecture is tested as.
+TASKS = {  # task: (auto mapping, Auto class)
+    "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    "seq2seq_lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
+    "encoder": ("MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES", "AutoModelForTextEncoding"),
+    "image_text_to_text": ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText"),
+    "multimodal_lm": ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "AutoModelForMultimodalLM"),
+    "speech_seq2seq": ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "AutoModelForSpeechSeq2Seq"),
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One model class of one auto mapping."""
+
+    task: str
+    model_type: str
+    class_name: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}:{self.model_type}"
+
+    @property
+    def auto_class(self) -> Any:
+        return getattr(transformers, TASKS[self.task][1])
+
+    @property
+    def model_class(self) -> Any:
+        return getattr(transformers, self.class_name)
+
+
+def architectures() -> list[Arch]:
+    """Every (task, model type, class) of the mappings, each class once (under the first task that lists it)."""
+    seen: set[str] = set()
+    out = []
+    for task, (mapping, _auto_class) in TASKS.items():
+        for model_type, class_name in sorted(getattr(auto, mapping).items()):
+            if isinstance(class_name, (tuple, list)):
+                class_name = class_name[0]
+            if class_name in seen:
+                continue
+            seen.add(class_name)
+            out.append(Arch(task, model_type, class_name))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- shrinking rules
+_WIDTH = {
+    "hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim", "model_dim", "hidden_dim", "d_embed",
+    "word_embed_proj_dim", "embedding_size", "emb_dim", "text_hidden_size", "encoder_hidden_size",
+    "decoder_hidden_size", "out_hidden_size", "projector_hidden_size", "projection_dim", "output_dim",
+    "attention_hidden_size", "hidden_size_global", "cross_hidden_size", "pooler_hidden_size",
+    "vision_output_dim", "projection_hidden_dim", "patch_embed_hidden_size", "adapter_out_dim",
+    "adapter_in_dim", "adapter_input_size", "image_text_hidden_size", "ple_embed_dim", "unit_embed_dim",
+    "downsample_hidden_size", "text_config_hidden_size",
+}  # fmt: skip
+_FFN = {
+    "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "n_inner", "inner_dim",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_hidden_size", "mlp_dim", "dim_ff",
+    "intermediate_size_mlp", "dense_intermediate_size", "shared_intermediate_size",
+    "moe_shared_expert_intermediate_size", "shared_experts_intermediate_size", "decoder_intermediate_size",
+    "speech_encoder_intermediate_size", "t2u_encoder_ffn_dim", "t2u_decoder_ffn_dim", "alignment_intermediate_size",
+    "dff",
+}  # fmt: skip
+_LAYERS = {
+    "num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+    "num_decoder_layers", "num_encoder_layers", "depth", "speech_encoder_layers", "t2u_encoder_layers",
+    "t2u_decoder_layers", "decoder_num_layers", "layers",
+}  # fmt: skip
+_HEADS = {
+    "num_attention_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads", "num_heads", "n_heads",
+    "attention_heads", "speech_encoder_attention_heads", "t2u_encoder_attention_heads", "t2u_decoder_attention_heads",
+    "swa_num_attention_heads", "cross_num_attention_heads", "resampler_n_heads", "resampler_heads",
+    "linear_num_value_heads", "linear_num_heads",
+}  # fmt: skip
+_KV_HEADS = {"num_key_value_heads", "swa_num_key_value_heads", "cross_num_key_value_heads", "linear_num_key_heads"}
+_HEAD_DIM = {
+    "head_dim", "d_kv", "qk_head_dim", "swa_head_dim", "cross_head_dim", "resampler_head_dim", "dim_head",
+    "linear_key_head_dim", "linear_value_head_dim", "linear_head_dim", "attention_head_dim", "kv_channels",
+    "index_head_dim", "resampler_dim_head",
+}  # fmt: skip
+_EXPERTS = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
+_TOP_K = {"num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k", "moe_top_k"}
+_VOCAB = {"vocab_size", "vocab_size_per_layer_input"}  # and every other "*vocab*" size, see _limit
+_RANK = {"kv_lora_rank", "q_lora_rank", "o_lora_rank", "laurel_rank", "hc_lowrank", "loop_gate_rank"}
+_STAGE_DEPTH = {"depths", "num_res_blocks", "layers_per_block"}  # blocks per stage of a convolutional tower
+# Anything else that reads as a width is shrunk too, unless it is a count, a length or a geometry.
+_WIDTH_LIKE = re.compile(r"hidden|intermediate|ffn|embed|_dim$|^dim|_dims?_|rank|channel|width|_size$")
+_NOT_WIDTH = re.compile(
+    r"vocab|image|patch|position|window|chunk|kernel|stride|rate|bucket|max_|pool|^num_|per_layer|codebook_size|"
+    r"sampling|hop|n_fft|frame|sample|length|seq|grid|merge|temporal|spatial|crop|resolution|scale|factor|block_size|"
+    r"group|^n_|_num_|segment|types|cache|ngram|label"
+)
+_LIMITS: list[tuple[set[str], int]] = [
+    (_WIDTH, HIDDEN),
+    (_FFN, FFN),
+    (_HEADS, HEADS),
+    (_HEAD_DIM, HEAD_DIM),
+    (_EXPERTS, EXPERTS),
+    (_TOP_K, TOP_K),
+    (_VOCAB, VOCAB),
+    (_RANK, 32),
+    (_STAGE_DEPTH, 1),
+]
+
+
+def _limit(key: str) -> int | None:
+    for keys, limit in _LIMITS:
+        if key in keys:
+            return limit
+    if "vocab" in key and "offset" not in key:
+        return VOCAB
+    if key.endswith("heads") and "kv" not in key and "key_value" not in key:
+        return HEADS
+    if key.endswith(("head_dim", "_d_head", "head_size")):
+        return HEAD_DIM
+    if key == "num_filters":  # convolutional codecs double it at every stage
+        return 4
+    if _WIDTH_LIKE.search(key) and not _NOT_WIDTH.search(key):
+        return HIDDEN
+    return None
+
+
+def _is_token_key(key: Any) -> bool:
+    if not isinstance(key, str):
+        return False
+    if key in {"bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id"}:
+        return True
+    return "token" in key and key.endswith(("_id", "_index", "_ids"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(d: dict, out: set[int]) -> None:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            _token_ids(value, out)
+        elif _is_token_key(key):
+            out.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if _is_int(v))
+
+
+def _layer_count(d: dict, default: int) -> int:
+    """Layers to keep: enough for every kind in a per-layer pattern (``layer_types``...) to appear once."""
+    wanted = LAYERS
+    for value in d.values():
+        if isinstance(value, list) and len(value) == default and default > 0:
+            seen = list(map(repr, value))
+            wanted = max(wanted, max(seen.index(kind) for kind in set(seen)) + 1)
+    return min(default, wanted)
+
+
+def _shrink(d: dict, remap: dict[int, int]) -> dict:
+    out = dict(d)
+    layers: dict[int, int] = {}  # original layer count -> kept
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out[key] = _shrink(value, remap)
+        elif _is_token_key(key):
+            if isinstance(value, list):
+                out[key] = [remap.get(v, v) for v in value]
+            elif _is_int(value):
+                out[key] = remap.get(value, value)
+        elif not isinstance(key, str):
+            continue
+        elif key in _LAYERS and _is_int(value) and value > 0:
+            out[key] = layers[value] = _layer_count(d, value)
+        elif (limit := _limit(key)) is not None:
+            if _is_int(value) and value > 0:
+                out[key] = min(value, limit)
+            elif isinstance(value, list) and value and all(_is_int(v) and v > 0 for v in value):
+                out[key] = [min(v, limit) for v in value]
+    # Key/value heads: grouped stays grouped (2 of 4), multi-head stays multi-head, multi-query stays 1.
+    for key in _KV_HEADS & d.keys():
+        kv, heads = d[key], d.get("num_attention_heads")
+        if _is_int(kv) and _is_int(heads):
+            out[key] = out["num_attention_heads"] if kv == heads else (1 if kv == 1 else 2)
+    # Per-layer lists follow the layer count they were written for.
+    for original, kept in layers.items():
+        for key, value in d.items():
+            if isinstance(value, list) and len(value) == original and original != kept:
+                out[key] = out[key][:kept]
+            elif isinstance(value, dict) and value and all(_layer_index(k) is not None for k in value):
+                out[key] = {k: v for k, v in out[key].items() if _layer_index(k) < kept}  # overrides by layer
+    _relations(out)
+    return out
+
+
+def _layer_index(key: Any) -> int | None:
+    if _is_int(key):
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
+
+
+def _scaled(parts: list[int], total: int) -> list[int]:
+    """``parts`` rescaled to sum to ``total`` (each at least 1), e.g. an M-RoPE section split."""
+    out = [max(1, p * total // sum(parts)) for p in parts]
+    out[0] += total - sum(out)
+    return out
+
+
+def _relations(d: dict) -> None:
+    """Re-establish the relations a config validates between sizes the rules above shrank independently."""
+    hidden = d.get("hidden_size", d.get("d_model"))
+    if not _is_int(hidden):
+        return
+    heads = d.get("num_attention_heads", d.get("n_head"))
+    # Defaults left as None that every real checkpoint sets.
+    if "head_dim" in d and d["head_dim"] is None and _is_int(heads):
+        d["head_dim"] = hidden // heads
+    if "num_key_value_heads" in d and d["num_key_value_heads"] is None and _is_int(heads):
+        d["num_key_value_heads"] = heads
+    if _is_int(d.get("moe_intermediate_size")) and d.get("n_routed_experts", 0) is None:
+        d.update(n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K)
+        if d.get("n_shared_experts", 0) is None:
+            d["n_shared_experts"] = 1
+    for key in ("vision_feature_layer", "vision_feature_layers"):  # layers of a shrunk tower: count from the end
+        if isinstance(d.get(key), list) and all(_is_int(v) and v >= 0 for v in d[key]):
+            d[key] = [-1 - i for i in range(len(d[key]))]
+    # Mamba-2 mixers: heads x head width == expand x hidden; the groups divide the heads.
+    for heads_key, dim_key, expand_key in (
+        ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
+        ("mamba_num_heads", "mamba_head_dim", "expand"),
+        ("num_heads", "head_dim", "expand"),
+    ):
+        if all(_is_int(d.get(k)) for k in (heads_key, dim_key, expand_key)):
+            d[dim_key] = d[expand_key] * hidden // d[heads_key]
+            if _is_int(d.get("mamba_d_ssm")):
+                d["mamba_d_ssm"] = d[expand_key] * hidden
+    for key in ("n_groups", "mamba_n_groups"):
+        if _is_int(d.get(key)):
+            d[key] = min(d[key], 2)
+    if _is_int(d.get("d_head")) and _is_int(heads):  # XLNet
+        d["d_head"] = hidden // heads
+    rope = d.get("rope_parameters")
+    head_dim = d.get("head_dim") if _is_int(d.get("head_dim")) else hidden // heads if _is_int(heads) else None
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
+        rope["mrope_section"] = _scaled(rope["mrope_section"], head_dim // 2)
+    if isinstance(d.get("axial_pos_embds_dim"), list):  # Reformer: the axial factors add up to the width
+        d["axial_pos_embds_dim"] = _scaled(d["axial_pos_embds_dim"], hidden)
+    if _is_int(d.get("upsample_groups")):  # Mimi: depthwise upsampling, one group per channel
+        d["upsample_groups"] = hidden
+
+
+def _fix_apertus1p5(d: dict, base: dict) -> None:
+    # The image and audio codebooks are ranges of the text vocabulary, back to back.
+    d["vision_config"]["codebook_size"] = d["audio_config"]["codebook_size"] = 32
+    d.update(image_token_offset=VOCAB - 128, audio_token_offset=VOCAB - 96)
+
+
+def _fix_fun_asr_nano(d: dict, base: dict) -> None:
+    d["adaptor_config"]["intermediate_size"] = d["text_config"]["hidden_size"] // 4
+
+
+def _fix_dots3_note(d: dict, base: dict) -> None:
+    for layer in d.get("text_config", d)["per_layer_config"].values():  # sliding layers: no latent split
+        if "qk_nope_head_dim" in layer:
+            layer["head_dim"] = layer["qk_nope_head_dim"] + layer.get("qk_rope_head_dim", HEAD_DIM)
+
+
+def _fix_dory(d: dict, base: dict) -> None:
+    # Input, recurrent and output stacks of one layer each; serialized as (attention, mlp) blocks, so doubled.
+    attention = ["sliding_attention", "sliding_attention", "full_attention"]
+    layer_types = [block for kind in attention for block in (kind, "mlp")]
+    d.update(n_input_layers=2, n_recurrent_layers=2, n_output_layers=2, num_hidden_layers=6, layer_types=layer_types)
+
+
+def _fix_zamba(d: dict, base: dict) -> None:
+    # The shared transformer block is tied across hybrid layers: keep two of them (layers 2 and 8).
+    d.update(num_hidden_layers=9, layers_block_type=base["layers_block_type"][:9])
+
+
+def _fix_ernie4_5_vl_moe(d: dict, base: dict) -> None:
+    d["text_config"]["rope_parameters"]["mrope_section"] = _scaled([22, 22, 20], HEAD_DIM // 2)
+
+
+# What the generic rules cannot know: relations across sub-configs, or counts a model needs more of.
+FIXES = {
+    "apertus1p5": _fix_apertus1p5,
+    "dory": _fix_dory,
+    "dots3_note": _fix_dots3_note,
+    "dots3_note_text": _fix_dots3_note,
+    "ernie4_5_vl_moe": _fix_ernie4_5_vl_moe,
+    "fun_asr_nano": _fix_fun_asr_nano,
+    "zamba": _fix_zamba,
+}
+
+
+def tiny_config(arch: Arch) -> Any:
+    """The config class's defaults, shrunk (see module docstring), as ``arch``'s model class takes it."""
+    cls = CONFIG_MAPPING[arch.model_type]
+    base = cls().to_dict()
+    ids: set[int] = set()
+    _token_ids(base, ids)
+    high = sorted(i for i in ids if i >= VOCAB - 32)
+    remap = {old: VOCAB - 1 - i for i, old in enumerate(high)}
+    shrunk = _shrink(base, remap)
+    shrunk.pop("transformers_version", None)
+    if arch.model_type in FIXES:
+        FIXES[arch.model_type](shrunk, base)
+    if arch.task == "causal_lm" and "is_decoder" in shrunk:
+        shrunk["is_decoder"] = True  # an encoder architecture used as a causal LM (BERT, RoBERTa, Reformer...)
+    config = cls.from_dict(shrunk)
+    return _for_class(config, arch.model_class)
+
+
+def _for_class(config: Any, model_class: type) -> Any:
+    """The config ``model_class`` takes: the composite itself, or the sub-config of its class (Emu3, MusicGen)."""
+    wanted = getattr(model_class, "config_class", None)
+    if wanted is None or isinstance(config, wanted):
+        return config
+    for name in config.sub_configs:
+        sub = getattr(config, name, None)
+        if isinstance(sub, wanted):
+            return sub
+    return config
+
+
+def special_ids(config: Any) -> set[int]:
+    ids: set[int] = set()
+    _token_ids(config.to_dict(), ids)
+    return ids
+
+
+def prompt_ids(config: Any, count: int, seed: int = 0) -> list[int]:
+    """``count`` ordinary token ids: inside the vocabulary, never a special (image, audio, pad...) id."""
+    specials = special_ids(config)
+    usable = [i for i in range(3, VOCAB - 32) if i not in specials]
+    step = max(1, int(math.sqrt(len(usable))))
+    return [usable[(seed + k * step) % len(usable)] for k in range(count)]
