@@ -9,6 +9,7 @@ change shape, ``tests/test_transformers_compat.py`` fails loudly naming it, inst
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "build_skeleton",
     "finish_quantized",
     "make_quantizer",
+    "materialize_computed",
     "plan_checkpoint_keys",
     "resolve_dtype",
     "target_dtypes",
@@ -108,6 +110,41 @@ def converter_input_dtype(
     if hf_quantizer is None or not hf_quantizer.pre_quantized:
         return target
     return hf_quantizer.get_new_dtype(converter, torch.empty(0, dtype=stored, device="meta"), target)
+
+
+def missing_keys(model: Any, plan: KeyPlan) -> set[str]:
+    """Weights of the model that no checkpoint tensor fills (a tied alias of a filled weight is not missing)."""
+    filled = set(plan.renamed) | {t for group in plan.groups for t in expected_targets(group, model)}
+    by_identity: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_identity.setdefault(id(tensor), []).append(name)
+    return {name for names in by_identity.values() if not filled & set(names) for name in names}
+
+
+def computed_keys(model: Any, missing: set[str]) -> set[str]:
+    """The missing weights transformers itself computes on load instead of reading them (not random values).
+
+    Those are the keys a model never saves (``_keys_to_ignore_on_save``: Marian's sinusoidal positions) or
+    declares as expected-missing (``_keys_to_ignore_on_load_missing``); a normal load initialises them with the
+    model's own ``_init_weights``, which is what `materialize_computed` runs.
+    """
+    patterns = set(model._keys_to_ignore_on_load_missing or ()) | {
+        re.escape(key) + "$" for key in model._keys_to_ignore_on_save or ()
+    }
+    if not patterns:
+        return set()
+    regex = re.compile("|".join(f"({p})" for p in patterns))
+    return {key for key in missing if regex.search(key)}
+
+
+def materialize_computed(model: Any, keys: set[str]) -> None:
+    """Give ``keys`` real values on the CPU the way a normal load does: move them off meta, run the init."""
+    if not keys:
+        return
+    model._move_missing_keys_from_meta_to_device(set(keys), {"": "cpu"}, None, None)
+    for key in keys:  # the owner runs its init again; its other tensors keep their flag, so init skips them
+        model.get_submodule(key.rpartition(".")[0])._is_hf_initialized = False
+    model.initialize_weights()
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import experts as moe
-from . import log
+from . import log, placeholders
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
 from .units import Holding, full_bytes, measure
@@ -113,15 +113,29 @@ class StreamEngine:
                     measure(unit)
         self.model_bytes = sum(full_bytes(unit) for unit in self.units)
         self._check_budget()
+        placeholders.install(self.units, device)  # weights read outside their module's forward are served, not meta
         pool.register(self)
 
+    def required_budget(self) -> tuple[int, Unit]:
+        """The smallest budget that runs the model, and the unit that sets it.
+
+        A unit loads while the units whose modules enclose it are pinned (BERT's head runs its transform inside).
+        """
+
+        def needs(unit: Unit) -> int:
+            return unit.charge_bytes + sum(e.charge_bytes for e in unit.enclosing)
+
+        biggest = max(self.units, key=needs)
+        return needs(biggest), biggest
+
     def _check_budget(self) -> None:
-        biggest = max(self.units, key=lambda u: u.charge_bytes)
-        if biggest.charge_bytes > self.pool.budget:
+        needed, biggest = self.required_budget()
+        if needed > self.pool.budget:
+            chain = " inside ".join(u.name for u in [biggest, *biggest.enclosing])
             raise BudgetError(
-                f"The budget ({self.pool.budget:,} bytes) is smaller than unit {biggest.name!r}, which needs "
-                f"{biggest.charge_bytes:,} bytes on {self.device} while it loads. Use a budget of at least "
-                f"{biggest.charge_bytes:,} bytes, ideally a few times more so reads can run ahead."
+                f"The budget ({self.pool.budget:,} bytes) is smaller than unit {chain!r}, which needs "
+                f"{needed:,} bytes on {self.device} while it loads. Use a budget of at least "
+                f"{needed:,} bytes, ideally a few times more so reads can run ahead."
             )
         for layer in self.expert_layers:
             routed = min(layer.top_k or 1, layer.num_experts)
@@ -142,11 +156,19 @@ class StreamEngine:
         return block + routed * expert + max(u.charge_bytes for u in layer.units) + routers
 
     def minimum_budget(self) -> int:
-        """The smallest budget any forward fits in: the largest unit, or an MoE call routed to every expert."""
-        need = max(u.charge_bytes for u in self.units)
+        """The smallest budget any forward fits in: the largest unit (with those enclosing it), or an MoE call routed
+        to every expert."""
+        need = self.required_budget()[0]
         for layer in self.expert_layers:
             need = max(need, self.experts_call_bytes(layer, layer.num_experts))
         return need
+
+    def load_whole(self, unit: Unit) -> None:
+        """An embedding table read other than by its own lookups streams whole from now on (placeholders.serve)."""
+        with self.pool.cond:
+            unit.gather = False
+            measure(unit)
+        self._check_budget()
 
     # ------------------------------------------------------------------------------------ forward sessions
     def begin_forward(self) -> None:
@@ -862,14 +884,6 @@ class StreamEngine:
                     for spec in unit.specs:
                         if spec.dtype.is_floating_point and spec.dtype != dtype:
                             spec.dtype = dtype
-                            if not spec.slots:  # an expert's slice: stacked per call, never installed itself
-                                continue
-                            meta = torch.empty(spec.shape, dtype=dtype, device="meta")
-                            placeholder = nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
-                            for slot in spec.slots:
-                                slot.placeholder = placeholder
-                                target = slot.module._parameters if slot.is_param else slot.module._buffers
-                                target[slot.attr] = placeholder
                     measure(unit)
                 for layer in self.expert_layers:  # the full-size placeholders put back after each experts call
                     for attr, placeholder in layer.placeholders.items():
@@ -880,6 +894,7 @@ class StreamEngine:
                 self._check_budget()
                 if self.schedule:
                     self._set_schedule(self.schedule)
+            placeholders.install(self.units, self.device)  # the new device and dtype
 
     # ------------------------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from .engine import StreamEngine
 from .errors import StreamConfigError, StreamingRuntimeError
 from .experts import build_expert_layers, held_out_names
 from .hooks import attach
+from .placeholders import is_placeholder
 from .residency import WeightPool, get_default_pool
 from .units import build_units, collect_specs, full_bytes
 
@@ -246,6 +247,7 @@ def load_streamed(
     config.name_or_path = name
     model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
     plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping, hf_quantizer)
+    compat.materialize_computed(model, compat.computed_keys(model, compat.missing_keys(model, plan)))
     dtype_of = compat.target_dtypes(model, dtype)
 
     device = stream_config.device or default_device()
@@ -315,11 +317,18 @@ def load_streamed(
 
 
 def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move what the skeleton holds for real (non-persistent buffers, weights computed on load) to ``device``."""
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device.type != "meta":
                 cast = dtype if dtype is not None and buf.is_floating_point() else None
                 module._buffers[name] = buf.to(device=device, dtype=cast)
+        for name, param in module._parameters.items():
+            if param is not None and param.device.type not in ("meta", device.type) and not is_placeholder(param):
+                cast = dtype if dtype is not None and param.is_floating_point() else None
+                module._parameters[name] = torch.nn.Parameter(
+                    param.detach().to(device=device, dtype=cast), requires_grad=param.requires_grad
+                )
 
 
 def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:

@@ -80,6 +80,8 @@ class Unit:
     specs: list[TensorSpec]
     groups: list[ConversionGroup]
     entries: dict[str, TensorEntry]  # checkpoint key -> entry, for everything the unit reads
+    module_names: list[str] = field(default_factory=list)
+    enclosing: list[Unit] = field(default_factory=list)  # units whose modules contain this one's (pinned meanwhile)
     ranges: list[ReadRange] = field(default_factory=list)
     raw_bytes: int = 0
     out_bytes: int = 0
@@ -170,6 +172,8 @@ def collect_specs(
     specs: dict[str, TensorSpec] = {}
     missing: list[str] = []
     for names in by_identity.values():
+        if state[names[0]].device.type != "meta":  # computed on load, as transformers does (materialize_computed)
+            continue
         source_name = next((n for n in names if n in plan.renamed or n in group_of_target), None)
         if source_name is None:
             missing.append(names[0])
@@ -249,6 +253,7 @@ def build_units(
             specs=unit_specs,
             groups=groups,
             entries=entries,
+            module_names=module_names,
         )
         _plan_reads(unit, coalesce_gap)
         unit.gather_from = _embedding_entry(unit)
@@ -257,6 +262,13 @@ def build_units(
             unit.rows = GatheredRows(f"{root} (rows)")
         measure(unit)
         units.append(unit)
+    for unit in units:
+        unit.enclosing = [
+            other
+            for other in units
+            if other is not unit
+            and any(m.startswith(f"{o}.") or not o for m in unit.module_names for o in other.module_names)
+        ]
     return units
 
 
@@ -269,8 +281,15 @@ def _embedding_entry(unit: Unit) -> nn.Module | None:
         return None
     for slot in spec.slots:
         module = slot.module
-        # max_norm renormalises the looked-up rows of the full table in place: that needs the table.
-        if isinstance(module, nn.Embedding) and module.max_norm is None and slot.attr == "weight":
+        # Only a plain lookup can be served from a few rows: max_norm renormalises the looked-up rows of the full
+        # table in place, and subclasses with a forward of their own (learned positions that take a shape or a
+        # past length, scaled or offset lookups: OPT, BART, Whisper...) may index or read the table their way.
+        if (
+            isinstance(module, nn.Embedding)
+            and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None
+            and slot.attr == "weight"
+        ):
             return module
     return None
 

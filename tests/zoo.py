@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 import transformers.models.auto.modeling_auto as auto
 from transformers import CONFIG_MAPPING
@@ -328,6 +330,8 @@ def tiny_config(arch: Arch) -> Any:
     shrunk.pop("transformers_version", None)
     if arch.model_type in FIXES:
         FIXES[arch.model_type](shrunk, base)
+    if shrunk.get("is_encoder_decoder") and shrunk.get("decoder_start_token_id") is None:
+        shrunk["decoder_start_token_id"] = shrunk.get("pad_token_id") or 0  # as real T5-style checkpoints set it
     if arch.task == "causal_lm" and "is_decoder" in shrunk:
         shrunk["is_decoder"] = True  # an encoder architecture used as a causal LM (BERT, RoBERTa, Reformer...)
     config = cls.from_dict(shrunk)
@@ -358,3 +362,164 @@ def prompt_ids(config: Any, count: int, seed: int = 0) -> list[int]:
     usable = [i for i in range(3, VOCAB - 32) if i not in specials]
     step = max(1, int(math.sqrt(len(usable))))
     return [usable[(seed + k * step) % len(usable)] for k in range(count)]
+
+
+# ------------------------------------------------------------------------------------------- the comparison
+BUDGET_FRACTION = 0.35
+MAX_NEW_TOKENS = 4
+
+
+@dataclass
+class Outcome:
+    """What happened to one architecture."""
+
+    status: str  # "identical" | "refused" (a clear error at load time) | "skipped" (transformers itself fails)
+    detail: str = ""
+    units: int = 0
+    model_bytes: int = 0
+    budget: int = 0
+    checks: list[str] = field(default_factory=list)
+
+
+class PlainLoadFails(Exception):
+    """transformers itself cannot build, save, load or run this architecture (not a streaming problem)."""
+
+
+def build_and_save(arch: Arch, folder: Path) -> Any:
+    """The tiny model with fixed random weights, saved as sharded safetensors; returns its config."""
+    try:
+        config = tiny_config(arch)
+        torch.manual_seed(0)
+        model = arch.model_class._from_config(config)
+        model.save_pretrained(folder, max_shard_size="200KB")
+    except Exception as err:  # noqa: BLE001 - any failure of transformers' own path is reported as such
+        raise PlainLoadFails(f"build/save: {type(err).__name__}: {err}") from err
+    return config
+
+
+def _text_inputs(config: Any, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+    """A left-padded batch: the second row is 3 pad tokens shorter."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    pad = text.pad_token_id if _is_int(getattr(text, "pad_token_id", None)) else 0
+    ids = torch.tensor([prompt_ids(config, length, seed=row) for row in range(batch)])
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :3] = pad
+        mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def model_inputs(model: Any) -> dict[str, torch.Tensor]:
+    """Forward inputs for ``model``: text everywhere, plus what an encoder-decoder's decoder starts from."""
+    config = model.config
+    inputs = _text_inputs(config)
+    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "generation_config"):
+        start = model.generation_config.decoder_start_token_id
+        start = start if _is_int(start) else prompt_ids(config, 1)[0]
+        inputs["decoder_input_ids"] = torch.tensor([[start] + prompt_ids(config, 2, seed=5)] * 2)
+    return inputs
+
+
+def _float_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of a forward's output, by name (logits, hidden states, encoder outputs...)."""
+    out = {}
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                out[name] = value
+        elif isinstance(value, dict) or hasattr(value, "items"):
+            for key, item in value.items():
+                walk(f"{name}.{key}", item)
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(f"{name}[{i}]", item)
+
+    walk("out", output)
+    return out
+
+
+def _same(expected: Any, got: Any, what: str) -> None:
+    a, b = _float_outputs(expected), _float_outputs(got)
+    if isinstance(expected, torch.Tensor) and not expected.is_floating_point():
+        a, b = {"out": expected}, {"out": got}
+    assert a.keys() == b.keys(), f"{what}: outputs {sorted(a)} vs {sorted(b)}"
+    for name in a:
+        x, y = a[name], b[name]
+        if x.shape != y.shape or not torch.equal(x, y):
+            diff = (x.double() - y.double()).abs().max().item() if x.shape == y.shape else "shapes differ"
+            raise AssertionError(f"{what}: {name} differs from the plain load (max abs diff {diff})")
+
+
+def _plain(what: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001
+        raise PlainLoadFails(f"{what}: {type(err).__name__}: {str(err)[:300]}") from err
+
+
+def compare(arch: Arch, folder: Path) -> Outcome:
+    """Load ``folder`` normally and streamed under a budget below the model; compare everything bit for bit.
+
+    Raises `PlainLoadFails` when the normal load itself fails (then streaming has nothing to match), and
+    AssertionError on any difference.
+    """
+    from equivalence import assert_units_match_plain_load
+
+    import hf_weightstream
+    from hf_weightstream import StreamConfig
+    from hf_weightstream.errors import StreamingUnsupportedError
+    from hf_weightstream.units import full_bytes
+
+    cls = arch.model_class
+    reference = _plain("plain load", lambda: cls.from_pretrained(folder))
+    inputs = model_inputs(reference)
+    with torch.no_grad():
+        expected = _plain("plain forward", lambda: reference(**inputs))
+    try:
+        probe = cls.from_pretrained(folder, device_map="stream")
+    except StreamingUnsupportedError as err:
+        return Outcome("refused", str(err))
+    # The budget is a fraction of what the forward uses (a text-only forward of a vision-language model never
+    # touches its vision tower), and never below what the model needs at once.
+    with torch.no_grad():
+        probe(**inputs)
+    engine = probe._hf_weightstream
+    used = {id(u): u for u in engine.schedule}.values()
+    used_bytes = sum(full_bytes(u) for u in used)
+    budget = max(int(used_bytes * BUDGET_FRACTION), engine.required_budget()[0])
+    units, model_bytes = len(engine.units), engine.model_bytes
+    del probe, engine
+    streamed = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    outcome = Outcome("identical", units=units, model_bytes=model_bytes, budget=budget)
+    with torch.no_grad():
+        _same(expected, streamed(**inputs), "forward")
+    outcome.checks.append("forward")
+    if reference.can_generate():
+        outcome.checks += _compare_generate(reference, streamed, inputs)
+    stats = hf_weightstream.stats(streamed)
+    assert stats["peak_resident_bytes"] <= budget, f"peak {stats['peak_resident_bytes']} over budget {budget}"
+    if budget < used_bytes:
+        assert stats["evictions"] > 0, "the budget is below what the forward uses, yet nothing was evicted"
+        outcome.checks.append("evictions")
+    assert_units_match_plain_load(streamed, reference)
+    outcome.checks.append("units")
+    return outcome
+
+
+def _compare_generate(reference: Any, streamed: Any, inputs: dict[str, torch.Tensor]) -> list[str]:
+    gen_inputs = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
+    checks = []
+    for name, kwargs in (
+        ("greedy", dict(do_sample=False)),
+        ("greedy again", dict(do_sample=False)),
+        ("beam search", dict(do_sample=False, num_beams=2)),
+    ):
+        kwargs.update(max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
+        try:
+            expected = reference.generate(**gen_inputs, **kwargs)
+        except Exception:  # noqa: BLE001 - this generation mode is not supported by the model itself
+            continue
+        _same(expected, streamed.generate(**gen_inputs, **kwargs), name)
+        checks.append(name)
+    return checks
