@@ -15,7 +15,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._autoinstall import install_with_transformers
-from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError
+from .errors import (
+    BudgetError,
+    CheckpointError,
+    StreamConfigError,
+    StreamingRuntimeError,
+    StreamingUnsupportedError,
+)
 
 if TYPE_CHECKING:
     from .config import StreamConfig
@@ -28,6 +34,7 @@ __all__ = [
     "StreamConfig",
     "StreamConfigError",
     "StreamingRuntimeError",
+    "StreamingUnsupportedError",
     "WeightPool",
     "release",
     "reset_stats",

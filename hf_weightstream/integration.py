@@ -32,6 +32,7 @@ from .experts import build_expert_layers, held_out_names
 from .hooks import attach
 from .placeholders import is_placeholder
 from .residency import WeightPool, get_default_pool
+from .support import check_supported
 from .units import build_units, collect_specs, full_bytes
 
 _ATTR = "_hf_weightstream"
@@ -246,15 +247,17 @@ def load_streamed(
     config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype(), hf_quantizer)
     config.name_or_path = name
     model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
+    check_supported(model)
     plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping, hf_quantizer)
-    compat.materialize_computed(model, compat.computed_keys(model, compat.missing_keys(model, plan)))
+    computed = compat.computed_keys(model, compat.missing_keys(model, plan))
+    compat.materialize_computed(model, computed)
     dtype_of = compat.target_dtypes(model, dtype)
 
     device = stream_config.device or default_device()
     pool = stream_config.pool
     if pool is None and stream_config.budget_bytes is None and max_memory is None:
         pool = get_default_pool()
-    table = collect_specs(model, checkpoint.index, plan, dtype_of)
+    table = collect_specs(model, checkpoint.index, plan, dtype_of, computed)
     expert_layers = (
         build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
         if stream_config.experts == "routed"

@@ -155,9 +155,17 @@ class SpecTable:
 
 
 def collect_specs(
-    model: nn.Module, index: CheckpointIndex, plan: KeyPlan, dtype_of: dict[str, torch.dtype]
+    model: nn.Module,
+    index: CheckpointIndex,
+    plan: KeyPlan,
+    dtype_of: dict[str, torch.dtype],
+    computed: set[str] | frozenset[str] = frozenset(),
 ) -> SpecTable:
-    """Pair every parameter and persistent buffer with its checkpoint source; ``dtype_of``: target dtypes."""
+    """Pair every parameter and persistent buffer with its checkpoint source; ``dtype_of``: target dtypes.
+
+    ``computed`` names the weights transformers computes on load instead of reading them
+    (`_transformers_compat.computed_keys`): they stay real, as transformers made them.
+    """
     state = model.state_dict(keep_vars=True)
     # Aliases: names that are the same tensor object (tied weights).
     by_identity: dict[int, list[str]] = {}
@@ -172,11 +180,10 @@ def collect_specs(
     specs: dict[str, TensorSpec] = {}
     missing: list[str] = []
     for names in by_identity.values():
-        if state[names[0]].device.type != "meta":  # computed on load, as transformers does (materialize_computed)
-            continue
         source_name = next((n for n in names if n in plan.renamed or n in group_of_target), None)
         if source_name is None:
-            missing.append(names[0])
+            if not computed.issuperset(names):  # computed ones stay real, as transformers made them
+                missing.append(names[0])
             continue
         slots = []
         for name in names:
