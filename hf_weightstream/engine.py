@@ -349,12 +349,15 @@ class StreamEngine:
             self.events.append(("compute", unit.name, start, time.perf_counter(), threading.current_thread().name))
 
     # ------------------------------------------------------------------------------------ embedding rows
-    def gather(self, unit: Unit, ids: torch.Tensor) -> torch.Tensor:
+    def gather(self, unit: Unit, ids: torch.Tensor) -> torch.Tensor | None:
         """Install only the table rows ``ids`` looks up; returns the ids renumbered into those rows.
 
         ``F.embedding(inverse, rows)`` equals ``F.embedding(ids, table)`` bit for bit (a lookup is a copy), so a
         decode step reads one row instead of the whole table (131 MB for a 32k x 1024 fp32 vocabulary), and a
         tied table is read once per token, for the head, instead of twice.
+
+        Returns None when the ids cover most of the table (Whisper's encoder looks up every position each call):
+        the table is then read whole, as a unit, from now on.
         """
         (spec,) = unit.specs
         entry, rows_state, module = spec.source, unit.rows, unit.gather_from
@@ -362,6 +365,10 @@ class StreamEngine:
         unique, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
         if unique.numel() and (unique[0] < 0 or unique[-1] >= vocab):
             raise IndexError(f"index out of range in self: ids must be in [0, {vocab}) for {unit.name}")
+        if 2 * unique.numel() > vocab:
+            if unit.gather:
+                self.load_whole(unit)
+            return None
         row_bytes = width * entry.dtype.itemsize
         rows_bytes = unique.numel() * row_bytes
         charge = rows_bytes + (unique.numel() * width * spec.dtype.itemsize if spec.dtype != entry.dtype else 0)

@@ -38,11 +38,10 @@ class StreamHook(ModelHook):
         # An embedding whose table is not resident fetches only the rows of the ids and looks up renumbered ids.
         self.gathering = module is unit.gather_from and (unit.gather or unit.state != "resident")
         if self.gathering:
-            if args:
-                args = (self.engine.gather(unit, args[0]), *args[1:])
-            else:
-                kwargs = {**kwargs, "input": self.engine.gather(unit, kwargs["input"])}
-            return args, kwargs
+            ids = self.engine.gather(unit, args[0] if args else kwargs["input"])
+            if ids is not None:
+                return ((ids, *args[1:]), kwargs) if args else (args, {**kwargs, "input": ids})
+            self.gathering = False  # most of the table is looked up: it is read whole
         self.engine.acquire(unit)
         return args, kwargs
 

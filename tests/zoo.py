@@ -96,7 +96,7 @@ _FFN = {
 _LAYERS = {
     "num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
     "num_decoder_layers", "num_encoder_layers", "depth", "speech_encoder_layers", "t2u_encoder_layers",
-    "t2u_decoder_layers", "decoder_num_layers", "layers",
+    "t2u_decoder_layers", "decoder_num_layers", "layers", "num_blocks",
 }  # fmt: skip
 _HEADS = {
     "num_attention_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads", "num_heads", "n_heads",
@@ -147,6 +147,8 @@ def _limit(key: str) -> int | None:
         return HEAD_DIM
     if key == "num_filters":  # convolutional codecs double it at every stage
         return 4
+    if key == "max_source_positions":  # audio encoders take exactly 2x this many frames (Whisper: 3000)
+        return 32
     if _WIDTH_LIKE.search(key) and not _NOT_WIDTH.search(key):
         return HIDDEN
     return None
@@ -214,7 +216,7 @@ def _shrink(d: dict, remap: dict[int, int]) -> dict:
                 out[key] = out[key][:kept]
             elif isinstance(value, dict) and value and all(_layer_index(k) is not None for k in value):
                 out[key] = {k: v for k, v in out[key].items() if _layer_index(k) < kept}  # overrides by layer
-    _relations(out)
+    _relations(out, d)
     return out
 
 
@@ -231,41 +233,97 @@ def _scaled(parts: list[int], total: int) -> list[int]:
     return out
 
 
-def _relations(d: dict) -> None:
-    """Re-establish the relations a config validates between sizes the rules above shrank independently."""
-    hidden = d.get("hidden_size", d.get("d_model"))
-    if not _is_int(hidden):
+def _relations(d: dict, base: dict) -> None:
+    """Re-establish the relations between sizes that the rules above shrank independently.
+
+    ``base`` is the same (sub-)config before shrinking: a relation is kept where it held there.
+    """
+    width_key = next((k for k in ("hidden_size", "d_model", "n_embd") if _is_int(base.get(k))), None)
+    if width_key is None or not _is_int(d.get(width_key)):
         return
+    hidden, base_hidden = d[width_key], base[width_key]
     heads = d.get("num_attention_heads", d.get("n_head"))
+    # Widths that were a small multiple or fraction of the hidden size stay so (Zamba's attention width...).
+    for key, value in base.items():
+        if isinstance(key, str) and key in _WIDTH | {"attention_hidden_size"} and _is_int(value) and value:
+            if value % base_hidden == 0 and value // base_hidden <= 4:
+                d[key] = hidden * (value // base_hidden)
+            elif base_hidden % value == 0 and base_hidden // value <= 8:
+                d[key] = max(1, hidden // (base_hidden // value))
     # Defaults left as None that every real checkpoint sets.
     if "head_dim" in d and d["head_dim"] is None and _is_int(heads):
         d["head_dim"] = hidden // heads
     if "num_key_value_heads" in d and d["num_key_value_heads"] is None and _is_int(heads):
         d["num_key_value_heads"] = heads
+    experts = next((d[k] for k in _EXPERTS if _is_int(d.get(k))), None)
     if _is_int(d.get("moe_intermediate_size")) and d.get("n_routed_experts", 0) is None:
-        d.update(n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K)
+        d["n_routed_experts"] = experts = EXPERTS
         if d.get("n_shared_experts", 0) is None:
             d["n_shared_experts"] = 1
+    for key in _TOP_K:
+        if key in d and d[key] is None and experts:
+            d[key] = TOP_K
+    # Expert groups divide the experts; the routed groups are among them.
+    for key in ("n_group", "num_expert_group", "num_group"):
+        if _is_int(d.get(key)) and experts:
+            d[key] = 2 if d[key] > 1 and experts % 2 == 0 else 1
+            if _is_int(d.get("topk_group")):
+                d["topk_group"] = 1
     for key in ("vision_feature_layer", "vision_feature_layers"):  # layers of a shrunk tower: count from the end
         if isinstance(d.get(key), list) and all(_is_int(v) and v >= 0 for v in d[key]):
             d[key] = [-1 - i for i in range(len(d[key]))]
+    # Hybrid stacks: keep the layers where attention (or experts) first appear.
+    layers_key = next((k for k in ("num_hidden_layers", "num_layers") if _is_int(d.get(k))), None)
+    if layers_key:
+        for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):  # noqa: E501
+            if _is_int(d.get(period)) and _is_int(d.get(offset)):
+                d[layers_key] = max(d[layers_key], d[offset] + 1)
+        # A hybrid whose default has no attention layer at all, which no checkpoint has: the last one attends.
+        if "attn_layer_indices" in d and base.get("attn_layer_indices") is None:
+            d["attn_layer_indices"] = [d[layers_key] - 1]
+        if isinstance(d.get("layer_types"), list) and set(d["layer_types"]) == {"linear_attention"}:
+            d["layer_types"] = d["layer_types"][:-1] + ["full_attention"]
+        for key in ("block_types",):  # a repeated pattern of block kinds: each kind once
+            if isinstance(d.get(key), list) and len(d[key]) < base.get(layers_key, 0):
+                d[layers_key] = max(d[layers_key], len(d[key]))
+    if all(_is_int(d.get(k)) for k in ("num_layers_per_stack", "H_cycles", "L_cycles")):  # HRM: a stack per cycle
+        d["num_layers_per_stack"] = 1
+        d["num_hidden_layers"] = d["H_cycles"] * (d["L_cycles"] + 1)
+    sliding = "sliding_attention" in (d.get("layer_types") or ()) or "num_sliding_attention_heads" in d
+    if "sliding_window" in d and not d["sliding_window"] and sliding:
+        d["sliding_window"] = 4  # shorter than the test prompts, so the window matters
     # Mamba-2 mixers: heads x head width == expand x hidden; the groups divide the heads.
     for heads_key, dim_key, expand_key in (
         ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
         ("mamba_num_heads", "mamba_head_dim", "expand"),
         ("num_heads", "head_dim", "expand"),
+        ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
     ):
         if all(_is_int(d.get(k)) for k in (heads_key, dim_key, expand_key)):
             d[dim_key] = d[expand_key] * hidden // d[heads_key]
             if _is_int(d.get("mamba_d_ssm")):
                 d["mamba_d_ssm"] = d[expand_key] * hidden
-    for key in ("n_groups", "mamba_n_groups"):
+    for key in ("n_groups", "mamba_n_groups", "mamba_ngroups"):
         if _is_int(d.get(key)):
             d[key] = min(d[key], 2)
     if _is_int(d.get("d_head")) and _is_int(heads):  # XLNet
         d["d_head"] = hidden // heads
-    rope = d.get("rope_parameters")
+    zamba_attention = base.get("attention_hidden_size") == base.get("attention_head_dim", -1) * base.get(
+        "num_attention_heads", 0
+    )
+    if zamba_attention and _is_int(heads):  # Zamba: attention width / heads
+        d["attention_head_dim"] = d["attention_hidden_size"] // heads
+    # Latent attention (DeepSeek, Mistral 4, LongCat): head widths that were sums or copies of others stay so.
+    for total, parts in (("qk_head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")),):
+        if all(_is_int(base.get(k)) for k in (total, *parts)) and base[total] == sum(base[p] for p in parts):
+            d[total] = sum(d[p] for p in parts)
+    for copy, source in (("head_dim", "qk_head_dim"), ("head_dim", "qk_rope_head_dim")):
+        if _is_int(base.get(copy)) and base.get(copy) == base.get(source):
+            d[copy] = d[source]
     head_dim = d.get("head_dim") if _is_int(d.get("head_dim")) else hidden // heads if _is_int(heads) else None
+    if _is_int(d.get("rotary_dim")) and head_dim:  # partial rotary stays partial
+        d["rotary_dim"] = min(d["rotary_dim"], head_dim // 2)
+    rope = d.get("rope_parameters")
     if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
         rope["mrope_section"] = _scaled(rope["mrope_section"], head_dim // 2)
     if isinstance(d.get("axial_pos_embds_dim"), list):  # Reformer: the axial factors add up to the width
@@ -303,7 +361,34 @@ def _fix_zamba(d: dict, base: dict) -> None:
 
 
 def _fix_ernie4_5_vl_moe(d: dict, base: dict) -> None:
-    d["text_config"]["rope_parameters"]["mrope_section"] = _scaled([22, 22, 20], HEAD_DIM // 2)
+    d["text_config"]["rope_parameters"]["mrope_section"] = [3, 3, 2]  # height, width (equal), time: head_dim / 2
+
+
+def _mrope(default: list[int]) -> Any:
+    """Multimodal RoPE whose default sections (in the modeling code, for 128-wide heads) must fit tiny heads."""
+
+    def fix(d: dict, base: dict) -> None:
+        text = d["text_config"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        rope = text.setdefault("rope_parameters", {})
+        rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        rope["mrope_section"] = _scaled(rope.get("mrope_section") or default, rotary // 2)
+
+    return fix
+
+
+def _fix_gemma3n(d: dict, base: dict) -> None:
+    # The last layers reuse the key/values of the last earlier layer of their kind: keep one full pattern of each.
+    text, base_text = d.get("text_config", d), base.get("text_config", base)
+    for key, value in base_text.items():
+        if isinstance(value, list) and len(value) == base_text["num_hidden_layers"]:
+            text[key] = [min(v, FFN) if _is_int(v) else v for v in value[:10]]
+    text.update(num_hidden_layers=10, num_kv_shared_layers=5)
+
+
+def _fix_xlstm(d: dict, base: dict) -> None:
+    # The config rounds the query/key width up to a multiple of 64 where the modules do not: 128 * 0.5 agrees.
+    d.update(hidden_size=128, embedding_dim=128)
 
 
 # What the generic rules cannot know: relations across sub-configs, or counts a model needs more of.
@@ -314,6 +399,16 @@ FIXES = {
     "dots3_note_text": _fix_dots3_note,
     "ernie4_5_vl_moe": _fix_ernie4_5_vl_moe,
     "fun_asr_nano": _fix_fun_asr_nano,
+    "gemma3n_text": _fix_gemma3n,
+    "glm46v": _mrope([8, 12, 12]),
+    "glm4v": _mrope([8, 12, 12]),
+    "glm4v_moe": _mrope([8, 12, 12]),
+    "glm_ocr": _mrope([8, 12, 12]),
+    "hunyuan_vl": _mrope([16, 24, 24]),
+    "paddleocr_vl": _mrope([16, 24, 24]),
+    "qwen2_5_vl": _mrope([16, 24, 24]),
+    "qwen2_vl": _mrope([16, 24, 24]),
+    "xlstm": _fix_xlstm,
     "zamba": _fix_zamba,
 }
 
@@ -410,14 +505,157 @@ def _text_inputs(config: Any, batch: int = 2, length: int = 8) -> dict[str, torc
 
 
 def model_inputs(model: Any) -> dict[str, torch.Tensor]:
-    """Forward inputs for ``model``: text everywhere, plus what an encoder-decoder's decoder starts from."""
+    """Text inputs for ``model``: a left-padded batch, plus what an encoder-decoder's decoder starts from."""
     config = model.config
     inputs = _text_inputs(config)
+    codebooks = getattr(config, "num_codebooks", None)
+    if _is_int(codebooks) and not getattr(config, "is_encoder_decoder", False):  # MusicGen: a row per codebook
+        inputs = {"input_ids": inputs["input_ids"].repeat_interleave(codebooks, dim=0)}
     if getattr(config, "is_encoder_decoder", False) and hasattr(model, "generation_config"):
         start = model.generation_config.decoder_start_token_id
         start = start if _is_int(start) else prompt_ids(config, 1)[0]
         inputs["decoder_input_ids"] = torch.tensor([[start] + prompt_ids(config, 2, seed=5)] * 2)
     return inputs
+
+
+def _sub(config: Any, *names: str) -> Any:
+    for name in names:
+        sub = getattr(config, name, None)
+        if sub is not None and not isinstance(sub, (int, str, list)):
+            return sub
+    return None
+
+
+def _first_int(config: Any, *names: str, default: int | None = None) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and value and _is_int(value[0]):
+            value = value[0]
+        if _is_int(value):
+            return value
+    return default
+
+
+def _random(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+def image_candidates(config: Any, batch: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Pixel inputs in the layouts vision towers take: square images, or flattened patches with a grid (Qwen-VL)."""
+    vision = _sub(config, "vision_config", "encoder", "vision_tower_config") or config
+    channels = _first_int(vision, "num_channels", "in_channels", "in_chans", default=3)
+    patch = _first_int(vision, "patch_size", default=14)
+    size = _first_int(vision, "image_size", default=224)
+    out = []
+    temporal = _first_int(vision, "temporal_patch_size")
+    merge = _first_int(vision, "spatial_merge_size", default=2)
+    if temporal:
+        side = 2 * merge  # a 4x4 patch grid: 4 tokens after merging
+        grid = torch.tensor([[1, side, side]] * batch)
+        pixels = _random(batch * side * side, channels * temporal * patch * patch)
+        out.append({"pixel_values": pixels, "image_grid_thw": grid})
+    pixels = _random(batch, channels, size, size)
+    out.append({"pixel_values": pixels})
+    out.append({"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]] * batch)})
+    out.append({"pixel_values": pixels[:, None]})  # (batch, images, C, H, W): Idefics
+    return out
+
+
+def audio_candidates(config: Any, batch: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Log-mel inputs for the usual (mels x frames) and (frames x features) layouts."""
+    audio = _sub(config, "audio_config", "encoder_config", "encoder") or config
+    mels = _first_int(audio, "num_mel_bins", "feature_size", "input_feat_per_channel", "n_mels", default=80)
+    positions = _first_int(audio, "max_source_positions")
+    lengths = ([2 * positions] if positions else []) + [64]
+    out = []
+    for frames in lengths:
+        features = _random(batch, mels, frames)
+        out.append({"input_features": features})
+        out.append({"input_features": features, "input_features_mask": torch.ones(batch, frames, dtype=torch.long)})
+        out.append({"input_features": features.transpose(1, 2).contiguous()})
+    out.append({"input_values": _random(batch, 16000)})
+    return out
+
+
+def _image_token(config: Any) -> int | None:
+    for holder in (config, _sub(config, "text_config")):
+        value = _first_int(holder, "image_token_id", "image_token_index") if holder is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def _count_features(features: Any, batch: int) -> int | None:
+    """Tokens per image from whatever ``get_image_features`` returns (a tensor, a tuple, an output object)."""
+    if hasattr(features, "pooler_output") and isinstance(features.pooler_output, (torch.Tensor, list, tuple)):
+        features = features.pooler_output
+    elif hasattr(features, "last_hidden_state"):
+        features = features.last_hidden_state
+    if isinstance(features, (list, tuple)):
+        if not features or not isinstance(features[0], torch.Tensor):
+            return None
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    if not isinstance(features, torch.Tensor) or features.dim() < 2:
+        return None
+    total = features.reshape(-1, features.shape[-1]).shape[0]
+    return total // batch if total % batch == 0 else None
+
+
+def _call(model: Any, method: str, kwargs: dict) -> Any:
+    with torch.no_grad():
+        return getattr(model, method)(**kwargs)
+
+
+def media_inputs(reference: Any) -> tuple[dict[str, torch.Tensor] | None, list[tuple[str, dict]]]:
+    """Forward inputs that feed the vision/audio tower through the model, and direct tower calls to compare.
+
+    Found by trying each candidate layout on the plain model: returns (forward inputs or None, [(method, kwargs)])
+    for the calls the plain model accepts.
+    """
+    config = reference.config
+    towers: list[tuple[str, dict]] = []
+    forward: dict[str, torch.Tensor] | None = None
+    main = getattr(reference, "main_input_name", "input_ids")
+    text = model_inputs(reference)
+    for method, candidates in (("get_image_features", image_candidates), ("get_audio_features", audio_candidates)):
+        if not hasattr(reference, method):
+            continue
+        for candidate in candidates(config):
+            try:
+                features = _call(reference, method, candidate)
+            except Exception:  # noqa: BLE001 - not this layout
+                continue
+            towers.append((method, candidate))
+            per_image = _count_features(features, 2) if method == "get_image_features" else None
+            token = _image_token(config)
+            if forward is None and per_image and token is not None:
+                ids = torch.tensor([prompt_ids(config, 3, seed=row) + [token] * per_image + prompt_ids(config, 2)
+                                    for row in range(2)])  # fmt: skip
+                attempt = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **candidate}
+                try:
+                    _call(reference, "forward", attempt)
+                    forward = attempt
+                except Exception:  # noqa: BLE001 - this model wants more than image tokens (boi/eoi, sizes...)
+                    pass
+            break
+    if main != "input_ids":  # the pixels or the audio are the main input (BLIP, Whisper, Pix2Struct...)
+        extra = {k: v for k, v in text.items() if k != "attention_mask" or "input_ids" in text}
+        if main in ("pixel_values", "flattened_patches"):
+            candidates = image_candidates(config)
+        else:
+            candidates = audio_candidates(config)
+        for candidate in candidates:
+            if main == "flattened_patches":
+                pixels = candidate["pixel_values"]
+                candidate = {"flattened_patches": _random(2, 16, pixels.shape[1] * 16 * 16 + 2)}
+            for with_text in (extra, {k: v for k, v in extra.items() if k.startswith("decoder_")}):
+                attempt = {**with_text, **candidate}
+                try:
+                    _call(reference, "forward", attempt)
+                    return attempt, towers
+                except Exception:  # noqa: BLE001 - not this layout
+                    continue
+    return forward, towers
 
 
 def _float_outputs(output: Any) -> dict[str, torch.Tensor]:
@@ -480,17 +718,24 @@ def compare(arch: Arch, folder: Path) -> Outcome:
 
     cls = arch.model_class
     reference = _plain("plain load", lambda: cls.from_pretrained(folder))
-    inputs = model_inputs(reference)
+    prepare(reference)
+    media, towers = media_inputs(reference)
+    inputs = model_inputs(reference) if getattr(reference, "main_input_name", "input_ids") == "input_ids" else media
+    if inputs is None:
+        raise PlainLoadFails(f"plain forward: no input layout found for {reference.main_input_name}")
     with torch.no_grad():
         expected = _plain("plain forward", lambda: reference(**inputs))
     try:
         probe = cls.from_pretrained(folder, device_map="stream")
     except StreamingUnsupportedError as err:
         return Outcome("refused", str(err))
-    # The budget is a fraction of what the forward uses (a text-only forward of a vision-language model never
+    # The budget is a fraction of what the forwards use (a text-only forward of a vision-language model never
     # touches its vision tower), and never below what the model needs at once.
+    prepare(probe)
     with torch.no_grad():
-        probe(**inputs)
+        for call in (inputs, media if media is not inputs else None):
+            if call is not None:
+                probe(**call)
     engine = probe._hf_weightstream
     used = {id(u): u for u in engine.schedule}.values()
     used_bytes = sum(full_bytes(u) for u in used)
@@ -498,12 +743,20 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     units, model_bytes = len(engine.units), engine.model_bytes
     del probe, engine
     streamed = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    prepare(streamed)
     outcome = Outcome("identical", units=units, model_bytes=model_bytes, budget=budget)
     with torch.no_grad():
         _same(expected, streamed(**inputs), "forward")
     outcome.checks.append("forward")
     if reference.can_generate():
         outcome.checks += _compare_generate(reference, streamed, inputs)
+    if media is not None and media is not inputs:
+        with torch.no_grad():
+            _same(reference(**media), streamed(**media), "forward with media")
+        outcome.checks.append("forward with media")
+    for method, kwargs in towers:
+        _same(_call(reference, method, kwargs), _call(streamed, method, kwargs), method)
+        outcome.checks.append(method)
     stats = hf_weightstream.stats(streamed)
     assert stats["peak_resident_bytes"] <= budget, f"peak {stats['peak_resident_bytes']} over budget {budget}"
     if budget < used_bytes:
@@ -512,6 +765,12 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     assert_units_match_plain_load(streamed, reference)
     outcome.checks.append("units")
     return outcome
+
+
+def prepare(model: Any) -> None:
+    """What a user calls before the first forward of a few models (X-MOD's language adapters)."""
+    if hasattr(model, "set_default_language") and getattr(model.config, "languages", None):
+        model.set_default_language(list(model.config.languages)[0])
 
 
 def _compare_generate(reference: Any, streamed: Any, inputs: dict[str, torch.Tensor]) -> list[str]:
