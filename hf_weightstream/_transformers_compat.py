@@ -22,9 +22,11 @@ from transformers.core_model_loading import (
     build_glob_alternation,
     dot_natural_key,
     rename_source_key,
+    revert_weight_conversion,
 )
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.initialization import no_init_weights
-from transformers.modeling_utils import _get_dtype
+from transformers.modeling_utils import _get_dtype, remove_tied_weights_from_state_dict
 from transformers.monkey_patching import patch_output_recorders
 from transformers.quantizers.auto import AutoHfQuantizer, get_hf_quantizer
 from transformers.utils.generic import ContextManagers
@@ -40,7 +42,10 @@ __all__ = [
     "build_skeleton",
     "finish_quantized",
     "make_quantizer",
+    "custom_object_save",
     "materialize_computed",
+    "remove_tied_weights",
+    "revert_weight_conversion",
     "plan_checkpoint_keys",
     "resolve_dtype",
     "target_dtypes",
@@ -110,6 +115,11 @@ def converter_input_dtype(
     if hf_quantizer is None or not hf_quantizer.pre_quantized:
         return target
     return hf_quantizer.get_new_dtype(converter, torch.empty(0, dtype=stored, device="meta"), target)
+
+
+def remove_tied_weights(state_dict: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """The state dict without tied copies, keeping the name transformers keeps (what ``save_pretrained`` writes)."""
+    return remove_tied_weights_from_state_dict(dict(state_dict), model)
 
 
 def missing_keys(model: Any, plan: KeyPlan) -> set[str]:

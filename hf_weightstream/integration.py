@@ -23,7 +23,7 @@ from transformers.modeling_utils import ModuleUtilsMixin
 from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
-from . import log, quantization
+from . import log, quantization, saving
 from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
@@ -356,6 +356,9 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
 
     model.to = to
     model.cuda = cuda
+    # Saving and state_dict stream unit by unit (saving.py): the weights are not in memory to hand over at once.
+    model.save_pretrained = functools.partial(saving.save_pretrained, model)
+    model.state_dict = functools.partial(saving.state_dict, model)
     model.cpu = lambda: retarget(model, torch.device("cpu"))
     model.half = lambda: retarget(model, None, torch.float16)
     model.float = lambda: retarget(model, None, torch.float32)
