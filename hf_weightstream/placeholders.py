@@ -114,6 +114,8 @@ def install(units: list[Unit], device: torch.device) -> None:
     """Put a placeholder in every slot of every unit (after load, and after a change of device or dtype)."""
     for unit in units:
         for spec in unit.specs:
+            if not spec.slots:  # one expert of a fused experts parameter: experts.py installs the whole
+                continue
             placeholder = make(unit, spec, device)
             for slot in spec.slots:
                 slot.placeholder = placeholder

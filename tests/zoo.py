@@ -741,7 +741,7 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     engine = probe._hf_weightstream
     used = {id(u): u for u in engine.schedule}.values()
     used_bytes = sum(full_bytes(u) for u in used)
-    budget = max(int(used_bytes * BUDGET_FRACTION), engine.required_budget()[0])
+    budget = max(int(used_bytes * BUDGET_FRACTION), engine.minimum_budget())
     units, model_bytes = len(engine.units), engine.model_bytes
     del probe, engine
     streamed = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
