@@ -39,6 +39,7 @@ from .placeholders import serve
 
 if TYPE_CHECKING:
     from .engine import StreamEngine
+    from .experts import ExpertLayer
     from .units import Unit
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -50,18 +51,57 @@ def _engine(model: Any) -> StreamEngine:
 
 
 def _owners(engine: StreamEngine) -> dict[str, tuple[Unit, str]]:
-    """State-dict name -> (its unit, the name of the tensor the unit materialises for it)."""
-    return {alias: (unit, spec.name) for unit in engine.units for spec in unit.specs for alias in spec.aliases}
+    """State-dict name -> (its unit, the name of the tensor the unit materialises for it); per-expert units aside."""
+    return {
+        alias: (unit, spec.name)
+        for unit in engine.units
+        if unit.expert is None
+        for spec in unit.specs
+        for alias in spec.aliases
+    }
+
+
+def _expert_layer_of(engine: StreamEngine) -> dict[str, ExpertLayer]:
+    return {full: layer for layer in engine.expert_layers for full in layer.full_names.values()}
+
+
+def _assemble(engine: StreamEngine, layer: ExpertLayer) -> dict[str, torch.Tensor]:
+    """The full ``[E, ...]`` parameters of an experts module, read one expert unit at a time (under the budget)."""
+    out: dict[str, torch.Tensor] = {}
+    for unit in layer.units:
+        engine.acquire_many([unit], layer)  # experts have no module slots: read, not installed
+        try:
+            for full in layer.full_names.values():
+                part = unit.tensors[full]
+                if full not in out:
+                    out[full] = torch.empty((layer.num_experts, *part.shape[1:]), dtype=part.dtype, device=part.device)
+                out[full][unit.expert_id] = part[0]
+        finally:
+            engine.release_many([unit])
+    return out
 
 
 class _Reading:
-    """Makes units resident one at a time for reads outside a forward (one held, the previous one released)."""
+    """Makes units resident one at a time for reads outside a forward (one held, the previous one released).
+
+    An experts module split into per-expert units (experts.py) is read expert by expert into its full
+    parameters, which are kept until the next name outside that module is asked for.
+    """
 
     def __init__(self, engine: StreamEngine):
         self.engine = engine
         self.unit: Unit | None = None
+        self.experts = _expert_layer_of(engine)
+        self.layer: ExpertLayer | None = None
+        self.assembled: dict[str, torch.Tensor] = {}
 
     def tensor(self, model: nn.Module, owners: dict[str, tuple[Unit, str]], name: str) -> torch.Tensor:
+        layer = self.experts.get(name)
+        if layer is not None:
+            if layer is not self.layer:
+                self.close()
+                self.layer, self.assembled = layer, _assemble(self.engine, layer)
+            return self.assembled[name]
         owner = owners.get(name)
         if owner is None:  # not streamed: a buffer or weight the skeleton holds for real
             return model.get_parameter_or_buffer(name).detach()
@@ -73,6 +113,7 @@ class _Reading:
         return unit.tensors[spec_name].detach()
 
     def close(self) -> None:
+        self.layer, self.assembled = None, {}
         if self.unit is not None:
             self.engine.release(self.unit)
             self.unit = None
@@ -141,7 +182,7 @@ class _Group:
     """The tensors of one unit (or the real, non-streamed ones) as they will be written."""
 
     names: list[str]  # state-dict names
-    unit: Unit | None
+    unit: Unit | ExpertLayer | None  # None: tensors the skeleton holds for real
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # saved name -> spec
 
     @property
@@ -162,13 +203,16 @@ def _plan_groups(model: nn.Module, engine: StreamEngine) -> list[_Group]:
         tensors.pop(name, None)
     meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in tensors.items()}
     kept = compat.remove_tied_weights(meta, model)
-    owners = _owners(engine)
+    owners, experts = _owners(engine), _expert_layer_of(engine)
     groups: dict[int, _Group] = {}
-    order = {id(unit): i for i, unit in enumerate(engine.units)}
+    # Model order: an experts module right after the block unit that runs it.
+    order = {id(unit): float(i) for i, unit in enumerate(engine.units) if unit.expert is None}
+    for layer in engine.expert_layers:
+        order[id(layer)] = order.get(id(layer.block), len(order)) + 0.5
     for name in kept:
-        unit = owners[name][0] if name in owners else None
-        groups.setdefault(id(unit), _Group([], unit)).names.append(name)
-    ordered = sorted(groups.values(), key=lambda g: order.get(id(g.unit), len(order)))
+        owner = experts.get(name) or (owners[name][0] if name in owners else None)
+        groups.setdefault(id(owner), _Group([], owner)).names.append(name)
+    ordered = sorted(groups.values(), key=lambda g: order.get(id(g.unit), float(len(order))))
     for group in ordered:
         reverted = compat.revert_weight_conversion(model, {name: meta[name] for name in group.names})
         group.out = {name: (t.dtype, tuple(t.shape)) for name, t in reverted.items()}
