@@ -52,8 +52,12 @@ _UNSUPPORTED = {
 def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
     """Pop our options from ``from_pretrained`` kwargs; a StreamConfig if streaming was asked for."""
     device_map = kwargs.get("device_map")
-    streaming = kwargs.pop("streaming", False)
+    streaming = kwargs.pop("streaming", None)
     config = kwargs.pop("stream_config", None)
+    if streaming is False:  # an explicit no wins over a stream_config (e.g. a flag that turns streaming off)
+        if isinstance(device_map, str) and device_map == "stream":
+            raise StreamConfigError("streaming=False contradicts device_map='stream': drop one of the two.")
+        return None
     if isinstance(device_map, str) and device_map == "stream":
         kwargs.pop("device_map")
     elif not streaming and config is None:
