@@ -92,6 +92,9 @@ def build_skeleton(
             )
     for param in model.parameters():
         param._is_hf_initialized = True
+        # Loading a weight makes it a new Parameter(requires_grad=is_floating_point()); a model's _init_weights
+        # may then change the flag (HRM freezes z_L_init), and runs below just as after a normal load.
+        param.requires_grad_(param.is_floating_point())
     model._move_missing_keys_from_meta_to_device(set(), {"": "cpu"}, None, None)
     model._initialize_missing_keys(False)
     model.tie_weights(recompute_mapping=False)

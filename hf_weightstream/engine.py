@@ -850,10 +850,10 @@ class StreamEngine:
             tensor = unit.tensors[spec.name]
             if stream is not None:
                 tensor.record_stream(stream)
-            # The flag a normal load gives (transformers: floating point -> True): torch picks kernels by it.
-            value: torch.Tensor = (
-                nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if spec.slots[0].is_param else tensor
-            )
+            # The flag a normal load gives (floating point -> True, unless the model's init froze it): torch picks
+            # kernels by it.
+            grad = spec.requires_grad if spec.requires_grad is not None else tensor.is_floating_point()
+            value: torch.Tensor = nn.Parameter(tensor, requires_grad=grad) if spec.slots[0].is_param else tensor
             for slot in spec.slots:
                 (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = value
         unit.installed = True

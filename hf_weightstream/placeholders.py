@@ -105,8 +105,8 @@ def serve(engine: StreamEngine, unit: Unit) -> None:
 def make(unit: Unit, spec: TensorSpec, device: torch.device) -> torch.Tensor:
     """The placeholder for ``spec``'s slots: a parameter where the model has a parameter, else a buffer."""
     if spec.slots[0].is_param:
-        requires_grad = spec.dtype.is_floating_point or spec.dtype.is_complex
-        return nn.Parameter(StreamedTensor(unit, spec, device), requires_grad=requires_grad)
+        grad = spec.requires_grad if spec.requires_grad is not None else spec.dtype.is_floating_point
+        return nn.Parameter(StreamedTensor(unit, spec, device), requires_grad=grad)
     return StreamedTensor(unit, spec, device)
 
 

@@ -39,6 +39,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype  # target dtype on the execution device
     source: TensorEntry | None  # None when a converter group produces it
+    requires_grad: bool | None = None  # the flag a normal load ends with (the skeleton's); None: floating point
 
 
 @dataclass
@@ -201,6 +202,7 @@ def collect_specs(
             tuple(placeholder.shape),
             dtype_of.get(source_name, placeholder.dtype),
             entry,
+            placeholder.requires_grad if slots[0].is_param else False,
         )
     if missing:
         shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
