@@ -187,7 +187,7 @@ class StreamEngine:
             warnings.warn(
                 "hf_weightstream: streamed models are for inference. This forward ran with gradients enabled, so it "
                 "ran as under torch.no_grad() (autograd would keep every streamed weight alive past the budget): "
-                "its outputs have no grad_fn and backward() is not possible. Load the model without "
+                "backward() through its outputs raises. Load the model without "
                 "device_map='stream' to train or to take gradients.",
                 UserWarning,
                 stacklevel=4,

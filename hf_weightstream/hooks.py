@@ -18,6 +18,7 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
+from .errors import StreamingRuntimeError
 from .experts import ExpertsHook
 
 if TYPE_CHECKING:
@@ -56,6 +57,44 @@ class StreamHook(ModelHook):
         return f"StreamHook(unit={self.unit.name!r})"
 
 
+BACKWARD_MESSAGE = (
+    "hf_weightstream: backward() through a streamed model is not possible: streamed models are for inference, and "
+    "their forward ran as under torch.no_grad() (autograd would keep every streamed weight alive past the budget). "
+    "Load the model without device_map='stream' to train or to take gradients."
+)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward explains itself (the forward behind it recorded no graph)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise StreamingRuntimeError(BACKWARD_MESSAGE)
+
+
+def _inference_only(output: Any) -> Any:
+    """The output with its top-level floating tensors (logits, loss...) made to refuse backward() clearly."""
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+            return _InferenceOnly.apply(value.detach().requires_grad_())
+        return value
+
+    if isinstance(output, torch.Tensor):
+        return mark(output)
+    if isinstance(output, dict):  # transformers' ModelOutput: setting an item sets the attribute too
+        for key, value in list(output.items()):
+            output[key] = mark(value)
+        return output
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        return tuple(mark(value) for value in output)
+    return output
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor) and value.device != device:
         return value.to(device)
@@ -84,10 +123,13 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
         device = engine.device
         return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
 
-    def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         try:
-            if grad_modes:
-                torch.set_grad_enabled(grad_modes.pop())
+            grad_was_enabled = grad_modes.pop() if grad_modes else False
+            torch.set_grad_enabled(grad_was_enabled)
+            if grad_was_enabled:  # a later backward() must say why it cannot run, not fail obscurely
+                return _inference_only(output)
+            return None
         finally:
             engine.end_forward()
 

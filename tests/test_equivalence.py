@@ -10,7 +10,7 @@ from equivalence import assert_units_match_plain_load
 from tiny import auto_class
 
 import hf_weightstream
-from hf_weightstream import StreamConfig
+from hf_weightstream import StreamConfig, StreamingRuntimeError
 
 PROMPT = torch.tensor([[1, 7, 8, 9, 10, 11, 12]])
 FIXTURES = ["llama", "llama_tied", "qwen2_tied", "gpt2", "qwen3_moe", "qwen3_moe128", "mamba", "falcon_mamba", "bert"]
@@ -64,8 +64,12 @@ def test_forward_with_gradients_enabled_runs_as_inference_and_says_so(checkpoint
     with pytest.warns(UserWarning, match="streamed models are for inference"):
         out = streamed(PROMPT).logits
     assert torch.is_grad_enabled(), "the caller's grad mode is restored after the forward"
-    assert out.grad_fn is None, "no autograd graph holds streamed weights past their eviction"
+    assert out.grad_fn is not None and not out.grad_fn.next_functions[0][0].next_functions, (
+        "no autograd graph holds streamed weights past their eviction: only the marker that explains backward"
+    )
     assert torch.equal(out, reference(PROMPT).logits.detach())
+    with pytest.raises(StreamingRuntimeError, match="backward.. through a streamed model is not possible"):
+        torch.nn.functional.cross_entropy(out[0], PROMPT[0]).backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per model, not every forward
         streamed(PROMPT)
