@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 _EVENT_LOG_SIZE = 20_000
 TOGETHER_BYTES = 64 << 20  # one reader's share of a run of adjacent units read together
+_NEXT_GENERATE = 1 << 20  # steps to an encoder unit from inside the decoder's cycle: far, but not never
 
 
 def _view(buffer: torch.Tensor, position: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
@@ -80,6 +81,8 @@ class StreamEngine:
         self.schedule: list[Unit] = []
         self._position: dict[int, list[int]] = {}
         self._trace: list[Unit] | None = None
+        self._traced_prefix = 0  # units an encoder session traced before the decoder's (see end_forward)
+        self._cycle_start = 0  # schedule[:_cycle_start] runs once per generate, the rest every token
         self._pos = -1
         self.last_active = 0
         self.forward_lock = threading.RLock()
@@ -172,12 +175,12 @@ class StreamEngine:
 
     # ------------------------------------------------------------------------------------ forward sessions
     def begin_forward(self) -> None:
-        """Root module pre-forward: serialise callers of this model and start tracing if needed."""
+        """Root (or encoder) module pre-forward: serialise callers of this model and start tracing if needed."""
         self.forward_lock.acquire()
         self._depth += 1
         if self._depth == 1:
             self._log_start = log.forward_snapshot(self)
-            if not self.schedule:
+            if not self.schedule and self._trace is None:
                 self._trace = []
 
     def note_grad_forward(self) -> None:
@@ -193,8 +196,13 @@ class StreamEngine:
                 stacklevel=4,
             )
 
-    def end_forward(self) -> None:
-        """Root module post-forward (also when the forward raised): clear stale pins, learn the schedule."""
+    def end_forward(self, encoder: bool = False) -> None:
+        """Root module post-forward (also when the forward raised): clear stale pins, learn the schedule.
+
+        An encoder-decoder's ``generate`` calls the encoder once, then the model once per token. An ``encoder``
+        session that ends keeps the trace open: the schedule is then the encoder's units once (a prefix),
+        followed by the decoder's cycle, so the encoder's last units prefetch the decoder's first.
+        """
         try:
             self._depth -= 1
             if self._depth:
@@ -210,29 +218,50 @@ class StreamEngine:
                 for layer in self.expert_layers:  # the forward raised inside an experts call
                     self.end_experts(layer)
                 self.pool.cond.notify_all()
-            if self._trace is not None:
+            if self._trace is not None and encoder:
+                self._traced_prefix = len(self._trace)
+            elif self._trace is not None:
                 trace, self._trace = self._trace, None
+                prefix, self._traced_prefix = self._traced_prefix, 0
                 if trace and all(u.pins == 0 for u in self.units):
                     with self.pool.cond:
                         for earlier, later in zip(self._moe_trace, self._moe_trace[1:], strict=False):
                             earlier.next = later  # whose router predicts the next layer's experts
-                        self._set_schedule(trace)
+                        self._set_schedule(trace, cycle_start=prefix if prefix < len(trace) else 0)
                         self._prefetch_ahead()  # the next pass starts with these
                     log.log_schedule(self)
             log.log_forward(self, self._log_start)
         finally:
             self.forward_lock.release()
 
-    def _set_schedule(self, trace: list[Unit]) -> None:
+    def _set_schedule(self, trace: list[Unit], cycle_start: int = 0) -> None:
         self.schedule = trace
+        self._cycle_start = cycle_start
         self._position = {}
         for i, unit in enumerate(trace):
             self._position.setdefault(id(unit), []).append(i)
         self._pos = len(trace) - 1
         # Routed experts are acquired per call, outside the cycle: plan the cycle in what their calls leave.
         budget = max(0, self.pool.budget - self.experts_reserve())
-        self.keep_resident = plan_resident_set(trace, budget, self.lookahead) if (self.policy == "schedule") else set()
+        cycle = trace[cycle_start:]  # what repeats every token (an encoder prefix runs once per generate)
+        self.keep_resident = plan_resident_set(cycle, budget, self.lookahead) if (self.policy == "schedule") else set()
         self.counters["schedule_length"] = len(trace)
+
+    def _steps(self, p: int) -> int:
+        """Steps from the current position to schedule index ``p``.
+
+        The schedule is a cycle, or (encoder-decoder) a prefix run once followed by a cycle: from inside the cycle,
+        a prefix unit is next needed by the next ``generate`` only, counted as far but not never.
+        """
+        n, start, pos = len(self.schedule), self._cycle_start, self._pos
+        if start == 0:
+            return (p - pos - 1) % n
+        if p >= start:
+            return p - pos - 1 if pos < start else (p - pos - 1) % (n - start)
+        return p - pos - 1 if pos < p else _NEXT_GENERATE
+
+    def _successor(self, i: int) -> int:
+        return i + 1 if i + 1 < len(self.schedule) else self._cycle_start
 
     def _advance(self, unit: Unit) -> None:
         if self._trace is not None:
@@ -241,8 +270,9 @@ class StreamEngine:
         positions = self._position.get(id(unit))
         if not positions:
             return
-        n = len(self.schedule)
-        self._pos = min(positions, key=lambda p: (p - self._pos - 1) % n)
+        if self._cycle_start and all(p < self._cycle_start for p in positions) and self._pos >= self._cycle_start:
+            self._pos = -1  # the encoder runs again: a new generate starts at the top of the prefix
+        self._pos = min(positions, key=self._steps)
 
     def _next_use(self, unit: Unit) -> int:
         """Steps until ``unit`` is needed again by the schedule (a large number if never).
@@ -262,8 +292,7 @@ class StreamEngine:
         positions = self._position.get(id(unit))
         if not positions:
             return 1 << 30
-        n = len(self.schedule)
-        return min((p - self._pos - 1) % n for p in positions)
+        return min(self._steps(p) for p in positions)
 
     # ------------------------------------------------------------------------------------ eviction policy
     def eviction_rank(self, unit: Unit) -> float:
@@ -649,9 +678,10 @@ class StreamEngine:
     def _prefetch_ahead(self) -> None:
         if not self.schedule or not self.lookahead or self._trace is not None:
             return
-        n = len(self.schedule)
-        for step in range(1, min(self.lookahead, n - 1) + 1):
-            nxt = self.schedule[(self._pos + step) % n]
+        index = self._pos
+        for _step in range(min(self.lookahead, len(self.schedule) - 1)):
+            index = self._successor(index)
+            nxt = self.schedule[index]
             if nxt.state == "absent" and not self._start_load(nxt, prefetch=True):
                 break
 
@@ -900,7 +930,7 @@ class StreamEngine:
                 self.model_bytes = sum(full_bytes(unit) for unit in self.units)
                 self._check_budget()
                 if self.schedule:
-                    self._set_schedule(self.schedule)
+                    self._set_schedule(self.schedule, self._cycle_start)
             placeholders.install(self.units, self.device)  # the new device and dtype
 
     # ------------------------------------------------------------------------------------ stats

@@ -131,7 +131,12 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
                 return _inference_only(output)
             return None
         finally:
-            engine.end_forward()
+            engine.end_forward(encoder=module is not model)
 
-    model.register_forward_pre_hook(begin, with_kwargs=True)
-    model.register_forward_hook(end, with_kwargs=True, always_call=True)
+    # An encoder-decoder's generate() calls the encoder itself, once, then the model per token: the encoder's
+    # calls are sessions too, so they are traced and prefetched as the schedule's prefix (engine.end_forward).
+    encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+    roots = [model] + ([encoder] if isinstance(encoder, nn.Module) and encoder is not model else [])
+    for root in roots:
+        root.register_forward_pre_hook(begin, with_kwargs=True)
+        root.register_forward_hook(end, with_kwargs=True, always_call=True)
