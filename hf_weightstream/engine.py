@@ -83,6 +83,7 @@ class StreamEngine:
         self._trace: list[Unit] | None = None
         self._traced_prefix = 0  # units an encoder session traced before the decoder's (see end_forward)
         self._cycle_start = 0  # schedule[:_cycle_start] runs once per generate, the rest every token
+        self.traced_pinned_bytes = 0  # most bytes pinned at once during the tracing pass
         self._pos = -1
         self.last_active = 0
         self.forward_lock = threading.RLock()
@@ -129,7 +130,8 @@ class StreamEngine:
             return unit.charge_bytes + sum(e.charge_bytes for e in unit.enclosing)
 
         biggest = max(self.units, key=needs)
-        return needs(biggest), biggest
+        routers = sum(layer.router_bytes for layer in self.expert_layers)  # MoE router copies stay held
+        return needs(biggest) + routers, biggest
 
     def _check_budget(self) -> None:
         needed, biggest = self.required_budget()
@@ -153,7 +155,8 @@ class StreamEngine:
     def experts_call_bytes(self, layer: ExpertLayer, routed: int) -> int:
         """Held at once by a call routed to ``routed`` experts: its block, their stacked copy, one more expert read,
         and the routers' copies."""
-        block = layer.block.charge_bytes if layer.block is not None else 0
+        # The block runs the call, pinned with the units enclosing it (a root-level unit such as Zaya's).
+        block = layer.block.charge_bytes + sum(e.charge_bytes for e in layer.block.enclosing) if layer.block else 0
         expert = max(u.out_bytes for u in layer.units)
         routers = sum(other.router_bytes for other in self.expert_layers)  # kept for predictions
         return block + routed * expert + max(u.charge_bytes for u in layer.units) + routers
@@ -161,7 +164,8 @@ class StreamEngine:
     def minimum_budget(self) -> int:
         """The smallest budget any forward fits in: the largest unit (with those enclosing it), or an MoE call routed
         to every expert."""
-        need = self.required_budget()[0]
+        # Statically nested units, and what the first pass saw pinned at once (a module calling another's).
+        need = max(self.required_budget()[0], self.traced_pinned_bytes)
         for layer in self.expert_layers:
             need = max(need, self.experts_call_bytes(layer, layer.num_experts))
         return need
@@ -328,6 +332,8 @@ class StreamEngine:
 
     # ------------------------------------------------------------------------------------ acquire/release
     def acquire(self, unit: Unit) -> None:
+        if unit.gather:  # asked for whole (a read outside its lookups): charged as a whole table from now on
+            self.load_whole(unit)
         start = time.perf_counter()
         me = threading.get_ident()
         cond = self.pool.cond
@@ -363,6 +369,9 @@ class StreamEngine:
                 self._install(unit)
             unit.prefetched = False
             unit.last_used = self.pool.tick()
+            if self._trace is not None:  # the first pass learns what is pinned at once (see minimum_budget)
+                pinned = sum(u.held_bytes for u in self.units if u.pins)
+                self.traced_pinned_bytes = max(self.traced_pinned_bytes, pinned)
         now = time.perf_counter()
         if waited:  # compute stood still while this unit was read
             self.stall_seconds += now - start

@@ -94,11 +94,9 @@ class StreamedTensor(torch.Tensor):
 def serve(engine: StreamEngine, unit: Unit) -> None:
     """Acquire ``unit`` for a read outside its module's forward.
 
-    An embedding table that only ever served row lookups is read whole from now on (it is charged to the budget
-    like any unit): something reads it other than through its own forward.
+    An embedding table that only ever served row lookups is read whole from then on (``engine.acquire`` charges it
+    to the budget like any unit): something reads it other than through its own forward.
     """
-    if unit.gather:
-        engine.load_whole(unit)
     engine.acquire(unit)
 
 

@@ -738,6 +738,8 @@ def compare(arch: Arch, folder: Path) -> Outcome:
         for call in (inputs, media if media is not inputs else None):
             if call is not None:
                 probe(**call)
+    for method, kwargs in towers:
+        _call(probe, method, kwargs)
     engine = probe._hf_weightstream
     used = {id(u): u for u in engine.schedule}.values()
     used_bytes = sum(full_bytes(u) for u in used)
