@@ -61,18 +61,20 @@ class Arch:
 
 
 def architectures() -> list[Arch]:
-    """Every (task, model type, class) of the mappings, each class once (under the first task that lists it)."""
-    seen: set[str] = set()
-    out = []
+    """Every (model class, config class) pair of the mappings, once, under the first task that lists it.
+
+    Several model types can share both (``gpt-sw3`` is a GPT-2): the one named like its config is kept.
+    """
+    chosen: dict[tuple[str, str], Arch] = {}
     for task, (mapping, _auto_class) in TASKS.items():
         for model_type, class_name in sorted(getattr(auto, mapping).items()):
             if isinstance(class_name, (tuple, list)):
                 class_name = class_name[0]
-            if class_name in seen:
-                continue
-            seen.add(class_name)
-            out.append(Arch(task, model_type, class_name))
-    return out
+            config_class = CONFIG_MAPPING[model_type]
+            key = (class_name, config_class.__name__)
+            if key not in chosen or (chosen[key].task == task and model_type == config_class.model_type):
+                chosen[key] = Arch(task, model_type, class_name)
+    return list(chosen.values())
 
 
 # ------------------------------------------------------------------------------------------- shrinking rules
@@ -122,6 +124,7 @@ _NOT_WIDTH = re.compile(
     r"sampling|hop|n_fft|frame|sample|length|seq|grid|merge|temporal|spatial|crop|resolution|scale|factor|block_size|"
     r"group|^n_|_num_|segment|types|cache|ngram|label"
 )
+_OTHER_MODULE = re.compile(r"out|text|proj|adapter|encoder|decoder|cross|vision|audio")
 _LIMITS: list[tuple[set[str], int]] = [
     (_WIDTH, HIDDEN),
     (_FFN, FFN),
@@ -243,9 +246,11 @@ def _relations(d: dict, base: dict) -> None:
         return
     hidden, base_hidden = d[width_key], base[width_key]
     heads = d.get("num_attention_heads", d.get("n_head"))
-    # Widths that were a small multiple or fraction of the hidden size stay so (Zamba's attention width...).
+    # Widths of this module that were a small multiple or fraction of its hidden size stay so (Zamba's attention
+    # width); widths that must match another module (adapter outputs, projections) keep the common HIDDEN.
     for key, value in base.items():
-        if isinstance(key, str) and key in _WIDTH | {"attention_hidden_size"} and _is_int(value) and value:
+        own = isinstance(key, str) and key.endswith("hidden_size") and not _OTHER_MODULE.search(key)
+        if own and key != width_key and _is_int(value) and value:
             if value % base_hidden == 0 and value // base_hidden <= 4:
                 d[key] = hidden * (value // base_hidden)
             elif base_hidden % value == 0 and base_hidden // value <= 8:
