@@ -415,6 +415,7 @@ FIXES = {
     "glm4v": _mrope([8, 12, 12]),
     "glm4v_moe": _mrope([8, 12, 12]),
     "glm_ocr": _mrope([8, 12, 12]),
+    "glmga": _mrope([8, 12, 12]),
     "hunyuan_vl": _mrope([16, 24, 24]),
     "paddleocr_vl": _mrope([16, 24, 24]),
     "qwen2_5_vl": _mrope([16, 24, 24]),
