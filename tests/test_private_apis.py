@@ -63,6 +63,32 @@ def test_private_transformers_apis_keep_their_shape():
     )
 
 
+def test_private_apis_of_saving_and_computed_weights_keep_their_shape():
+    version = transformers.__version__
+    assert params(compat.remove_tied_weights_from_state_dict) == ["state_dict", "model"], (
+        f"transformers {version}: modeling_utils.remove_tied_weights_from_state_dict changed"
+    )
+    assert params(compat.revert_weight_conversion) == ["model", "state_dict"], (
+        f"transformers {version}: core_model_loading.revert_weight_conversion changed"
+    )
+    assert params(compat.custom_object_save)[:3] == ["obj", "folder", "config"]
+    assert callable(PreTrainedModel.initialize_weights) and hasattr(PreTrainedModel, "_keys_to_ignore_on_save")
+    assert hasattr(PreTrainedModel, "_keys_to_ignore_on_load_missing")
+
+
+def test_private_torch_apis_of_placeholders_keep_their_shape():
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    assert callable(torch.Tensor._make_wrapper_subclass), "torch: Tensor._make_wrapper_subclass is gone"
+    assert callable(torch._C._disabled_torch_function_impl), "torch: _C._disabled_torch_function_impl is gone"
+    assert tree_map(lambda x: x + 1, ([1], {"a": 2})) == ([2], {"a": 3}) and tree_flatten([1, (2,)])[0] == [1, 2]
+    schema = torch.ops.aten.mul_.Tensor._schema
+    assert schema.arguments[0].alias_info.is_write and schema.arguments[1].alias_info is None, (
+        "torch: an op schema no longer says which arguments it writes (placeholders refuse writes by it)"
+    )
+
+
 def test_private_huggingface_hub_helpers_keep_their_shape():
     from huggingface_hub import file_download
 
