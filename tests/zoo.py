@@ -720,6 +720,11 @@ def _plain(what: str, fn: Any) -> Any:
         raise PlainLoadFails(f"{what}: {type(err).__name__}: {str(err)[:300]}") from err
 
 
+def plain_load(arch: Arch, folder: Path) -> Any:
+    """transformers' own ``from_pretrained`` of the saved folder (`PlainLoadFails` if it cannot)."""
+    return _plain("plain load", lambda: arch.model_class.from_pretrained(folder))
+
+
 def compare(arch: Arch, folder: Path) -> Outcome:
     """Load ``folder`` normally and streamed under a budget below the model; compare everything bit for bit.
 
@@ -734,7 +739,7 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     from hf_weightstream.units import full_bytes
 
     cls = arch.model_class
-    reference = _plain("plain load", lambda: cls.from_pretrained(folder))
+    reference = plain_load(arch, folder)
     prepare(reference)
     media, towers = media_inputs(reference)
     inputs = model_inputs(reference) if getattr(reference, "main_input_name", "input_ids") == "input_ids" else media
