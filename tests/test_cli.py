@@ -127,7 +127,7 @@ def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_every_subcommand_module_follows_the_protocol() -> None:
     modules = cli.command_modules()
-    assert [m.NAME for m in modules] == ["demo", "generate", "inspect", "serve-hub", "cache", "bench"]
+    assert [m.NAME for m in modules] == ["demo", "generate", "inspect", "serve-hub", "cache", "bench", "convert"]
     for module in modules:
         assert isinstance(module.ORDER, int) and module.HELP and module.DESCRIPTION, module.__name__
         assert callable(module.add_arguments) and callable(module.run), module.__name__
