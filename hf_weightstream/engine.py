@@ -130,8 +130,7 @@ class StreamEngine:
             return unit.charge_bytes + sum(e.charge_bytes for e in unit.enclosing)
 
         biggest = max(self.units, key=needs)
-        routers = sum(layer.router_bytes for layer in self.expert_layers)  # MoE router copies stay held
-        return needs(biggest) + routers, biggest
+        return needs(biggest), biggest
 
     def _check_budget(self) -> None:
         needed, biggest = self.required_budget()
@@ -164,8 +163,10 @@ class StreamEngine:
     def minimum_budget(self) -> int:
         """The smallest budget any forward fits in: the largest unit (with those enclosing it), or an MoE call routed
         to every expert."""
-        # Statically nested units, and what the first pass saw pinned at once (a module calling another's).
-        need = max(self.required_budget()[0], self.traced_pinned_bytes)
+        # Statically nested units next to the MoE router copies (held once captured), and what the first pass saw
+        # pinned at once (a module calling another's).
+        routers = sum(layer.router_bytes for layer in self.expert_layers)
+        need = max(self.required_budget()[0] + routers, self.traced_pinned_bytes)
         for layer in self.expert_layers:
             need = max(need, self.experts_call_bytes(layer, layer.num_experts))
         return need

@@ -136,6 +136,6 @@ def test_bin_checkpoint_needs_safetensors(checkpoints, tmp_path):
     shutil.copy(checkpoints("llama") / "config.json", folder)
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
     with pytest.raises(
-        CheckpointError, match="Streaming needs safetensors.*pytorch_model.bin.*save_pretrained"
+        CheckpointError, match="Streaming needs safetensors.*pytorch_model.bin.*hf-weightstream convert"
     ):
         load(folder)
