@@ -168,6 +168,8 @@ class ConversionGroup:
     template: WeightConverter
     sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint key, source pattern)
     quantizer: Any = None  # a pre-quantized checkpoint's HfQuantizer: its load operations are in ``template``
+    # Target name -> the shape this group produces, where it is not the model's parameter's (one expert's slice).
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def input_dtype(self, stored: torch.dtype, target: torch.dtype) -> torch.dtype | None:
         return converter_input_dtype(self.quantizer, self.template, stored, target)
@@ -178,6 +180,8 @@ class ConversionGroup:
         for key, pattern in self.sources:
             converter.add_tensor(self.first_target, key, pattern, tensors[key])
         info = LoadStateDictInfo(set(), set(), set(), [], {}, set())
+        if self.shapes:
+            model = _SlicedParameters(model, self.shapes)
         try:
             out = converter.convert(
                 self.first_target, model=model, config=model.config, hf_quantizer=self.quantizer, loading_info=info
@@ -193,6 +197,25 @@ class ConversionGroup:
                 f"{info.conversion_errors}"
             )
         return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
+
+
+class _SlicedParameters:
+    """The model as a converter run on one expert's slice must see it: ops that compare the tensors they get with
+    the model's parameter (``Transpose(check_dims=True)`` transposes only what does not match it) are shown the
+    slice's shape; everything else is the model's."""
+
+    def __init__(self, model: Any, shapes: dict[str, tuple[int, ...]]):
+        self._model = model
+        self._shapes = shapes
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        parameter = self._model.get_parameter(name)
+        if name in self._shapes:
+            return torch.empty(self._shapes[name], dtype=parameter.dtype, device="meta")
+        return parameter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 @dataclass

@@ -497,7 +497,7 @@ class StreamEngine:
         self._predict_next(layer, hidden_states)
         specs = {spec.name: spec for spec in units[0].specs}
         stacks = {
-            attr: torch.empty((len(units), *specs[full].shape[1:]), dtype=specs[full].dtype, device=self.device)
+            attr: moe.stack_buffer(layer, attr, (len(units), *specs[full].shape[1:]), specs[full].dtype, self.device)
             for attr, full in layer.full_names.items()
         }
         need = self.experts_call_bytes(layer, len(units))

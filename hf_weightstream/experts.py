@@ -28,6 +28,7 @@ wrong guess costs a read, never a wrong output.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ class ExpertLayer:
     params: list[str]  # attribute names of the per-expert parameters, [E, ...] each
     full_names: dict[str, str]  # attribute -> state-dict name
     placeholders: dict[str, torch.Tensor]
+    stored: dict[str, TensorEntry]  # attribute -> its fused [E, ...] checkpoint tensor, where it is read as is
     units: list[Unit]
     ids_position: int  # routed ids: positional index in forward(...) (after self)
     ids_name: str
@@ -249,7 +251,10 @@ def _build_layer(
             group, split = source
             if id(group) not in groups:
                 keys, group_entries = split[e]
-                groups[id(group)] = ConversionGroup(group.first_target, group.template, list(keys), group.quantizer)
+                sliced = {target: (1, *table.specs[target].shape[1:]) for target in expected_targets(group, model)}
+                groups[id(group)] = ConversionGroup(
+                    group.first_target, group.template, list(keys), group.quantizer, sliced
+                )
                 entries.update(group_entries)
             specs.append(TensorSpec(full, [full], [], (1, *spec.shape[1:]), spec.dtype, None))
         unit = Unit(name=f"{name}[{e}]", modules=[], specs=specs, groups=list(groups.values()), entries=entries)
@@ -267,6 +272,7 @@ def _build_layer(
         params=params,
         full_names=full_names,
         placeholders={attr: module._parameters[attr] for attr in params},
+        stored={attr: table.specs[full].source for attr, full in full_names.items() if table.specs[full].source},
         units=units,
         ids_position=ids_position,
         ids_name=ids_name,
@@ -278,6 +284,24 @@ def _build_layer(
     layer.frequency = torch.full((num_experts,), (layer.top_k or 1) / num_experts, dtype=torch.float64)
     layer.counters = {"calls": 0, "hits": 0, "misses": 0, "late": 0, "predicted": 0, "predicted_used": 0, "used": 0}
     return layer
+
+
+def stack_buffer(layer: ExpertLayer, attr: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """An empty stack for ``attr``, at the address alignment the plain load's parameter has.
+
+    A plain load keeps a fused ``[E, ...]`` checkpoint tensor read as is where the file maps it, so its address
+    modulo 64 is its file offset's, and CPU kernels (``grouped_mm``, some matmuls) take other paths, with other
+    roundings, for other alignments. Converted or cast parameters are fresh allocations (64-byte aligned), as
+    an empty tensor is.
+    """
+    entry = layer.stored.get(attr)
+    misalign = entry.offset % 64 if entry is not None and entry.dtype == dtype and device.type == "cpu" else 0
+    if not misalign:
+        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8)
+    start = (misalign - raw.data_ptr()) % 64
+    return raw[start : start + nbytes].view(dtype).view(shape)
 
 
 def held_out_names(layers: list[ExpertLayer]) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import transformers
 from transformers import PreTrainedModel
 from transformers.core_model_loading import WeightConverter, WeightRenaming
@@ -101,3 +102,19 @@ def test_private_huggingface_hub_helpers_keep_their_shape():
     for name, parameters in expected.items():
         assert params(getattr(file_download, name)) == parameters, f"huggingface_hub.file_download.{name} changed"
     assert callable(file_download.repo_folder_name) and file_download.REGEX_COMMIT_HASH.match("a" * 40)
+
+
+def test_a_converter_on_one_experts_slice_sees_the_slices_shape():
+    """Transpose(check_dims=True) compares what it gets with ``model.get_parameter``: it must be shown the slice."""
+    from torch import nn
+    from transformers.core_model_loading import Transpose
+
+    model = nn.Module()
+    model.experts = nn.Module()
+    model.experts.gate_up_proj = nn.Parameter(torch.empty(8, 6, 4, device="meta"))
+    one = torch.arange(24.0).view(1, 4, 6)  # one expert, stored [1, H, 2I]
+    sliced = compat._SlicedParameters(model, {"experts.gate_up_proj": (1, 6, 4)})
+    out = Transpose(1, 2, check_dims=True).convert(
+        {"gate_up_proj": one}, ["gate_up_proj"], ["gate_up_proj"], model=sliced, full_layer_name="experts.gate_up_proj"
+    )
+    assert next(iter(out.values())).shape == (1, 6, 4), f"transformers {transformers.__version__}: Transpose changed"

@@ -42,16 +42,15 @@ SKIP = {
     "multimodal_lm:qwen2_5_omni": "transformers cannot load it from a saved folder without a spk_dict.pt",
     "multimodal_lm:qwen3_omni_moe": "transformers cannot build its default config (talker shared_expert size)",
     "speech_seq2seq:moonshine_streaming": "transformers cannot build its default config: no num_key_value_heads",
+    # Gemma3ForConditionalGeneration with a shieldgemma2 config: its PrefixChange renames the saved keys past the
+    # model's names, so transformers' own load reports 80 missing weights and initializes them randomly; streaming
+    # refuses to ("no tensor for 80 weights"), which is the right answer.
+    "image_text_to_text:shieldgemma2": "transformers' own save/load round trip loses 80 weights (random init)",
 }
 # Refused at load time by hf_weightstream.support, with what to do instead.
 REFUSED = {"causal_lm:rwkv": "divides some of its weights in place"}
 # Found by the zoo and not fixed yet (in code other work owns): visible failures (strict xfail), never silent.
 KNOWN_FAILURES = {
-    "causal_lm:zaya": "per-expert units (experts.py): eager and grouped_mm differ by 6e-8, batched_mm is identical",
-    "image_text_to_text:qwen3_vl_moe": "per-expert units (experts.py) slice the stored [E, H, 2I] experts before "
-    "transformers' transposing converter: [1, 64, 192] where [1, 192, 64] is expected (a StreamingRuntimeError)",
-    "image_text_to_text:shieldgemma2": "plan_checkpoint_keys does not reproduce transformers' PrefixChange handling: "
-    "a CheckpointError ('no tensor for 80 weights') where a normal load works",
 }
 # Always run: one or more of each kind of problem the zoo found, and the main families.
 FAST = [
@@ -60,6 +59,8 @@ FAST = [
     "causal_lm:deepseek_v3", "causal_lm:rwkv", "causal_lm:gemma3", "seq2seq_lm:bart", "seq2seq_lm:t5",
     "seq2seq_lm:fsmt", "seq2seq_lm:qwen2_audio", "encoder:bert", "image_text_to_text:llava",
     "image_text_to_text:qwen2_vl", "speech_seq2seq:whisper",
+    # experts stacked at the plain load's address alignment; a transposing converter run on one expert's slice
+    "causal_lm:zaya", "image_text_to_text:qwen3_vl_moe",
 ]  # fmt: skip
 ARCHS = {arch.id: arch for arch in zoo.architectures()}
 FULL = os.environ.get("HFWS_ZOO") == "full"

@@ -721,8 +721,19 @@ def _plain(what: str, fn: Any) -> Any:
 
 
 def plain_load(arch: Arch, folder: Path) -> Any:
-    """transformers' own ``from_pretrained`` of the saved folder (`PlainLoadFails` if it cannot)."""
-    return _plain("plain load", lambda: arch.model_class.from_pretrained(folder))
+    """transformers' own ``from_pretrained`` of the saved folder (`PlainLoadFails` if it cannot).
+
+    A load whose report lists missing weights did not load the checkpoint: transformers filled those weights
+    with random values (its save and load disagree on their names), which streaming rightly refuses to do.
+    """
+    model, info = _plain("plain load", lambda: arch.model_class.from_pretrained(folder, output_loading_info=True))
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise PlainLoadFails(
+            f"plain load: transformers' own save/load round trip loses {len(missing)} weights (it initializes them "
+            f"randomly), e.g. {missing[0]}"
+        )
+    return model
 
 
 def compare(arch: Arch, folder: Path) -> Outcome:
