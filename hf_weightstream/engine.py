@@ -473,7 +473,7 @@ class StreamEngine:
         return need
 
     def run_experts(
-        self, layer: ExpertLayer, used: torch.Tensor, hidden_states: torch.Tensor
+        self, layer: ExpertLayer, used: torch.Tensor, hidden_states: torch.Tensor, routing: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Make experts ``used`` (ascending ids) resident and return their parameters stacked for one call.
 
@@ -488,7 +488,7 @@ class StreamEngine:
             self.last_active = self.pool.tick()
             if self._trace is not None and layer not in self._moe_trace:
                 self._moe_trace.append(layer)
-            self._learn_routing(layer, ids)
+            self._learn_routing(layer, ids, routing)
             if layer.router_copy is None:
                 layer.router_copy = moe.capture_router(layer)
                 if layer.router_copy is not None:
@@ -551,27 +551,32 @@ class StreamEngine:
             if layer.stack.held_bytes:
                 self.pool.refund(layer.stack, layer.stack.held_bytes)
 
-    def _learn_routing(self, layer: ExpertLayer, ids: list[int]) -> None:
+    def _learn_routing(self, layer: ExpertLayer, ids: list[int], routing: torch.Tensor) -> None:
         """Routing frequency (for the cache's ranks) and how well the previous layer predicted this call."""
         counters = layer.counters
         counters["calls"] += 1
         layer.frequency.mul_(moe.FREQUENCY_DECAY)
         layer.frequency[ids] += 1.0 - moe.FREQUENCY_DECAY
-        if layer.predicted:
-            counters["predicted"] += len(layer.predicted)
-            counters["predicted_used"] += len(layer.predicted.intersection(ids))
-            counters["used"] += len(ids)
-            layer.predicted = frozenset()
+        if layer.prediction is not None:
+            counters["routed"] += len(ids)
+            counters["prefetched"] += len(layer.predicted)
+            counters["prefetched_used"] += len(layer.predicted.intersection(ids))
+        moe.score_prediction(layer, routing)
+        layer.predicted = frozenset()
 
     def _predict_next(self, layer: ExpertLayer, hidden_states: torch.Tensor) -> None:
-        """Read the experts the next MoE layer's router would pick for this hidden state, in the background."""
+        """Guess the next MoE layer's experts from this hidden state; read ahead the guesses of trusted ranks."""
         nxt = layer.next
         if nxt is None or not self.lookahead:
             return
-        predicted = moe.predict(nxt, hidden_states)
+        guesses = moe.predict(nxt, hidden_states)
         with self.pool.cond:
-            nxt.predicted = predicted
-            for e in sorted(predicted):
+            nxt.prediction = guesses
+            if guesses is None:
+                return
+            wanted = moe.worth_reading(nxt, guesses)
+            nxt.predicted = frozenset(wanted)
+            for e in wanted:
                 unit = nxt.units[e]
                 if unit.state == "absent":
                     if not self._start_load(unit, prefetch=True):
@@ -996,8 +1001,9 @@ class StreamEngine:
             per_layer[layer.name] = {
                 "calls": lc["calls"],
                 "hit_rate": lc["hits"] / layer_accesses if layer_accesses else 0.0,
-                "prefetch_recall": lc["predicted_used"] / lc["used"] if lc["used"] else 0.0,
-                "prefetch_precision": lc["predicted_used"] / lc["predicted"] if lc["predicted"] else 0.0,
+                "prediction_accuracy": lc["guesses_right"] / lc["guesses"] if lc["guesses"] else 0.0,
+                "prefetch_recall": lc["prefetched_used"] / lc["routed"] if lc["routed"] else 0.0,
+                "prefetch_precision": lc["prefetched_used"] / lc["prefetched"] if lc["prefetched"] else 0.0,
                 "resident_experts": sum(u.state == "resident" for u in layer.units),
             }
         return {
@@ -1007,8 +1013,9 @@ class StreamEngine:
             "expert_late_prefetches": c["expert_late"],
             "expert_hit_rate": c["expert_hits"] / accesses if accesses else 0.0,
             "expert_prefetches": c["expert_prefetches"],
-            "prefetch_recall": totals["predicted_used"] / totals["used"] if totals["used"] else 0.0,
-            "prefetch_precision": totals["predicted_used"] / totals["predicted"] if totals["predicted"] else 0.0,
+            "prediction_accuracy": totals["guesses_right"] / totals["guesses"] if totals["guesses"] else 0.0,
+            "prefetch_recall": totals["prefetched_used"] / totals["routed"] if totals["routed"] else 0.0,
+            "prefetch_precision": totals["prefetched_used"] / totals["prefetched"] if totals["prefetched"] else 0.0,
             "experts": per_layer,
         }
 

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 COMPACT_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm", None)
 _TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
 FREQUENCY_DECAY = 0.95  # per call of the layer: about twenty tokens of memory
+# A predicted expert is read ahead only where predictions of its rank have come true this often: a wrong guess
+# costs its bytes, and at 0.8 what speculation wastes stays under a quarter of what it reads usefully.
+PREFETCH_PRECISION = 0.8
+RANK_DECAY = 0.98  # per call: how fast a layer's prediction record forgets
 
 
 @dataclass
@@ -84,7 +88,10 @@ class ExpertLayer:
     frequency: torch.Tensor | None = None  # decayed probability that a call routes to each expert
     router_copy: tuple[torch.Tensor, torch.Tensor | None] | None = None
     router_holding: Holding | None = None
-    predicted: frozenset[int] = frozenset()
+    predicted: frozenset[int] = frozenset()  # experts read ahead for the next call (expected to be needed)
+    prediction: torch.Tensor | None = None  # [tokens, k]: the router copy's ranked guesses for the next call
+    rank_tries: torch.Tensor | None = None  # per rank of a guess: decayed guesses, and how many came true
+    rank_hits: torch.Tensor | None = None
     stack: Holding | None = None
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -282,8 +289,16 @@ def _build_layer(
     for unit in units:
         unit.expert = layer
     layer.frequency = torch.full((num_experts,), (layer.top_k or 1) / num_experts, dtype=torch.float64)
-    layer.counters = {"calls": 0, "hits": 0, "misses": 0, "late": 0, "predicted": 0, "predicted_used": 0, "used": 0}
+    layer.rank_tries = torch.zeros(layer.top_k or 1, dtype=torch.float64)
+    layer.rank_hits = torch.zeros(layer.top_k or 1, dtype=torch.float64)
+    layer.counters = dict.fromkeys(COUNTERS, 0)
     return layer
+
+
+# Per layer: calls; routed experts found resident, read, or still being read ahead; router-copy guesses and how
+# many came true (per token and rank); experts read ahead on a guess, and how many the call then used; experts
+# the calls routed to while a prediction existed (what prefetch recall is out of).
+COUNTERS = ("calls", "hits", "misses", "late", "guesses", "guesses_right", "prefetched", "prefetched_used", "routed")
 
 
 def stack_buffer(layer: ExpertLayer, attr: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
@@ -332,19 +347,41 @@ def renumber(ids: torch.Tensor, used: torch.Tensor, num_experts: int) -> torch.T
     return torch.where(routed, compact, ids - num_experts + used.numel())
 
 
-def predict(layer: ExpertLayer, hidden_states: torch.Tensor) -> frozenset[int]:
-    """Experts ``layer`` is likely to route ``hidden_states`` to, from its router copy (top-k of the logits)."""
+def predict(layer: ExpertLayer, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """Ranked guesses ``[tokens, k]`` of the experts ``layer`` will route ``hidden_states`` to: the top-k of its
+    router copy's logits (None before the router was first seen)."""
     if layer.router_copy is None or layer.top_k is None:
-        return frozenset()
+        return None
     weight, bias = layer.router_copy
     flat = hidden_states.detach().reshape(-1, hidden_states.shape[-1])
     if flat.shape[-1] != weight.shape[1]:
-        return frozenset()
+        return None
     logits = F.linear(flat.to(weight.device, weight.dtype), weight)
     if bias is not None:
         logits = logits + bias
-    top = logits.topk(min(layer.top_k, layer.num_experts), dim=-1).indices
-    return frozenset(top.unique().tolist())
+    return logits.topk(min(layer.top_k, layer.num_experts), dim=-1).indices.cpu()
+
+
+def score_prediction(layer: ExpertLayer, ids: torch.Tensor) -> None:
+    """How the guesses made for this call fared, by rank, against each token's own routing ``ids`` [T, k]."""
+    guesses = layer.prediction
+    layer.prediction = None
+    ids = ids.detach().reshape(-1, ids.shape[-1]).cpu()
+    if guesses is None or guesses.shape[0] != ids.shape[0]:
+        return
+    right = (guesses.unsqueeze(-1) == ids.unsqueeze(1)).any(-1)  # [T, k]: guess (t, r) is among t's experts
+    ranks = min(right.shape[1], layer.rank_tries.numel())
+    layer.rank_tries.mul_(RANK_DECAY)[:ranks] += right.shape[0]
+    layer.rank_hits.mul_(RANK_DECAY)[:ranks] += right[:, :ranks].sum(0).double()
+    layer.counters["guesses"] += right.numel()
+    layer.counters["guesses_right"] += int(right.sum())
+
+
+def worth_reading(layer: ExpertLayer, guesses: torch.Tensor) -> list[int]:
+    """Guessed experts whose rank has come true often enough to be read ahead (Laplace-smoothed)."""
+    trusted = (layer.rank_hits + 1) / (layer.rank_tries + 2) >= PREFETCH_PRECISION
+    ranks = [r for r in range(min(guesses.shape[1], trusted.numel())) if trusted[r]]
+    return sorted(set(guesses[:, ranks].reshape(-1).tolist())) if ranks else []
 
 
 def capture_router(layer: ExpertLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -376,7 +413,7 @@ class ExpertsHook(ModelHook):
         used = used[used < layer.num_experts]
         if used.numel() == 0:  # only sentinels: any one expert keeps the shapes valid
             used = torch.zeros(1, dtype=used.dtype)
-        stacks = self.engine.run_experts(layer, used, hidden_states)
+        stacks = self.engine.run_experts(layer, used, hidden_states, ids)
         for attr, tensor in stacks.items():
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         module.num_experts = used.numel()

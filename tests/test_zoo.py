@@ -12,7 +12,9 @@ A representative set runs always (seconds); the whole zoo (~360 architectures, s
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -50,8 +52,7 @@ SKIP = {
 # Refused at load time by hf_weightstream.support, with what to do instead.
 REFUSED = {"causal_lm:rwkv": "divides some of its weights in place"}
 # Found by the zoo and not fixed yet (in code other work owns): visible failures (strict xfail), never silent.
-KNOWN_FAILURES = {
-}
+KNOWN_FAILURES = {}
 # Always run: one or more of each kind of problem the zoo found, and the main families.
 FAST = [
     "causal_lm:llama", "causal_lm:opt", "causal_lm:roformer", "causal_lm:bert", "causal_lm:llama4",
@@ -88,9 +89,7 @@ def _check(arch_id: str, tmp_path) -> None:
 
 def _params(ids: list[str]) -> list:
     return [
-        pytest.param(i, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[i], strict=True))
-        if i in KNOWN_FAILURES
-        else i
+        pytest.param(i, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[i], strict=True)) if i in KNOWN_FAILURES else i
         for i in ids
     ]
 
@@ -105,6 +104,37 @@ def test_zoo_representatives(arch_id, tmp_path):
 @pytest.mark.parametrize("arch_id", _params([i for i in ARCHS if i not in FAST]))
 def test_zoo_everything_else(arch_id, tmp_path):
     _check(arch_id, tmp_path)
+
+
+def _moe_archs() -> list[str]:
+    """Zoo architectures whose model has experts modules dispatched by transformers' experts interface."""
+    if not FULL:
+        return ["causal_lm:qwen3_moe"]  # collected (and skipped) without importing every modeling file
+    return [
+        i
+        for i, arch in ARCHS.items()
+        if i not in SKIP
+        and i not in KNOWN_FAILURES
+        and arch.model_class._can_set_experts_implementation()
+        and "@use_experts_implementation" in inspect.getsource(sys.modules[arch.model_class.__module__])
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="the MoE sweep takes minutes: HFWS_ZOO=full (make zoo)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("arch_id", _moe_archs())
+def test_zoo_moe_every_experts_implementation(arch_id, implementation, dtype, tmp_path):
+    """Every MoE architecture, its experts read per routed expert, under each experts implementation and dtype."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        zoo.build_and_save(ARCHS[arch_id], tmp_path / "model")
+        outcome = zoo.compare(ARCHS[arch_id], tmp_path / "model", dtype=dtype, experts_implementation=implementation)
+    finally:
+        torch.set_num_threads(threads)
+    assert outcome.status in ("identical", "weights"), outcome
 
 
 def test_zoo_lists_name_real_architectures_and_the_bar_holds():

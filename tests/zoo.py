@@ -280,7 +280,10 @@ def _relations(d: dict, base: dict) -> None:
     # Hybrid stacks: keep the layers where attention (or experts) first appear.
     layers_key = next((k for k in ("num_hidden_layers", "num_layers") if _is_int(d.get(k))), None)
     if layers_key:
-        for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):  # noqa: E501
+        for period, offset in (
+            ("attn_layer_period", "attn_layer_offset"),
+            ("expert_layer_period", "expert_layer_offset"),
+        ):  # noqa: E501
             if _is_int(d.get(period)) and _is_int(d.get(offset)):
                 d[layers_key] = max(d[layers_key], d[offset] + 1)
         # A hybrid whose default has no attention layer at all, which no checkpoint has: the last one attends.
@@ -720,13 +723,15 @@ def _plain(what: str, fn: Any) -> Any:
         raise PlainLoadFails(f"{what}: {type(err).__name__}: {str(err)[:300]}") from err
 
 
-def plain_load(arch: Arch, folder: Path) -> Any:
+def plain_load(arch: Arch, folder: Path, **load_kwargs: Any) -> Any:
     """transformers' own ``from_pretrained`` of the saved folder (`PlainLoadFails` if it cannot).
 
     A load whose report lists missing weights did not load the checkpoint: transformers filled those weights
     with random values (its save and load disagree on their names), which streaming rightly refuses to do.
     """
-    model, info = _plain("plain load", lambda: arch.model_class.from_pretrained(folder, output_loading_info=True))
+    model, info = _plain(
+        "plain load", lambda: arch.model_class.from_pretrained(folder, output_loading_info=True, **load_kwargs)
+    )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise PlainLoadFails(
@@ -736,11 +741,11 @@ def plain_load(arch: Arch, folder: Path) -> Any:
     return model
 
 
-def compare(arch: Arch, folder: Path) -> Outcome:
+def compare(arch: Arch, folder: Path, **load_kwargs: Any) -> Outcome:
     """Load ``folder`` normally and streamed under a budget below the model; compare everything bit for bit.
 
-    Raises `PlainLoadFails` when the normal load itself fails (then streaming has nothing to match), and
-    AssertionError on any difference.
+    ``load_kwargs`` go to both loads (``dtype``, ``experts_implementation``...). Raises `PlainLoadFails` when the
+    normal load itself fails (then streaming has nothing to match), and AssertionError on any difference.
     """
     from equivalence import assert_units_match_plain_load
 
@@ -750,7 +755,7 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     from hf_weightstream.units import full_bytes
 
     cls = arch.model_class
-    reference = plain_load(arch, folder)
+    reference = plain_load(arch, folder, **load_kwargs)
     prepare(reference)
     media, towers = media_inputs(reference)
     inputs = model_inputs(reference) if getattr(reference, "main_input_name", "input_ids") == "input_ids" else media
@@ -762,9 +767,9 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     except PlainLoadFails as err:
         # The model loads but the zoo has no inputs its plain forward accepts (BLIP-2's Q-Former ids, UDOP's
         # boxes, a default config transformers cannot run): check its weights, unit by unit, instead.
-        return _weights_only(cls, folder, reference, str(err))
+        return _weights_only(cls, folder, reference, str(err), **load_kwargs)
     try:
-        probe = cls.from_pretrained(folder, device_map="stream")
+        probe = cls.from_pretrained(folder, device_map="stream", **load_kwargs)
     except StreamingUnsupportedError as err:
         return Outcome("refused", str(err))
     # The budget is a fraction of what the forwards use (a text-only forward of a vision-language model never
@@ -782,7 +787,9 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     budget = max(int(used_bytes * BUDGET_FRACTION), engine.minimum_budget())
     units, model_bytes = len(engine.units), engine.model_bytes
     del probe, engine
-    streamed = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    streamed = cls.from_pretrained(
+        folder, device_map="stream", stream_config=StreamConfig(budget=budget), **load_kwargs
+    )
     prepare(streamed)
     outcome = Outcome("identical", units=units, model_bytes=model_bytes, budget=budget)
     with torch.no_grad():
@@ -809,18 +816,20 @@ def compare(arch: Arch, folder: Path) -> Outcome:
     return outcome
 
 
-def _weights_only(cls: type, folder: Path, reference: Any, why: str) -> Outcome:
+def _weights_only(cls: type, folder: Path, reference: Any, why: str, **load_kwargs: Any) -> Outcome:
     from equivalence import assert_units_match_plain_load
 
     from hf_weightstream import StreamConfig
     from hf_weightstream.errors import StreamingUnsupportedError
 
     try:
-        probe = cls.from_pretrained(folder, device_map="stream")
+        probe = cls.from_pretrained(folder, device_map="stream", **load_kwargs)
     except StreamingUnsupportedError as err:
         return Outcome("refused", str(err))
     budget = 2 * probe._hf_weightstream.model_bytes  # a values check: room for every unit, tables read whole
-    streamed = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    streamed = cls.from_pretrained(
+        folder, device_map="stream", stream_config=StreamConfig(budget=budget), **load_kwargs
+    )
     engine = streamed._hf_weightstream
     assert_units_match_plain_load(streamed, reference)
     return Outcome("weights", why, len(engine.units), engine.model_bytes, budget, ["units"])
