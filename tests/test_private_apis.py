@@ -75,3 +75,19 @@ def test_private_huggingface_hub_helpers_keep_their_shape():
     for name, parameters in expected.items():
         assert params(getattr(file_download, name)) == parameters, f"huggingface_hub.file_download.{name} changed"
     assert callable(file_download.repo_folder_name) and file_download.REGEX_COMMIT_HASH.match("a" * 40)
+
+
+def test_torch_storage_use_count_counts_the_tensors_sharing_a_storage():
+    """Direct reads recycle a buffer only when no tensor outside the engine views it (_torch_compat)."""
+    import mmap
+
+    import torch
+
+    from hf_weightstream._torch_compat import storage_users
+
+    base = torch.frombuffer(mmap.mmap(-1, 1 << 16), dtype=torch.uint8)
+    assert storage_users(base) == 1, f"torch {torch.__version__}: torch._C._storage_Use_Count changed meaning"
+    views = [base[:10], base[100:200].view(torch.int32)]
+    assert storage_users(base) == 3
+    del views
+    assert storage_users(base) == 1
