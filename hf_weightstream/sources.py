@@ -124,6 +124,7 @@ class LocalFileSource:
 
 ALIGNMENT = 4096  # O_DIRECT wants file offsets, lengths and buffer addresses aligned; a page satisfies every disk
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_SLACK = 4 * ALIGNMENT  # a recycled buffer may be this much (plus 1/64) larger than the read that reuses it
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
@@ -241,17 +242,20 @@ class DirectReader:
         return base
 
     def reuse(self, candidates: list[torch.Tensor], ranges: list) -> torch.Tensor | None:
-        """A buffer among ``candidates`` of exactly the size ``ranges`` need (removed from the list), or None."""
+        """The smallest buffer among ``candidates`` that ``ranges`` fit in with little to spare (removed from the
+        list), or None. Units of one kind differ by a page or two once aligned (where their bytes start in a
+        page), so a little slack is allowed; a much larger buffer would hold memory the budget did not charge.
+        """
         _spans, total = self.layout(ranges)
-        for i, buffer in enumerate(candidates):
-            if buffer.numel() == total:
-                return candidates.pop(i)
-        return None
+        fitting = [i for i, b in enumerate(candidates) if total <= b.numel() <= total + _SLACK + total // 64]
+        if not fitting:
+            return None
+        return candidates.pop(min(fitting, key=lambda i: candidates[i].numel()))
 
     # --------------------------------------------------------------------------------------- reading
     def read(self, ranges: list, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
         spans, total = self.layout(ranges)
-        if buffer is None or buffer.numel() != total:
+        if buffer is None or buffer.numel() < total:
             buffer = aligned_buffer(total)
         view = memoryview(buffer.numpy())
         pieces = []

@@ -127,6 +127,11 @@ def test_reclaim_reuses_a_buffer_only_when_nothing_else_views_it(data_file) -> N
     assert again[0]._base is buffer
     assert [bytes(c.numpy()) for c in again] == [data[r.offset : r.offset + r.length] for r in RANGES]
 
+    # The next unit of the same kind starts elsewhere in its page: one page more or less once aligned.
+    shifted = [Range(r.shard, r.offset + 100, r.length) for r in RANGES[2:3]]
+    candidates = [reader.reclaim(reader.read(RANGES[2:3]))]
+    assert reader.reuse(candidates, shifted) is not None
+
     kept = again[1].view(torch.uint8)  # a user holds a tensor of the evicted unit
     assert reader.reclaim(again) is None
     assert bytes(kept.numpy()) == data[RANGES[1].offset : RANGES[1].offset + RANGES[1].length]
