@@ -15,7 +15,8 @@ to the disk's own speed for the bytes it reads?
   limit (three times: before, between and after the rows; the median), and streaming's bytes read per token
   over that bandwidth.
 * Without a limit, files in the page cache: transformers' own load against ``streaming=True`` whose default
-  budget then holds the whole model. Its tokens are the reference every row is checked against.
+  budget then holds the whole model. Its tokens are the reference every row is checked against (a bfloat16 full
+  load's for the bfloat16 row).
 * Decoding is a manual greedy loop: a 32-token prefill, then ``--tokens`` steps of one token, each timed;
   ms/token is the median of the decode steps after the first. Each step records the CPU other processes used
   meanwhile (the machine is shared): a row mostly measured next to a busy neighbour is flagged.
@@ -66,6 +67,7 @@ FLOOR_THREADS = 4
 # (label, runs under the limit, what the worker loads)
 CONTENDERS: dict[str, tuple[str, bool]] = {
     "full_nolimit": ("transformers load, no limit, files cached", False),
+    "full_nolimit_bf16": ("transformers load, dtype=bfloat16, no limit (reference tokens)", False),
     "stream_nolimit": ("streaming=True, no limit, files cached", False),
     "transformers": ("transformers load (maps the files)", True),
     "accelerate": ("accelerate offload, device_map='auto', max_memory=budget", True),
@@ -74,6 +76,7 @@ CONTENDERS: dict[str, tuple[str, bool]] = {
     "stream_default_bf16": ("hf_weightstream, streaming=True, dtype=bfloat16", True),
     "stream_budget_mmap": ("hf_weightstream, budget 30%, io='mmap' (setting)", True),
 }
+BFLOAT16 = {"full_nolimit_bf16", "stream_default_bf16"}
 TARGETS = {
     "stream_vs_io_floor": 1.15,
     "stream_vs_transformers": 0.5,
@@ -121,6 +124,8 @@ def _load(job: dict[str, Any]) -> Any:
     folder, contender = job["folder"], job["contender"]
     if contender in ("full_nolimit", "transformers"):
         return AutoModelForCausalLM.from_pretrained(folder)
+    if contender == "full_nolimit_bf16":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     if contender == "accelerate":
         return AutoModelForCausalLM.from_pretrained(folder, device_map="auto", max_memory={"cpu": job["budget"]})
     if contender in ("stream_nolimit", "stream_default"):
@@ -292,13 +297,9 @@ def compute_ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
             "",
         )
     )
-    reference = rows.get("full_nolimit", {}).get("tokens")
-    same = [
-        r["contender"]
-        for r in report["rows"]
-        if r.get("tokens") and reference and r["tokens"] == reference[: len(r["tokens"])]
-    ]
-    checked = [r["contender"] for r in report["rows"] if r.get("tokens")]
+    verdicts = [same_tokens(r, report["rows"]) for r in report["rows"]]
+    same = [v for v in verdicts if v]
+    checked = [v for v in verdicts if v is not None]
     out.append(
         {
             "metric": "rows with tokens identical to the reference",
@@ -320,6 +321,15 @@ def compute_ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     return out
+
+
+def same_tokens(row: dict[str, Any], rows: list[dict[str, Any]]) -> bool | None:
+    """Whether a row's tokens are the no-limit full load's in its dtype (None: nothing to compare)."""
+    name = "full_nolimit_bf16" if row["contender"] in BFLOAT16 else "full_nolimit"
+    reference = next((r.get("tokens") for r in rows if r["contender"] == name), None)
+    if row["contender"] == name or not row.get("tokens") or not reference:
+        return None
+    return row["tokens"] == reference[: len(row["tokens"])]
 
 
 def _mb(value: float | None) -> str:
@@ -355,7 +365,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| peak RSS MB | cgroup peak MB | limit hits | tokens = reference | notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    reference = next((r.get("tokens") for r in report["rows"] if r["contender"] == "full_nolimit"), None)
     for r in report["rows"]:
         if r["contender"] == "floor":
             continue
@@ -377,7 +386,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         steps = r.get("steps") or []
         if steps and len(steps) < s["tokens"]:
             notes.append(f"capped at {len(steps)} steps ({s['decode_cap_s']} s)")
-        same = None if not r.get("tokens") or not reference else r["tokens"] == reference[: len(r["tokens"])]
+        same = same_tokens(r, report["rows"])
         cells = [
             label,
             "yes" if limited else "no",

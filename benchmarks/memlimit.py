@@ -143,8 +143,9 @@ def memory_cgroup(limit_bytes: int) -> Iterator[Cgroup | None]:
                     (child / "memory.swap.max").write_text("0")
             else:
                 (child / "memory.limit_in_bytes").write_text(str(limit_bytes))
-                with contextlib.suppress(OSError):  # no swap accounting in this kernel: nothing to cap
-                    (child / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+                if _has_swap():  # (with no swap, a memsw limit only stops memory.failcnt from counting)
+                    with contextlib.suppress(OSError):  # no swap accounting in this kernel: nothing to cap
+                        (child / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
         except OSError:
             _remove(child)
             continue
@@ -155,6 +156,13 @@ def memory_cgroup(limit_bytes: int) -> Iterator[Cgroup | None]:
     finally:
         if made is not None:
             _remove(made.path)
+
+
+def _has_swap() -> bool:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("SwapTotal:"):
+            return int(line.split()[1]) > 0
+    return False
 
 
 def _remove(path: Path) -> None:
