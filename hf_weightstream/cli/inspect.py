@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=0,
+        dest="run_tokens",  # args.run is the subcommand's entry point
         help="also stream N decode steps for real: the engine's plan, predicted against measured",
     )
     add_model_options(parser)
@@ -290,8 +291,8 @@ def measured(plan: Plan) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(resolve_model(args.model), args.budget, args.lookahead, args.dtype)
     problem = too_small(plan)
-    if args.run and not problem:
-        run_streamed(plan, args.run, args.dtype)
+    if args.run_tokens and not problem:
+        run_streamed(plan, args.run_tokens, args.dtype)
     print("\n".join(line for line in (f(plan) for f in HEADER) if line) + "\n")
     print(unit_table(plan))
     if problem:
