@@ -16,6 +16,7 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,7 @@ class DirectReader:
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="hf_weightstream_io")
         self._fds: dict[str, int | None] = {}
         self._refused: list[int] = []  # O_DIRECT descriptors whose reads were refused
+        self._made: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # buffers this reader allocated
         self._lock = threading.Lock()
         self.fallback: str | None = None  # why some reads went through the page cache, if any did
 
@@ -237,7 +239,7 @@ class DirectReader:
         """
         base = chunks[0]._base if chunks else None
         chunks.clear()
-        if base is None or storage_users(base) != 1:
+        if base is None or base not in self._made or storage_users(base) != 1:
             return None  # someone kept a tensor of the evicted unit: the memory is theirs now, never reused
         return base
 
@@ -257,6 +259,7 @@ class DirectReader:
         spans, total = self.layout(ranges)
         if buffer is None or buffer.numel() < total:
             buffer = aligned_buffer(total)
+            self._made.add(buffer)
         view = memoryview(buffer.numpy())
         pieces = []
         for span in spans:

@@ -132,6 +132,9 @@ def test_reclaim_reuses_a_buffer_only_when_nothing_else_views_it(data_file) -> N
     candidates = [reader.reclaim(reader.read(RANGES[2:3]))]
     assert reader.reuse(candidates, shifted) is not None
 
+    mapped = MappedReader(source).read(RANGES[2:3])  # page cache of the file: never a buffer to read into
+    assert reader.reclaim(mapped) is None
+
     kept = again[1].view(torch.uint8)  # a user holds a tensor of the evicted unit
     assert reader.reclaim(again) is None
     assert bytes(kept.numpy()) == data[RANGES[1].offset : RANGES[1].offset + RANGES[1].length]
