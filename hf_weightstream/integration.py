@@ -313,10 +313,12 @@ def load_streamed(
 
 
 def _default_budget(units: list, model_bytes: int, limits: MemoryLimits) -> int:
-    """The budget when none was given: a share of the tightest limit's room, never more than the model needs."""
-    # A cast or converted unit holds its raw bytes next to its output while it loads: room for that, once.
-    need = model_bytes + max((u.charge_bytes - u.resident_bytes for u in units), default=0)
-    chosen = default_budget(need, limits)
+    """The budget when none was given: a share of the tightest limit's room, at most twice the model.
+
+    More than the model leaves room for what loads next to resident weights: a cast unit's raw bytes, the
+    stacked copy of an MoE call's routed experts.
+    """
+    chosen = default_budget(2 * model_bytes, limits)
     largest = max(units, key=lambda u: u.charge_bytes)
     if chosen.bytes < largest.charge_bytes:
         raise BudgetError(

@@ -289,14 +289,14 @@ def memory_limits(device: torch.device | str = "cpu", proc: Path = Path("/proc")
     return MemoryLimits(tuple(found))
 
 
-def default_budget(model_bytes: int, limits: MemoryLimits) -> DefaultBudget:
+def default_budget(cap: int, limits: MemoryLimits) -> DefaultBudget:
     """Bytes of weights to allow when the user gave no budget.
 
-    ``model_bytes`` is what the whole model needs resident at once (more would never be used). Of the room
+    ``cap`` bounds it: the most the model could ever use. Of the room
     the tightest limit leaves, the weights get ``WEIGHT_SHARE`` and at least ``MIN_RESERVE`` stays free for
     activations, the KV cache, allocator slack and the page cache the reads go through.
     """
     room = limits.available
     budget = min(int(WEIGHT_SHARE * room), room - MIN_RESERVE)
-    return DefaultBudget(max(0, min(budget, model_bytes)), limits)
+    return DefaultBudget(max(0, min(budget, cap)), limits)
 

@@ -216,7 +216,8 @@ class DirectReader:
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="hf_weightstream_io")
         self._fds: dict[str, int | None] = {}
         self._refused: list[int] = []  # O_DIRECT descriptors whose reads were refused
-        self._made: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # buffers this reader allocated
+        # Buffers this reader allocated, by id (tensors compare elementwise, so no WeakSet).
+        self._made: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self.fallback: str | None = None  # why some reads went through the page cache, if any did
 
@@ -239,7 +240,7 @@ class DirectReader:
         """
         base = chunks[0]._base if chunks else None
         chunks.clear()
-        if base is None or base not in self._made or storage_users(base) != 1:
+        if base is None or self._made.get(id(base)) is not base or storage_users(base) != 1:
             return None  # someone kept a tensor of the evicted unit: the memory is theirs now, never reused
         return base
 
@@ -259,7 +260,7 @@ class DirectReader:
         spans, total = self.layout(ranges)
         if buffer is None or buffer.numel() < total:
             buffer = aligned_buffer(total)
-            self._made.add(buffer)
+            self._made[id(buffer)] = buffer
         view = memoryview(buffer.numpy())
         pieces = []
         for span in spans:

@@ -145,7 +145,7 @@ def test_tightest_limit_decides_and_default_budget_leaves_room() -> None:
     budget = default_budget(10_000 * MB, found)
     assert budget.bytes == int(limits.WEIGHT_SHARE * 665 * MB)
     assert "cgroup v1 memory.limit_in_bytes" in budget.explain()
-    assert default_budget(100 * MB, found).bytes == 100 * MB  # never more than the model needs
+    assert default_budget(100 * MB, found).bytes == 100 * MB  # never more than the cap
     tight = MemoryLimits((Limit("cgroup2", "/x", 300 * MB, 250 * MB),))
     assert default_budget(10_000 * MB, tight).bytes == 0  # 50 MB of room, less than the reserve
 
