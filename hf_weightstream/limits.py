@@ -19,7 +19,6 @@ so it is tested on sample trees (``proc``/``cgroup`` folders) as well as on the 
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ class Limit:
 
     def describe(self) -> str:
         names = {
-            "cgroup2": "cgroup v2 memory.max",
+            "cgroup2": "cgroup v2 memory.max/memory.high",
             "cgroup1": "cgroup v1 memory.limit_in_bytes",
             "rlimit_as": "RLIMIT_AS",
             "cuda": "free memory on",
@@ -243,9 +242,13 @@ def _level_limit(folder: Path, version: int) -> Limit | None:
 def rlimit_as_limit(proc: Path = Path("/proc"), rlimit: int | None = None) -> Limit | None:
     """``RLIMIT_AS`` minus the address space already mapped (``VmSize``), if a limit is set."""
     if rlimit is None:
+        try:
+            import resource
+        except ImportError:  # Windows: no rlimits
+            return None
         soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
         rlimit = soft
-    if rlimit in (resource.RLIM_INFINITY, -1) or rlimit >= _UNLIMITED:
+    if rlimit < 0 or rlimit >= _UNLIMITED:  # RLIM_INFINITY is -1 (or huge) depending on the platform
         return None
     vm_size = _status_kb(proc / "self" / "status", "VmSize") or 0
     return Limit("rlimit_as", "soft limit", rlimit, vm_size)

@@ -159,7 +159,7 @@ def test_memory_limits_of_this_process_include_the_host() -> None:
 def test_default_budget_below_the_largest_unit_names_the_limit(checkpoints, monkeypatch) -> None:
     tight = MemoryLimits((Limit("cgroup2", "/sys/fs/cgroup/app", 400 * MB, 399 * MB),))
     monkeypatch.setattr("hf_weightstream.integration.memory_limits", lambda device: tight)
-    with pytest.raises(BudgetError, match=r"cgroup v2 memory.max /sys/fs/cgroup/app.*unit '.+' needs"):
+    with pytest.raises(BudgetError, match=r"cgroup v2 memory.max/memory.high /sys/fs/cgroup/app.*unit '.+' needs"):
         AutoModelForCausalLM.from_pretrained(checkpoints("llama"), streaming=True)
 
 
