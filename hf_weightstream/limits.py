@@ -7,7 +7,7 @@ limit that can kill or starve the process and takes the tightest:
 * **cgroup v2** ``memory.max`` minus ``memory.current``, and **cgroup v1** ``memory.limit_in_bytes`` minus
   ``memory.usage_in_bytes``, at the process's own cgroup *and every ancestor* (a limit set on a parent applies
   to all its children). The page cache counts against these limits, so usage is taken as charged, except page
-  cache the kernel can drop at once (clean, unmapped file pages): that is room, not use.
+  cache the kernel can drop without writing anything (clean file pages): that is room, not use.
 * ``RLIMIT_AS``, minus the address space already mapped.
 * On a GPU, the device's free memory (``torch.cuda.mem_get_info``).
 * Then the host's ``MemAvailable``.
@@ -190,14 +190,20 @@ def _folder(mount: _Mount, path: str) -> Path | None:
 
 
 def _reclaimable(stat: dict[str, int], version: int) -> int:
-    """Clean page cache no process maps: the kernel drops it at once when the cgroup needs room."""
+    """Clean page cache: the kernel drops it when the cgroup needs room, without writing anything.
+
+    Mapped file pages count too. In a fresh container they are mostly the shared libraries the process mapped
+    (torch's alone are hundreds of MB, charged to the cgroup that first read them): only the pages the code
+    runs stay hot, and the kernel takes the rest back under the limit. Counting them as used would leave
+    streaming=True no room in exactly the containers it is for.
+    """
     if version == 2:
-        cache, mapped, shmem = stat.get("file", 0), stat.get("file_mapped", 0), stat.get("shmem", 0)
+        cache, shmem = stat.get("file", 0), stat.get("shmem", 0)
         dirty = stat.get("file_dirty", 0) + stat.get("file_writeback", 0)
     else:  # the hierarchical totals, since usage_in_bytes covers descendants too
-        cache, mapped, shmem = stat.get("total_cache", 0), stat.get("total_mapped_file", 0), stat.get("total_shmem", 0)
+        cache, shmem = stat.get("total_cache", 0), stat.get("total_shmem", 0)
         dirty = stat.get("total_dirty", 0) + stat.get("total_writeback", 0)
-    return max(0, cache - mapped - shmem - dirty)
+    return max(0, cache - shmem - dirty)
 
 
 def cgroup_limits(proc: Path = Path("/proc")) -> list[Limit]:
