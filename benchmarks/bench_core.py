@@ -62,11 +62,12 @@ CONTENDERS: dict[str, str] = {
     "a": "(a) full load",
     "b": "(b) accelerate offload",
     "c_schedule_0": "(c) stream schedule la=0",
-    "c_schedule_2": "(c) stream schedule la=2",
+    "c_schedule_2": "(c) stream, defaults (schedule la=2)",
     "c_lru_0": "(c) stream lru la=0",
     "c_lru_2": "(c) stream lru la=2",
 }
 MODES = ("warm", "evicted")
+DEFAULTS = "c_schedule_2"  # StreamConfig's defaults; the other (c) rows are settings, labelled as such
 
 # The goals of the "core streaming engine" issue; written into the report next to the measured ratios.
 TARGETS = {
@@ -586,11 +587,15 @@ def summarize_row(
 
 
 def _best_c(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The streaming row the ratios rest on: the defaults' (what a user gets) when it ran, else the fastest."""
     candidates = [
         r
         for r in rows
         if r["mode"] == mode and r["contender"].startswith("c_") and r.get("median_ms") is not None
     ]
+    defaults = [r for r in candidates if r["contender"] == DEFAULTS]
+    if defaults:
+        return defaults[0]
     return min(candidates, key=lambda r: r["median_ms"]) if candidates else None
 
 
@@ -624,30 +629,30 @@ def compute_ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for mode in report["settings"]["modes"]:
         best, b, a = _best_c(rows, mode), _row(rows, "b", mode), _row(rows, "a", mode)
-        name = CONTENDERS[best["contender"]] if best else "(c) best"
+        name = CONTENDERS[best["contender"]] if best else "(c)"
         if mode == "evicted":
             value = best["median_ms"] / floor["floor_ms"] if best else None
             detail = f"{name}; floor = (model − budget) / bandwidth = {floor['floor_ms']:.1f} ms"
             out.append(
-                _ratio("(c)best / disk floor", mode, value, TARGETS["evicted_c_vs_floor"], detail, [best])
+                _ratio("(c) / disk floor", mode, value, TARGETS["evicted_c_vs_floor"], detail, [best])
             )
             if best and floor.get("engine_floor_ms"):
                 value = best["median_ms"] / floor["engine_floor_ms"]
                 detail = (
                     f"floor = {name}'s bytes_read per token / bandwidth = {floor['engine_floor_ms']:.1f} ms"
                 )
-                out.append(_ratio("(c)best / floor of its own bytes_read", mode, value, None, detail, [best]))
+                out.append(_ratio("(c) / floor of its own bytes_read", mode, value, None, detail, [best]))
                 value = best["median_ms"] / floor["disk_floor_ms"]
                 detail = (
                     f"floor = {name}'s disk reads per token / bandwidth = {floor['disk_floor_ms']:.1f} ms"
                 )
-                out.append(_ratio("(c)best / floor of its own disk reads", mode, value, None, detail, [best]))
+                out.append(_ratio("(c) / floor of its own disk reads", mode, value, None, detail, [best]))
         target = TARGETS["evicted_c_vs_b" if mode == "evicted" else "warm_c_vs_b"]
         value = best["median_ms"] / b["median_ms"] if best and b else None
-        out.append(_ratio("(c)best / (b) ms per token", mode, value, target, name, [best, b]))
+        out.append(_ratio("(c) / (b) ms per token", mode, value, target, name, [best, b]))
         if a and best:
             value = best["median_ms"] / a["median_ms"]
-            out.append(_ratio("(c)best / (a) ms per token", mode, value, None, name, [best, a]))
+            out.append(_ratio("(c) / (a) ms per token", mode, value, None, name, [best, a]))
         c_rows = [
             r for r in rows if r["mode"] == mode and r["contender"].startswith("c_") and "error" not in r
         ]
@@ -739,7 +744,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     own_floor = ""
     if floor.get("engine_floor_ms"):
         own_floor = (
-            f" With (c)best's measured bytes_read ({floor['engine_bytes_per_token'] / 1e6:.0f} MB/token): "
+            f" With (c)'s measured bytes_read ({floor['engine_bytes_per_token'] / 1e6:.0f} MB/token): "
             f"{floor['engine_floor_ms']:.1f} ms/token; with the bytes it made the disk read "
             f"({floor['disk_bytes_per_token'] / 1e6:.0f} MB/token): {floor['disk_floor_ms']:.1f} ms/token."
         )

@@ -58,7 +58,7 @@ def plot_ms_per_token(report: dict[str, Any], path: Path) -> Path:
             color="gray",
             linestyle=":",
             linewidth=1.2,
-            label=f"disk floor, (c)best bytes_read ({floor['engine_floor_ms']:.0f} ms)",
+            label=f"disk floor, (c) bytes_read ({floor['engine_floor_ms']:.0f} ms)",
         )
     if values and max(values) / max(min(values), 1e-9) > 30:
         ax.set_yscale("log")  # the disk-offload rows would flatten everything else

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 POLICIES = ("schedule", "lru")
 EXPERT_MODES = ("routed", "whole")
+IO_MODES = ("auto", "mmap", "direct")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -68,11 +69,14 @@ class StreamConfig:
 
     Args:
         budget: bytes of weights that may be held on the execution device at once (resident plus in flight),
-            as an int or a string like ``"150MB"``. ``None`` picks a default from the device's free memory.
+            as an int or a string like ``"150MB"``. ``None`` picks a default from the memory this process may
+            really use: cgroup (container) limits, ``RLIMIT_AS``, the GPU's free memory, the host's (`limits.py`).
         policy: ``"schedule"`` (default) keeps a fixed set of units resident and streams the rest in
             execution order, which is optimal for the cyclic access of a decoder; ``"lru"`` evicts the least
             recently used unit, which suits irregular access.
-        lookahead: how many units ahead of the running one are read in the background.
+        lookahead: the most units ahead of the running one read in the background. With ``policy="schedule"``
+            the planner picks the depth (0 to ``lookahead``) predicted fastest, trading read-ahead room against
+            resident units (`planner.py`).
         device: execution device; default is the first CUDA GPU if there is one, else the CPU.
         num_workers: background reader threads.
         pool: a `WeightPool` shared with other models, so several models live under one budget.
@@ -84,6 +88,11 @@ class StreamConfig:
             neighbours).
         experts: ``"routed"`` (default) reads only the experts each MoE call routes to, one unit per expert;
             ``"whole"`` streams an MoE layer's experts with its block, like a dense layer.
+        io: how CPU weights are read from local files. ``"mmap"`` maps page-cache ranges in place (best when the
+            files stay cached); ``"direct"`` reads with ``O_DIRECT`` into reused aligned buffers, several reads
+            in flight (best when the streamed bytes come from disk every token, e.g. in a container whose
+            limit charges the page cache); ``"auto"`` (default) picks from the memory limits. The choice and
+            its reason are in ``stats()["io"]`` and ``stats()["io_reason"]``.
     """
 
     budget: int | str | None = None
@@ -96,6 +105,7 @@ class StreamConfig:
     max_connections: int = 4
     coalesce_gap: int = 1 << 20
     experts: str = "routed"
+    io: str = "auto"
     _budget_bytes: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +115,8 @@ class StreamConfig:
             raise StreamConfigError(f"Unknown experts={self.experts!r}: choose one of {', '.join(EXPERT_MODES)}.")
         if self.policy not in POLICIES:
             raise StreamConfigError(f"Unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}.")
+        if self.io not in IO_MODES:
+            raise StreamConfigError(f"Unknown io {self.io!r}: choose one of {', '.join(IO_MODES)}.")
         for name in ("lookahead", "coalesce_gap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -9,7 +9,9 @@ Life of a unit, as seen from the hooks:
 
 The schedule is the order of ``acquire`` calls in the first complete forward pass (the way diffusers' group
 offloading traces execution order); later passes follow it cyclically, so the head of token t prefetches the
-first blocks of token t+1.
+first blocks of token t+1. What stays resident and how deep to read ahead is the planner's choice
+(``planner.py``), from the read bandwidth and compute times measured on the passes so far; how bytes are read
+(mapped page cache or ``O_DIRECT``) is the reader's (``sources.py``).
 
 Embedding lookups are the exception: an embedding whose table is not resident reads only the rows of the ids it
 is given (``gather``), so an untied table never loads whole and a tied one loads once per token, for the head.
@@ -27,15 +29,16 @@ import torch
 from torch import nn
 
 from . import experts as moe
-from . import log, placeholders
+from . import log, placeholders, planner
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
+from .sources import CopyReader, MappedReader
 from .units import Holding, full_bytes, measure
 
 if TYPE_CHECKING:
     from .experts import ExpertLayer
     from .residency import WeightPool
-    from .sources import ByteSource
+    from .sources import ByteSource, Reader
     from .units import Unit
 
 _EVENT_LOG_SIZE = 20_000
@@ -66,6 +69,8 @@ class StreamEngine:
         lookahead: int,
         label: str,
         expert_layers: list[ExpertLayer] | None = None,
+        reader: Reader | None = None,
+        io_reason: str = "",
     ):
         self.model = model
         self.expert_layers = list(expert_layers or [])
@@ -77,6 +82,15 @@ class StreamEngine:
         self.lookahead = lookahead
         self.label = label
         self.ledger = Ledger()
+        # How CPU tensors get their bytes (mapped page cache, O_DIRECT buffers, copies); see sources.choose_reader.
+        self.reader = reader or (MappedReader(source) if hasattr(source, "map") else CopyReader(source))
+        self.io_reason = io_reason
+        self._buffers: dict[int, torch.Tensor] = {}  # unit id -> a recycled buffer its next read lands in
+        self._recycled: list[torch.Tensor] | None = None  # buffers of units evicted to make room, while reserving
+        # The plan (planner.py): units kept resident, read-ahead depth, predicted cost; re-made as timings move.
+        self.meter = planner.Meter()
+        self.plan: planner.Plan | None = None
+        self.depth = lookahead
         self.keep_resident: set[str] = set()
         self.schedule: list[Unit] = []
         self._position: dict[int, list[int]] = {}
@@ -185,6 +199,7 @@ class StreamEngine:
         self._depth += 1
         if self._depth == 1:
             self._log_start = log.forward_snapshot(self)
+            self.meter.begin_pass(time.perf_counter())
             if not self.schedule and self._trace is None:
                 self._trace = []
 
@@ -222,6 +237,9 @@ class StreamEngine:
                         self._drop_rows(unit)
                 for layer in self.expert_layers:  # the forward raised inside an experts call
                     self.end_experts(layer)
+                self.meter.end_pass(time.perf_counter())
+                if self.schedule:
+                    self._replan()
                 self.pool.cond.notify_all()
             if self._trace is not None and encoder:
                 self._traced_prefix = len(self._trace)
@@ -246,11 +264,34 @@ class StreamEngine:
         for i, unit in enumerate(trace):
             self._position.setdefault(id(unit), []).append(i)
         self._pos = len(trace) - 1
+        self.plan = None
+        self._replan()
+        self.counters["schedule_length"] = len(trace)
+
+    def _replan(self) -> None:
+        """Choose what stays resident and how deep to read ahead, again when timings moved (pool lock held).
+
+        A new plan replaces the current one only if it is predicted clearly faster: switching costs reads.
+        """
+        if self.policy != "schedule":  # lru: no resident set; read ahead as configured
+            self.keep_resident, self.depth = set(), self.lookahead
+            return
+        timing = self.meter.timing() or planner.Timing(planner.DEFAULT_BANDWIDTH)
+        current = self.plan
+        if current is not None and not timing.moved_from(current.timing):
+            return
         # Routed experts are acquired per call, outside the cycle: plan the cycle in what their calls leave.
         budget = max(0, self.pool.budget - self.experts_reserve())
-        cycle = trace[cycle_start:]  # what repeats every token (an encoder prefix runs once per generate)
-        self.keep_resident = plan_resident_set(cycle, budget, self.lookahead) if (self.policy == "schedule") else set()
-        self.counters["schedule_length"] = len(trace)
+        cycle = self.schedule[self._cycle_start :]  # what repeats every token (an encoder prefix runs once)
+        best = planner.plan(cycle, budget, self.lookahead, timing)
+        if current is not None:
+            kept = planner.make_plan(cycle, current.keep, current.depth, timing)
+            if best.prediction.seconds > kept.prediction.seconds * (1 - planner.SWITCH_GAIN):
+                self.plan = kept  # the same plan, predicted from the new timings
+                return
+            self.counters["replans"] += 1
+        self.plan = best
+        self.keep_resident, self.depth = set(best.keep), best.depth
 
     def _steps(self, p: int) -> int:
         """Steps from the current position to schedule index ``p``.
@@ -317,7 +358,11 @@ class StreamEngine:
         if unit.installed:
             self._uninstall(unit)
         unit.tensors = None
-        unit.chunks = None  # the last views of mapped ranges go: they are unmapped
+        chunks, unit.chunks = unit.chunks, None  # the last views of mapped ranges go: they are unmapped
+        if chunks and self._recycled is not None and self.reader.recycles:
+            buffer = self.reader.reclaim(chunks)  # the read we are making room for can land in this buffer
+            if buffer is not None:
+                self._recycled.append(buffer)
         unit.state = "absent"
         unit.prefetched = False
         if unit.held_bytes:
@@ -348,6 +393,7 @@ class StreamEngine:
                 waited = unit.state != "resident"
                 if not waited:
                     self.counters["hits"] += 1
+                    self.counters["prefetch_hits"] += unit.prefetched  # read ahead, and in time
                 elif unit.state == "loading":
                     self.counters["late_prefetches"] += 1
                 else:
@@ -376,6 +422,7 @@ class StreamEngine:
         now = time.perf_counter()
         if waited:  # compute stood still while this unit was read
             self.stall_seconds += now - start
+            self.meter.stall(now - start)
         self._compute_start[id(unit)] = now
 
     def release(self, unit: Unit) -> None:
@@ -385,7 +432,10 @@ class StreamEngine:
             unit.last_used = self.pool.tick()
         start = self._compute_start.pop(id(unit), None)
         if start is not None:
-            self.events.append(("compute", unit.name, start, time.perf_counter(), threading.current_thread().name))
+            end = time.perf_counter()
+            self.events.append(("compute", unit.name, start, end, threading.current_thread().name))
+            with self.pool.cond:
+                self.meter.compute(unit.name, end - start)
 
     # ------------------------------------------------------------------------------------ embedding rows
     def gather(self, unit: Unit, ids: torch.Tensor) -> torch.Tensor | None:
@@ -438,7 +488,7 @@ class StreamEngine:
             self.counters["bytes_read"] += rows_bytes
             self.counters["reads"] += unique.numel()
             self.read_seconds += end - start
-            self.stall_seconds += end - start
+            self.stall_seconds += end - start  # not planned: to the meter, time outside the scheduled units
         self.events.append(("read", rows_state.name, start, end, threading.current_thread().name))
         return inverse.view(ids.shape).to(ids.device)
 
@@ -691,20 +741,34 @@ class StreamEngine:
         self.pool.cond.notify_all()
 
     def _prefetch_ahead(self) -> None:
-        if not self.schedule or not self.lookahead or self._trace is not None:
+        """Have the next ``depth`` units that are not resident read (or being read) in the background."""
+        if not self.schedule or not self.depth or self._trace is not None:
             return
-        index = self._pos
-        for _step in range(min(self.lookahead, len(self.schedule) - 1)):
+        index, wanted = self._pos, self.depth
+        for _step in range(len(self.schedule) - 1):
             index = self._successor(index)
             nxt = self.schedule[index]
+            if nxt.state == "resident":  # kept resident, or still resident: nothing to read
+                continue
             if nxt.state == "absent" and not self._start_load(nxt, prefetch=True):
+                break
+            wanted -= 1
+            if not wanted:
                 break
 
     # ------------------------------------------------------------------------------------ loading
     def _start_load(self, unit: Unit, prefetch: bool) -> bool:
         """Reserve room and mark the unit loading (pool lock held). Prefetches are submitted here."""
-        if not self.pool.reserve(unit, unit.charge_bytes, prefetch=prefetch):
-            return False
+        recycled = self._recycled = []
+        try:
+            if not self.pool.reserve(unit, unit.charge_bytes, prefetch=prefetch):
+                return False
+            # Hand the read a buffer that an eviction just freed (the rest are unmapped as this list goes).
+            buffer = self.reader.reuse(recycled, unit.ranges) if recycled else None
+            if buffer is not None:
+                self._buffers[id(unit)] = buffer
+        finally:
+            self._recycled = None
         unit.state = "loading"
         unit.prefetched = prefetch
         unit.error = None
@@ -748,6 +812,7 @@ class StreamEngine:
             self.counters["bytes_read"] += unit.raw_bytes
             self.counters["reads"] += reads
             self.read_seconds += end - start
+            self.meter.read(unit.raw_bytes, start, end)
             self.events.append(("read", unit.name, start, end, threading.current_thread().name))
             self.pool.cond.notify_all()
 
@@ -799,10 +864,7 @@ class StreamEngine:
 
     def _read_and_materialize(self, unit: Unit) -> dict[str, torch.Tensor]:
         if not self.copy_to_device:  # CPU execution: the bytes read are the weights
-            if hasattr(self.source, "map"):
-                chunks = [self.source.map(r.shard, r.offset, r.length) for r in unit.ranges]
-            else:
-                chunks = self._read(unit, torch.empty(unit.raw_bytes, dtype=torch.uint8))
+            chunks = self.reader.read(unit.ranges, self._buffers.pop(id(unit), None))
             tensors = self._materialize(unit, chunks)
             if unit.views_only:
                 unit.chunks = chunks
@@ -961,10 +1023,16 @@ class StreamEngine:
                 "budget_bytes": self.pool.budget,
                 "policy": self.policy,
                 "lookahead": self.lookahead,
+                "depth": self.depth,
                 "device": str(self.device),
+                "io": self.reader.io if not self.copy_to_device else "staging",
+                "io_reason": self.io_reason,
+                "io_fallback": getattr(self.reader, "fallback", None),
                 "resident_bytes": resident,
                 "resident_units": sum(u.state == "resident" for u in self.units),
                 "kept_resident_units": len(self.keep_resident),
+                "kept_resident_bytes": self.plan.kept_bytes if self.plan else 0,
+                "replans": self.counters["replans"],
                 "peak_resident_bytes": self.pool.peak_held,
                 "bytes_read": self.counters["bytes_read"],
                 "reads": self.counters["reads"],
@@ -973,6 +1041,7 @@ class StreamEngine:
                 "misses": self.counters["misses"],
                 "late_prefetches": self.counters["late_prefetches"],
                 "prefetches": self.counters["prefetches"],
+                "prefetch_hits": self.counters["prefetch_hits"],
                 "evictions": self.counters["evictions"],
                 "hit_rate": self.counters["hits"] / accesses if accesses else 0.0,
                 "stall_seconds": self.stall_seconds,
@@ -980,6 +1049,8 @@ class StreamEngine:
                 "read_bandwidth_bytes_per_s": (
                     self.counters["bytes_read"] / self.read_seconds if self.read_seconds else 0.0
                 ),
+                "measured_overlap": self.meter.overlap,
+                **self._plan_stats(),
                 "schedule_length": len(self.schedule),
                 "staging_bytes": self.staging_bytes,
                 "gathered_rows": self.counters["gathered_rows"],
@@ -1019,8 +1090,20 @@ class StreamEngine:
             "experts": per_layer,
         }
 
+    def _plan_stats(self) -> dict[str, Any]:
+        prediction = self.plan.prediction if self.plan else None
+        timing = self.plan.timing if self.plan else None
+        return {
+            "predicted_seconds_per_token": prediction.seconds if prediction else None,
+            "predicted_read_seconds_per_token": prediction.read_seconds if prediction else None,
+            "predicted_overlap": prediction.overlap if prediction else None,
+            "streamed_bytes_per_token": self.plan.streamed_bytes if self.plan else None,
+            "planned_read_bandwidth_bytes_per_s": timing.read_bandwidth if timing else None,
+        }
+
     def reset_stats(self) -> None:
         with self.pool.cond:
+            self.meter.reset()
             self.counters = collections.Counter()
             for layer in self.expert_layers:
                 layer.counters = dict.fromkeys(layer.counters, 0)
@@ -1029,38 +1112,3 @@ class StreamEngine:
             self.events.clear()
             self.pool.peak_held = self.pool.held
 
-
-def plan_resident_set(schedule: list[Unit], budget: int, lookahead: int) -> set[str]:
-    """Units to keep resident so that the rest can stream through a look-ahead window within the budget.
-
-    A decoder visits its units in the same cycle every token. With a budget below the model size, LRU evicts
-    exactly the unit needed next and never hits; keeping a fixed set resident is optimal for such a cycle
-    (Belady). We keep the largest units that fit next to the streaming window, greedily.
-
-    Every byte not kept is read again each token, which sets the floor on time per token, so the window is
-    sized for the depth (0..lookahead) that keeps the most bytes resident (the deepest among equals). Prefetch
-    still looks ``lookahead`` units ahead, but only into room that evicts no kept unit.
-    """
-    unique = list({id(u): u for u in schedule}.values())
-
-    def fits(candidate: set[str], depth: int) -> bool:
-        kept_bytes = sum(u.resident_bytes for u in unique if u.name in candidate)
-        streamed = [u for u in schedule if u.name not in candidate]
-        window = 0
-        for i in range(len(streamed)):
-            span = {id(u): u for u in (streamed[(i + j) % len(streamed)] for j in range(depth + 1))}
-            window = max(window, sum(u.charge_bytes for u in span.values()))
-        return kept_bytes + window <= budget
-
-    def kept_bytes(names: set[str]) -> int:
-        return sum(u.resident_bytes for u in unique if u.name in names)
-
-    best: set[str] | None = None
-    for depth in range(lookahead, -1, -1):
-        kept: set[str] = set()
-        for unit in sorted(unique, key=lambda u: -u.resident_bytes):
-            if fits(kept | {unit.name}, depth):
-                kept.add(unit.name)
-        if best is None or kept_bytes(kept) > kept_bytes(best):
-            best = kept
-    return best

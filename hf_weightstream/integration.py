@@ -27,11 +27,13 @@ from . import log, quantization, saving
 from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
-from .errors import StreamConfigError, StreamingRuntimeError
+from .errors import BudgetError, StreamConfigError, StreamingRuntimeError
 from .experts import build_expert_layers, held_out_names
 from .hooks import attach
+from .limits import MemoryLimits, default_budget, memory_limits
 from .placeholders import is_placeholder
 from .residency import WeightPool, get_default_pool
+from .sources import choose_reader
 from .support import check_supported
 from .units import build_units, collect_specs, full_bytes
 
@@ -113,22 +115,6 @@ def engine_of(model: Any) -> StreamEngine:
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil  # only where /proc is absent (macOS, Windows)
-
-    return psutil.virtual_memory().available
 
 
 def _budget_from_max_memory(max_memory: dict | None, device: torch.device) -> int | None:
@@ -272,14 +258,24 @@ def load_streamed(
     )
     all_units = units + [unit for layer in expert_layers for unit in layer.units]
     checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
+    model_bytes = sum(full_bytes(u) for u in all_units)
+    limits = memory_limits(device)  # what this process may really use: cgroups, RLIMIT_AS, the GPU, the host
     if pool is None:
         budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
         if budget is None:
-            model_bytes = sum(full_bytes(u) for u in all_units)
-            budget = min(int(0.7 * _available_memory(device)), 2 * model_bytes)
+            budget = _default_budget(all_units, model_bytes, limits)
         pool = WeightPool(budget, device=device, num_workers=stream_config.num_workers)
     elif max_memory is not None:
         raise StreamConfigError("Pass either max_memory= or a StreamConfig pool, not both.")
+    reader, io_reason = choose_reader(
+        checkpoint.source,
+        stream_config.io,
+        device=device,
+        budget=pool.budget,
+        model_bytes=model_bytes,
+        limits=limits,
+        max_in_flight=stream_config.num_workers,
+    )
 
     engine = StreamEngine(
         model,
@@ -291,6 +287,8 @@ def load_streamed(
         lookahead=stream_config.lookahead,
         label=f"{name}#{next(_labels)}",
         expert_layers=expert_layers,
+        reader=reader,
+        io_reason=io_reason,
     )
     engine.checkpoint = checkpoint
     engine.quantization = quantization.describe(hf_quantizer)
@@ -321,6 +319,23 @@ def load_streamed(
         info = compat.LoadStateDictInfo(set(), set(plan.unexpected), set(), [], {}, set())
         return model, info.to_dict()
     return model
+
+
+def _default_budget(units: list, model_bytes: int, limits: MemoryLimits) -> int:
+    """The budget when none was given: a share of the tightest limit's room, at most twice the model.
+
+    More than the model leaves room for what loads next to resident weights: a cast unit's raw bytes, the
+    stacked copy of an MoE call's routed experts.
+    """
+    chosen = default_budget(2 * model_bytes, limits)
+    largest = max(units, key=lambda u: u.charge_bytes)
+    if chosen.bytes < largest.charge_bytes:
+        raise BudgetError(
+            f"This process may use too little memory to stream this model: {chosen.explain()}, but unit "
+            f"{largest.name!r} needs {largest.charge_bytes:,} bytes while it loads. Free memory or raise the "
+            "limit; a budget given with StreamConfig(budget=...) or max_memory= is used as given."
+        )
+    return chosen.bytes
 
 
 def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:

@@ -58,11 +58,14 @@ def io_path(engine: StreamEngine) -> str:
     if engine.copy_to_device:
         staging = "pinned host staging buffers" if engine.device.type == "cuda" else "host staging buffers"
         how = f"read into {staging}, then copied to {engine.device}"
-    elif hasattr(source, "map"):
+    elif engine.reader.io == "direct":
+        how = "read with O_DIRECT into reused page-aligned buffers, several reads in flight"
+    elif engine.reader.io == "mmap":
         how = "each unit's byte range mapped in place (mmap) and paged in by a reader thread"
     else:
         how = "read into memory by reader threads"
-    return f"{origin}; {how}"
+    reason = f" ({engine.io_reason})" if engine.io_reason and not engine.copy_to_device else ""
+    return f"{origin}; {how}{reason}"
 
 
 def unit_names(names: list[str]) -> str:

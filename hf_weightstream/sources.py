@@ -16,13 +16,21 @@ import errno
 import mmap
 import os
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ._torch_compat import storage_users
 from .errors import CheckpointError
 from .index import FIX_HINT
+from .limits import MIN_RESERVE
+
+if TYPE_CHECKING:
+    from .limits import MemoryLimits
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux value; Python < 3.13 lacks the name
 
@@ -109,3 +117,267 @@ class LocalFileSource:
 
     def __del__(self) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------------------ read paths
+# How a unit's bytes become CPU tensors. The engine holds one reader per model and asks it for the bytes of a
+# unit's ranges; which reader is right depends on whether the page cache can hold what is read every token.
+
+ALIGNMENT = 4096  # O_DIRECT wants file offsets, lengths and buffer addresses aligned; a page satisfies every disk
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_SLACK = 4 * ALIGNMENT  # a recycled buffer may be this much (plus 1/64) larger than the read that reuses it
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """Page-aligned anonymous memory, faulted in now, given back to the OS as soon as its last view goes.
+
+    torch's allocator would do for alignment to 64 bytes only, and glibc keeps freed blocks below 32 MB in its
+    heap; a mapping of our own is aligned for O_DIRECT and really returns its memory, so the process holds what
+    the budget charged.
+    """
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | _MAP_POPULATE
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, ALIGNMENT), flags=flags), dtype=torch.uint8)
+
+
+class MappedReader:
+    """Each range of a local file mapped in place from the page cache (see `LocalFileSource.map`)."""
+
+    io = "mmap"
+    recycles = False
+
+    def __init__(self, source: ByteSource):
+        self.source = source
+
+    def read(self, ranges: list, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [self.source.map(r.shard, r.offset, r.length) for r in ranges]
+
+    def close(self) -> None:
+        pass
+
+
+class CopyReader:
+    """Ranges copied into one buffer with ``read_into``: for sources that cannot map (remote ranges)."""
+
+    io = "pread"
+    recycles = False
+
+    def __init__(self, source: ByteSource):
+        self.source = source
+
+    def read(self, ranges: list, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
+        out = torch.empty(sum(r.length for r in ranges), dtype=torch.uint8)
+        view, chunks, position = memoryview(out.numpy()), [], 0
+        for r in ranges:
+            self.source.read_into(r.shard, r.offset, view[position : position + r.length])
+            chunks.append(out[position : position + r.length])
+            position += r.length
+        return chunks
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One range as an aligned read: file bytes [start, start+length) land at ``position`` of the buffer."""
+
+    shard: str
+    start: int
+    length: int
+    position: int
+    skip: int  # where the range's own bytes begin inside the aligned read
+    size: int  # the range's own length
+
+
+class DirectReader:
+    """``O_DIRECT`` reads into page-aligned buffers, several pieces in flight, no page cache in between.
+
+    When the budget is below the model and the machine (or the cgroup, which charges the page cache to the
+    process) cannot keep the streamed bytes cached until the next token, every token reads them from disk. Read
+    through the page cache, each read then first makes the kernel reclaim older cache pages, under the cgroup
+    limit, in the middle of the read. ``O_DIRECT`` skips the cache: the disk writes straight into our buffer.
+
+    * Each range is widened to ``ALIGNMENT`` and read in pieces of ``piece_bytes`` by ``max_in_flight`` threads,
+      so the disk's queue holds several requests even for one unit.
+    * The buffer is the unit's storage while it is resident (its tensors view it), charged to the budget like
+      any unit; when the unit is evicted to make room for the next read, its buffer is handed to that read
+      (`reclaim`/`reuse`) instead of unmapping one and faulting in a new one.
+    * Where ``O_DIRECT`` is refused (``EINVAL`` when opening or reading: some filesystems), the same aligned
+      reads go through the page cache and the range is dropped from it afterwards (``POSIX_FADV_DONTNEED``),
+      and ``fallback`` says why.
+    """
+
+    io = "direct"
+    recycles = True
+
+    def __init__(self, source: LocalFileSource, max_in_flight: int = 4, piece_bytes: int = 16 << 20):
+        self.source = source
+        self.piece_bytes = max(ALIGNMENT, piece_bytes - piece_bytes % ALIGNMENT)
+        self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="hf_weightstream_io")
+        self._fds: dict[str, int | None] = {}
+        self._refused: list[int] = []  # O_DIRECT descriptors whose reads were refused
+        # Buffers this reader allocated, by id (tensors compare elementwise, so no WeakSet).
+        self._made: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self.fallback: str | None = None  # why some reads went through the page cache, if any did
+
+    # --------------------------------------------------------------------------------------- layout
+    @staticmethod
+    def layout(ranges: list) -> tuple[list[_Span], int]:
+        spans, position = [], 0
+        for r in ranges:
+            start = r.offset - r.offset % ALIGNMENT
+            end = -(-(r.offset + r.length) // ALIGNMENT) * ALIGNMENT
+            spans.append(_Span(r.shard, start, end - start, position, r.offset - start, r.length))
+            position += end - start
+        return spans, position
+
+    # --------------------------------------------------------------------------------------- buffers
+    def reclaim(self, chunks: list[torch.Tensor]) -> torch.Tensor | None:
+        """The buffer behind an evicted unit's ``chunks``, if nothing else views it any more (else None).
+
+        ``chunks`` is emptied: after this call only the returned buffer holds the memory.
+        """
+        base = chunks[0]._base if chunks else None
+        chunks.clear()
+        if base is None or self._made.get(id(base)) is not base or storage_users(base) != 1:
+            return None  # someone kept a tensor of the evicted unit: the memory is theirs now, never reused
+        return base
+
+    def reuse(self, candidates: list[torch.Tensor], ranges: list) -> torch.Tensor | None:
+        """The smallest buffer among ``candidates`` that ``ranges`` fit in with little to spare (removed from the
+        list), or None. Units of one kind differ by a page or two once aligned (where their bytes start in a
+        page), so a little slack is allowed; a much larger buffer would hold memory the budget did not charge.
+        """
+        _spans, total = self.layout(ranges)
+        fitting = [i for i, b in enumerate(candidates) if total <= b.numel() <= total + _SLACK + total // 64]
+        if not fitting:
+            return None
+        return candidates.pop(min(fitting, key=lambda i: candidates[i].numel()))
+
+    # --------------------------------------------------------------------------------------- reading
+    def read(self, ranges: list, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
+        spans, total = self.layout(ranges)
+        if buffer is None or buffer.numel() < total:
+            buffer = aligned_buffer(total)
+            self._made[id(buffer)] = buffer
+        view = memoryview(buffer.numpy())
+        pieces = []
+        for span in spans:
+            for at in range(0, span.length, self.piece_bytes):
+                n = min(self.piece_bytes, span.length - at)
+                needed = min(n, max(0, span.skip + span.size - at))  # the rest is alignment past the range
+                out = view[span.position + at : span.position + at + n]
+                pieces.append(self._executor.submit(self._read_piece, span.shard, span.start + at, out, needed))
+        wait(pieces)
+        for future in pieces:
+            future.result()  # the first failure, once every piece has stopped writing into the buffer
+        return [buffer[s.position + s.skip : s.position + s.skip + s.size] for s in spans]
+
+    def _direct_fd(self, shard: str) -> int | None:
+        with self._lock:
+            if shard not in self._fds:
+                try:
+                    self._fds[shard] = os.open(self.source.paths[shard], os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise CheckpointError(f"Cannot open {self.source.paths[shard]}: {err}") from err
+                    self._fds[shard] = None
+                    self.fallback = f"O_DIRECT refused by the filesystem of {self.source.paths[shard]}"
+            return self._fds[shard]
+
+    def _read_piece(self, shard: str, offset: int, out: memoryview, needed: int) -> None:
+        fd = self._direct_fd(shard)
+        got = None
+        if fd is not None:
+            try:
+                got = _pread_full(fd, out, offset)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise CheckpointError(f"{self.source.paths[shard]}: reading at {offset} failed: {err}") from err
+                with self._lock:
+                    if self._fds.get(shard) is not None:  # other pieces may be reading with it: close it at close()
+                        self._refused.append(self._fds[shard])
+                    self._fds[shard] = None
+                    self.fallback = f"O_DIRECT reads refused for {self.source.paths[shard]} ({err.strerror})"
+        if got is None:  # through the page cache, then out of it again
+            buffered = self.source._fd(shard)
+            got = _pread_full(buffered, out, offset)
+            os.posix_fadvise(buffered, offset, len(out), os.POSIX_FADV_DONTNEED)
+        if got < needed:
+            raise CheckpointError(
+                f"{self.source.paths[shard]}: unexpected end of file at byte {offset + got} (the file shrank "
+                f"after it was indexed). {FIX_HINT}"
+            )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+        with self._lock:
+            for fd in [*self._fds.values(), *self._refused]:
+                if fd is not None:
+                    os.close(fd)
+            self._fds.clear()
+            self._refused.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _pread_full(fd: int, out: memoryview, offset: int) -> int:
+    """Read until ``out`` is full or the file ends; the number of bytes read."""
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+Reader = MappedReader | CopyReader | DirectReader
+
+
+def choose_reader(
+    source: ByteSource,
+    io: str,
+    *,
+    device: torch.device,
+    budget: int,
+    model_bytes: int,
+    limits: MemoryLimits | None,
+    max_in_flight: int = 4,
+) -> tuple[Reader | None, str]:
+    """The read path for CPU execution and why it was chosen (None: reads go to device staging buffers).
+
+    ``auto`` maps the page cache while it can keep the whole model cached next to the process: then reads are
+    memory copies after the first pass, and a mapping costs no copy at all. When it cannot (a cgroup limit
+    below the model, which charges the page cache to the process), the bytes streamed each token come from
+    disk anyway, and reading them with ``O_DIRECT`` keeps the kernel from reclaiming cache in the middle of
+    every read.
+    """
+    if device.type != "cpu":
+        return None, f"{device}: reads go through pinned staging buffers"
+    if not isinstance(source, LocalFileSource):
+        if hasattr(source, "map"):
+            return MappedReader(source), "Hub source: cached ranges are mapped in place"
+        return CopyReader(source), "the source cannot map its files"
+    if io == "mmap":
+        return MappedReader(source), "io='mmap' asked for"
+    if io == "direct":
+        return DirectReader(source, max_in_flight), "io='direct' asked for"
+    if budget >= model_bytes:
+        return MappedReader(source), "the budget holds the whole model: every byte is read once"
+    room = limits.page_cache_room() if limits is not None else None
+    if room is None or room >= model_bytes + MIN_RESERVE:
+        return MappedReader(source), "the page cache can keep the model cached next to the budget"
+    if limits is not None and budget > limits.available - MIN_RESERVE:
+        # O_DIRECT buffers are anonymous memory: past the limit they get the process killed, where mapped page
+        # cache is reclaimed (slowly, but the process lives).
+        return MappedReader(source), (
+            f"the budget leaves too little of the {limits.available / 1e6:,.0f} MB available for buffers of its own, "
+            "so weights stay page cache the kernel can reclaim"
+        )
+    return DirectReader(source, max_in_flight), (
+        f"the page cache cannot keep the model cached ({room / 1e6:,.0f} MB of room for "
+        f"{model_bytes / 1e6:,.0f} MB): streamed bytes come from disk every token"
+    )

@@ -27,7 +27,7 @@ import hf_weightstream
 from hf_weightstream import cli
 from hf_weightstream.cli import _common, _read_speed
 from hf_weightstream.cli import generate as generate_command
-from hf_weightstream.engine import plan_resident_set
+from hf_weightstream.planner import Timing, plan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "hello world"
@@ -361,8 +361,10 @@ def test_runtime_failures_exit_1(
 
 
 # --------------------------------------------------------------------------------------------------- inspect
-def test_inspect_plans_what_the_engine_keeps_after_tracing(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
-    budget, lookahead = 80_000, 1  # a 1-unit window leaves room for one layer and the final norm
+def test_inspect_plans_what_the_engine_keeps_after_tracing(
+    capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    budget, lookahead = 80_000, 1
     code, out, err = run(capsys, "inspect", tiny, "--budget", budget, "--lookahead", lookahead)
     assert code == 0, err
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
@@ -370,9 +372,8 @@ def test_inspect_plans_what_the_engine_keeps_after_tracing(capsys: pytest.Captur
     assert [row[1] for row in rows] == names
     assert "rows" in rows[0] and "looks up" in out  # the untied embedding is gathered row by row
     planned = {row[1] for row in rows if "resident" in row}
-    assert planned == {"model.layers.0", "model.norm"}
-    assert "estimate" in out and "Read bandwidth" in out and "page cache" in out
-    assert "I/O: local safetensors files; each unit's byte range mapped in place" in out
+    assert "estimate" in out and "Read bandwidth" in out and "page cache" in out and "--run" in out
+    assert "I/O under this budget: local safetensors files; each unit's byte range mapped" in out
 
     from transformers import AutoModelForCausalLM
 
@@ -381,8 +382,20 @@ def test_inspect_plans_what_the_engine_keeps_after_tracing(capsys: pytest.Captur
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]))
     engine = model._hf_weightstream
-    assert planned == engine.keep_resident  # module order was the execution order
-    assert engine.keep_resident == plan_resident_set(engine.schedule, budget, lookahead)
+    # Module order was the execution order; without compute times every depth reads at the same speed, so the
+    # estimate is the plan that reads the least, whatever the bandwidth.
+    assert planned == set(plan(engine.schedule, budget, lookahead, Timing(1e9)).keep)
+    assert planned == set(plan(engine.schedule, budget, lookahead, Timing(1e6)).keep)
+
+
+def test_inspect_run_shows_the_engines_plan_predicted_and_measured(
+    capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    code, out, err = run(capsys, "inspect", tiny, "--budget", 80_000, "--run", 3)
+    assert code == 0, err
+    assert re.search(r"Time per token: predicted \d+ ms, measured \d+ ms", out)
+    assert re.search(r"Reads hidden behind compute: predicted \d+%, measured (\d+%|n/a)", out)
+    assert "io mmap" in out and "read-ahead depth" in out
 
 
 def test_inspect_names_tied_units_and_refuses_a_budget_below_the_largest_unit(

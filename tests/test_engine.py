@@ -96,7 +96,7 @@ def test_prefetch_of_next_unit_starts_during_current_forward(checkpoints):
                 started[name].set()
             return super().map(shard, offset, length)
 
-    engine.source = Signalling(engine.source)
+    engine.reader.source = Signalling(engine.reader.source)
     order = [u.name for u in engine.schedule]
     waited: list[str] = []
 

@@ -118,3 +118,17 @@ def test_a_converter_on_one_experts_slice_sees_the_slices_shape():
         {"gate_up_proj": one}, ["gate_up_proj"], ["gate_up_proj"], model=sliced, full_layer_name="experts.gate_up_proj"
     )
     assert next(iter(out.values())).shape == (1, 6, 4), f"transformers {transformers.__version__}: Transpose changed"
+
+
+def test_torch_storage_use_count_counts_the_tensors_sharing_a_storage():
+    """Direct reads recycle a buffer only when no tensor outside the engine views it (_torch_compat)."""
+    import mmap
+
+    from hf_weightstream._torch_compat import storage_users
+
+    base = torch.frombuffer(mmap.mmap(-1, 1 << 16), dtype=torch.uint8)
+    assert storage_users(base) == 1, f"torch {torch.__version__}: torch._C._storage_Use_Count changed meaning"
+    views = [base[:10], base[100:200].view(torch.int32)]
+    assert storage_users(base) == 3
+    del views
+    assert storage_users(base) == 1

@@ -160,8 +160,9 @@ def stream_report(stats: dict[str, Any], answer: Answer, rss: int | None, overla
         f"{answer.tokens} tokens in {answer.total_seconds:.2f} s: "
         f"first token {format_seconds(answer.first_token_seconds)}, {per_token}",
         f"read {format_bytes(stats['bytes_read'])} of weights in {stats['reads']} reads "
-        f"({format_bytes(stats['read_bandwidth_bytes_per_s'])}/s); hits {stats['hits']}, misses "
-        f"{stats['misses']}, late prefetches {stats['late_prefetches']}, evictions {stats['evictions']}",
+        f"({format_bytes(stats['read_bandwidth_bytes_per_s'])}/s, io {stats['io']}); hits {stats['hits']} "
+        f"({stats['prefetch_hits']} read ahead in time), misses {stats['misses']}, late prefetches "
+        f"{stats['late_prefetches']}, evictions {stats['evictions']}",
         f"peak resident {format_bytes(stats['peak_resident_bytes'])} of a "
         f"{format_bytes(stats['budget_bytes'])} budget ({format_bytes(stats['model_bytes'])} model, "
         f"{stats['kept_resident_units']} of {stats['units']} units kept resident)",
@@ -169,7 +170,9 @@ def stream_report(stats: dict[str, Any], answer: Answer, rss: int | None, overla
         f"peak RSS of the process {format_bytes(rss) if rss else 'n/a'}",
     ]
     if overlap is not None:
-        lines.append(overlap_line(overlap))
+        planned = stats.get("predicted_overlap")
+        plan = "" if planned is None else f" (read-ahead depth {stats['depth']}; the plan predicted {planned:.0%})"
+        lines.append(overlap_line(overlap) + plan)
     return "\n".join(lines)
 
 

@@ -1,15 +1,20 @@
-"""``hf-weightstream inspect``: plan a budget without running the model.
+"""``hf-weightstream inspect``: plan a budget without running the model (or, with ``--run N``, by running it).
 
 The model is loaded the streaming way (config and safetensors headers only), so this is instant whatever its
-size; what it prints is worked out once into a `Plan` and then shown in sections. To show something new, add a
-function to one list: `HEADER` for a fact about the whole model (e.g. a quantization format), `UNIT_NOTES` for a
-remark on some units (e.g. per-expert units), `UNIT_SIZE` for how a kind of unit is sized and planned.
+size; what it prints is worked out once into a `Plan` and then shown in sections. The plan is the engine's
+planner (`planner.py`) fed with a timed read of the shards and no compute times; ``--run N`` streams N tokens
+for real under the budget and shows the engine's own plan, made from measured times, predicted against
+measured. To show something new, add a function to one list: `HEADER` for a fact about the whole model (e.g. a
+quantization format), `UNIT_NOTES` for a remark on some units (e.g. per-expert units), `UNIT_SIZE` for how a
+kind of unit is sized and planned.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from ._common import (
 if TYPE_CHECKING:
     from ..engine import StreamEngine
     from ..units import Unit
+    from ._read_speed import ReadSample
 
 NAME = "inspect"
 ORDER = 30
@@ -36,12 +42,22 @@ DESCRIPTION = """\
 Load MODEL the streaming way (config and safetensors headers only: no weights are read from a
 local folder), list its streaming units in execution order with their sizes and whether each
 would stay resident or stream under --budget, then time a read of the shard files to predict
-the reading time per token."""
+the reading time per token. With --run N it also streams N tokens for real under the budget and
+shows the engine's own plan (chosen from measured read and compute times), predicted against
+measured time per token and overlap of reads with compute."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="folder, repo id or 'demo'")
     parser.add_argument("--budget", type=size_arg, metavar="SIZE", required=True, help="bytes of weights held at once")
+    parser.add_argument(
+        "--run",
+        type=int,
+        metavar="N",
+        default=0,
+        dest="run_tokens",  # args.run is the subcommand's entry point
+        help="also stream N decode steps for real: the engine's plan, predicted against measured",
+    )
     add_model_options(parser)
 
 
@@ -56,6 +72,9 @@ class Plan:
     lookahead: int
     order: list[Unit]  # module order, taken for execution order; a unit used twice (tied) appears twice
     kept: set[str] = field(default_factory=set)  # unit names planned resident
+    sample: ReadSample | None = None  # a timed read of the shards (None: they stream from the Hub)
+    estimate: Any = None  # planner.Plan from the sample, without compute times
+    run: dict[str, Any] | None = None  # with --run: the engine's stats and time per token
 
     @property
     def units(self) -> list[Unit]:
@@ -86,7 +105,8 @@ def execution_order(model: Any, units: list[Unit]) -> list[Unit]:
 
 
 def make_plan(model_id: str, budget: int, lookahead: int, dtype: str) -> Plan:
-    from ..engine import plan_resident_set
+    from ..planner import DEFAULT_BANDWIDTH, Timing, plan
+    from ._read_speed import measure_read_bandwidth
 
     # Nothing is read here, so the engine's own check (budget >= largest unit) must not stop us from showing
     # the units: load with an unlimited budget, then plan with the requested one. Planning must not start a
@@ -94,9 +114,36 @@ def make_plan(model_id: str, budget: int, lookahead: int, dtype: str) -> Plan:
     config = stream_config(budget=2**62, lookahead=lookahead, complete_download=False)
     model = load_streamed(model_id, config, dtype)
     engine = model._hf_weightstream
-    plan = Plan(model_id, model, engine, budget, lookahead, execution_order(model, engine.units))
-    plan.kept = plan_resident_set(plan.scheduled, budget, lookahead)
-    return plan
+    result = Plan(model_id, model, engine, budget, lookahead, execution_order(model, engine.units))
+    shards = [Path(p) for p in getattr(engine.checkpoint.source, "paths", {}).values()]
+    result.sample = measure_read_bandwidth(shards) if shards else None
+    bandwidth = result.sample.bandwidth if result.sample and result.sample.bandwidth else DEFAULT_BANDWIDTH
+    result.estimate = plan(result.scheduled, budget, lookahead, Timing(bandwidth))
+    result.kept = set(result.estimate.keep)
+    return result
+
+
+def run_streamed(plan: Plan, tokens: int, dtype: str) -> None:
+    """Stream ``tokens`` decode steps for real under the budget; the engine's plan replaces the estimate."""
+    import torch
+    from transformers import DynamicCache
+
+    config = stream_config(budget=plan.budget, lookahead=plan.lookahead, complete_download=False)
+    model = load_streamed(plan.model_id, config, dtype)
+    engine = model._hf_weightstream
+    ids = torch.arange(min(model.config.get_text_config().vocab_size, 8)).unsqueeze(0)
+    # transformers renamed past_key_values to cache (5.x); pass the cache object under the name forward takes.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kv = {name: DynamicCache(config=model.config), "use_cache": True}
+    with torch.inference_mode():
+        out = model(input_ids=ids, **kv)  # traces the schedule; the first plan is made at its end
+        engine.reset_stats()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), **kv)
+        seconds = (time.perf_counter() - start) / tokens
+    plan.kept = set(engine.keep_resident)
+    plan.run = {"stats": engine.stats(), "seconds_per_token": seconds, "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -110,9 +157,23 @@ def _model_line(plan: Plan) -> str:
 
 
 def _io_line(plan: Plan) -> str:
+    from ..limits import memory_limits
     from ..log import io_path
+    from ..sources import choose_reader
 
-    return f"I/O: {io_path(plan.engine)}"
+    engine = plan.engine
+    if engine.copy_to_device or not hasattr(engine.source, "paths"):
+        return f"I/O: {io_path(engine)}"
+    reader, reason = choose_reader(
+        engine.source,
+        "auto",
+        device=engine.device,
+        budget=plan.budget,
+        model_bytes=engine.model_bytes,
+        limits=memory_limits(engine.device),
+    )
+    how = {"direct": "read with O_DIRECT into reused page-aligned buffers", "mmap": "each unit's byte range mapped"}
+    return f"I/O under this budget: local safetensors files; {how.get(reader.io, reader.io)} ({reason})"
 
 
 def _format_line(plan: Plan) -> str | None:
@@ -235,21 +296,25 @@ def summary(plan: Plan) -> list[str]:
         min(layer.top_k or 1, layer.num_experts) * layer.units[0].raw_bytes for layer in plan.engine.expert_layers
     )
     routed = f", plus up to {format_bytes(experts)} of routed experts the cache does not hold" if experts else ""
-    return [
+    lines = [
         f"Kept resident: {len(plan.kept)} units, {format_bytes(kept_bytes)}. Streamed: {len(plan.streamed)} units, "
-        f"about {format_bytes(per_token)} read per token{routed}.",
-        "This plan is an estimate that takes module order for execution order; the engine plans again "
-        "from the order it traces in the first forward pass.",
+        f"about {format_bytes(per_token)} read per token{routed}."
     ]
+    if plan.run is None:
+        lines.append(
+            f"This plan is an estimate (read-ahead depth {plan.estimate.depth}) made without compute times and "
+            "taking module order for execution order; the engine plans again from what it traces and measures "
+            "(--run N shows it)."
+        )
+    return lines
 
 
 def reading_time(plan: Plan) -> list[str]:
-    from ._read_speed import cache_state, measure_read_bandwidth
+    from ._read_speed import cache_state
 
-    shards = [Path(p) for p in getattr(plan.engine.checkpoint.source, "paths", {}).values()]
-    if not shards:
+    sample = plan.sample
+    if sample is None:
         return ["Read bandwidth: not measured (the shards are not local files: they stream from the Hub)."]
-    sample = measure_read_bandwidth(shards)
     lines = [
         f"Read bandwidth: {format_bytes(sample.bandwidth)}/s over {format_bytes(sample.nbytes)} of the "
         f"shard files ({cache_state(sample.cached_before)})."
@@ -266,14 +331,40 @@ def reading_time(plan: Plan) -> list[str]:
     return lines
 
 
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.0f} ms"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def measured(plan: Plan) -> list[str]:
+    """With --run: the engine's read path and plan, predicted against measured."""
+    if plan.run is None:
+        return []
+    stats = plan.run["stats"]
+    return [
+        f"Streamed {plan.run['tokens']} token(s) for real under the budget; the plan above is the engine's, made "
+        f"from measured times: io {stats['io']} ({stats['io_reason']}), read-ahead depth {stats['depth']}.",
+        f"Time per token: predicted {_ms(stats['predicted_seconds_per_token'])}, measured "
+        f"{_ms(plan.run['seconds_per_token'])}. Reads hidden behind compute: predicted "
+        f"{_share(stats['predicted_overlap'])}, measured {_share(stats['measured_overlap'])}. Hits {stats['hits']} "
+        f"({stats['prefetch_hits']} read ahead in time), late prefetches {stats['late_prefetches']}, misses "
+        f"{stats['misses']}.",
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(resolve_model(args.model), args.budget, args.lookahead, args.dtype)
+    problem = too_small(plan)
+    if args.run_tokens and not problem:
+        run_streamed(plan, args.run_tokens, args.dtype)
     print("\n".join(line for line in (f(plan) for f in HEADER) if line) + "\n")
     print(unit_table(plan))
-    problem = too_small(plan)
     if problem:
         print(f"\n{problem}", file=sys.stderr)
         return 2
     print("\n" + "\n".join(summary(plan)))
-    print("\n".join(reading_time(plan)))
+    print("\n".join(reading_time(plan) + measured(plan)))
     return 0

@@ -1,0 +1,220 @@
+"""Read paths: O_DIRECT reads into aligned, recycled buffers (with their fallbacks), and the automatic choice."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_weightstream
+from hf_weightstream import StreamConfig, sources
+from hf_weightstream.errors import CheckpointError, StreamConfigError
+from hf_weightstream.limits import Limit, MemoryLimits
+from hf_weightstream.sources import ALIGNMENT, DirectReader, LocalFileSource, MappedReader, choose_reader
+
+MB = 10**6
+PROMPT = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+@dataclass
+class Range:
+    shard: str
+    offset: int
+    length: int
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> tuple[LocalFileSource, bytes]:
+    data = os.urandom(3 * ALIGNMENT * 7 + 123)  # not a multiple of the alignment: the last read is short
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data)
+    return LocalFileSource({"s": path}), data
+
+
+RANGES = [Range("s", 0, 10), Range("s", 5000, 9000), Range("s", ALIGNMENT * 3 + 7, ALIGNMENT * 10), Range("s", 1, 1)]
+
+
+def test_direct_reads_unaligned_ranges_exactly(data_file) -> None:
+    source, data = data_file
+    tail = Range("s", len(data) - 77, 77)  # ends at the end of the file, inside an aligned block
+    reader = DirectReader(source, max_in_flight=3, piece_bytes=2 * ALIGNMENT)  # many pieces per range
+    chunks = reader.read([*RANGES, tail])
+    for rng, chunk in zip([*RANGES, tail], chunks, strict=True):
+        assert bytes(chunk.numpy()) == data[rng.offset : rng.offset + rng.length]
+    base = chunks[0]._base
+    assert base.data_ptr() % ALIGNMENT == 0  # what O_DIRECT needs
+    assert reader.fallback is None or "O_DIRECT" in reader.fallback  # tmpfs may refuse O_DIRECT
+    reader.close()
+
+
+def test_direct_falls_back_where_o_direct_is_refused(data_file, monkeypatch) -> None:
+    source, data = data_file
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(sources.os, "open", refusing_open)
+    reader = DirectReader(source)
+    chunks = reader.read(RANGES)
+    assert [bytes(c.numpy()) for c in chunks] == [data[r.offset : r.offset + r.length] for r in RANGES]
+    assert "O_DIRECT refused" in reader.fallback
+
+
+def test_direct_falls_back_when_a_read_is_refused(data_file, monkeypatch) -> None:
+    source, data = data_file
+    reader = DirectReader(source)
+    real_preadv = os.preadv
+    direct_fds = set()
+    real_fd = reader._direct_fd
+
+    def remember(shard):
+        fd = real_fd(shard)
+        if fd is not None:
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_preadv(fd, buffers, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(reader, "_direct_fd", remember)
+    monkeypatch.setattr(sources.os, "preadv", refusing_preadv)
+    chunks = reader.read(RANGES)
+    assert [bytes(c.numpy()) for c in chunks] == [data[r.offset : r.offset + r.length] for r in RANGES]
+    assert reader.fallback is not None
+
+
+def test_direct_read_of_a_shrunk_file_is_a_clear_error(data_file) -> None:
+    source, data = data_file
+    reader = DirectReader(source)
+    with open(source.paths["s"], "r+b") as f:
+        f.truncate(ALIGNMENT)
+    with pytest.raises(CheckpointError, match="unexpected end of file"):
+        reader.read([Range("s", 100, 3 * ALIGNMENT)])
+
+
+def test_direct_read_errors_other_than_einval_are_raised(data_file, monkeypatch) -> None:
+    source, _ = data_file
+    reader = DirectReader(source)
+
+    def failing_preadv(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sources.os, "preadv", failing_preadv)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        reader.read(RANGES)
+
+
+def test_reclaim_reuses_a_buffer_only_when_nothing_else_views_it(data_file) -> None:
+    source, data = data_file
+    reader = DirectReader(source)
+    chunks = reader.read(RANGES)
+    buffer = reader.reclaim(chunks)
+    assert buffer is not None and chunks == []
+    assert reader.reuse([buffer], RANGES[:1]) is None  # another size: not this buffer
+    candidates = [buffer]
+    assert reader.reuse(candidates, RANGES) is buffer and candidates == []
+    again = reader.read(RANGES, buffer)
+    assert again[0]._base is buffer
+    assert [bytes(c.numpy()) for c in again] == [data[r.offset : r.offset + r.length] for r in RANGES]
+
+    # The next unit of the same kind starts elsewhere in its page: one page more or less once aligned.
+    shifted = [Range(r.shard, r.offset + 100, r.length) for r in RANGES[2:3]]
+    candidates = [reader.reclaim(reader.read(RANGES[2:3]))]
+    assert reader.reuse(candidates, shifted) is not None
+
+    mapped = MappedReader(source).read(RANGES[2:3])  # page cache of the file: never a buffer to read into
+    assert reader.reclaim(mapped) is None
+
+    kept = again[1].view(torch.uint8)  # a user holds a tensor of the evicted unit
+    assert reader.reclaim(again) is None
+    assert bytes(kept.numpy()) == data[RANGES[1].offset : RANGES[1].offset + RANGES[1].length]
+
+
+# ------------------------------------------------------------------------------------------------ choice
+def limits_with(room: int, page_cache: bool = True) -> MemoryLimits:
+    kind = "cgroup1" if page_cache else "rlimit_as"
+    return MemoryLimits((Limit(kind, "/x", 10_000 * MB, 10_000 * MB - room), Limit("host", "/proc", 10**12, 0)))
+
+
+@pytest.mark.parametrize(
+    ("io", "budget", "room", "expected", "why"),
+    [
+        ("auto", 300 * MB, 1000 * MB, "direct", "cannot keep the model cached"),
+        ("auto", 1400 * MB, 1000 * MB, "mmap", "holds the whole model"),
+        ("auto", 300 * MB, 1600 * MB, "mmap", "can keep the model cached"),
+        ("auto", 950 * MB, 1000 * MB, "mmap", "too little"),  # anonymous buffers would not fit: stay reclaimable
+        ("mmap", 300 * MB, 1000 * MB, "mmap", "asked for"),
+        ("direct", 300 * MB, 10**6 * MB, "direct", "asked for"),
+    ],
+)
+def test_choose_reader(data_file, io, budget, room, expected, why) -> None:
+    source, _ = data_file
+    reader, reason = choose_reader(
+        source, io, device=torch.device("cpu"), budget=budget, model_bytes=1400 * MB, limits=limits_with(room)
+    )
+    assert reader.io == expected and why in reason
+
+
+def test_choose_reader_off_the_cpu_and_for_sources_that_cannot_map(data_file) -> None:
+    source, _ = data_file
+    reader, reason = choose_reader(source, "direct", device=torch.device("cuda"), budget=1, model_bytes=2, limits=None)
+    assert reader is None and "staging" in reason
+
+    class Remote:
+        def read_into(self, shard, offset, out):
+            out[:] = b"x" * len(out)
+
+    reader, _ = choose_reader(Remote(), "direct", device=torch.device("cpu"), budget=1, model_bytes=2, limits=None)
+    assert reader.io == "pread"
+    assert bytes(reader.read([Range("s", 0, 3)])[0].numpy()) == b"xxx"
+    assert isinstance(
+        choose_reader(source, "auto", device=torch.device("cpu"), budget=9, model_bytes=2, limits=None)[0], MappedReader
+    )
+
+
+def test_unknown_io_is_a_clear_error() -> None:
+    with pytest.raises(StreamConfigError, match="Unknown io 'odirect'"):
+        StreamConfig(io="odirect")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_direct_io_outputs_are_identical_and_buffers_are_recycled(checkpoints, dtype) -> None:
+    folder = checkpoints("llama")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    ref = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", **kwargs)
+    units = probe._hf_weightstream.units
+    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    config = StreamConfig(budget=budget, io="direct")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config, **kwargs)
+    engine = model._hf_weightstream
+    reused = []
+    real_read = engine.reader.read
+
+    def counting_read(ranges, buffer=None):
+        reused.append(buffer is not None)
+        return real_read(ranges, buffer)
+
+    engine.reader.read = counting_read
+    with torch.no_grad():
+        assert torch.equal(ref(PROMPT).logits, model(PROMPT).logits)
+    expected = ref.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=6, do_sample=False), expected)
+    stats = hf_weightstream.stats(model)
+    assert stats["io"] == "direct" and stats["io_reason"] == "io='direct' asked for"
+    assert stats["peak_resident_bytes"] <= budget
+    if dtype is None:  # views of the buffer: an evicted unit's buffer takes the next read
+        assert any(reused)
+    else:  # cast tensors are new memory; the raw buffer goes at once
+        assert not any(reused)
