@@ -228,9 +228,17 @@ class KeyPlan:
 
 
 def plan_checkpoint_keys(
-    model: Any, keys: list[str], key_mapping: dict[str, str] | None, hf_quantizer: Any = None
+    model: Any,
+    keys: list[str],
+    key_mapping: dict[str, str] | None,
+    hf_quantizer: Any = None,
+    stored_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> KeyPlan:
-    """Apply transformers' renamings and converters to checkpoint keys, as its loader does, without tensors."""
+    """Apply transformers' renamings and converters to checkpoint keys, as its loader does, without tensors.
+
+    ``stored_shapes`` (checkpoint key -> shape) lets a quantized checkpoint's unquantized weights read as plain
+    tensors (see ``_stored_unquantized``).
+    """
     mapping = get_model_conversion_mapping(model, key_mapping, hf_quantizer)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
@@ -254,7 +262,34 @@ def plan_checkpoint_keys(
         else:
             group = groups.setdefault(target, ConversionGroup(target, pattern_to_converter[pattern], [], hf_quantizer))
             group.sources.append((key, pattern))
+    dequantizers = (
+        {tuple(c.source_patterns) for c in hf_quantizer.get_weight_conversions()} if hf_quantizer is not None else set()
+    )
+    for target, group in list(groups.items()):
+        if _stored_unquantized(group, dequantizers, meta_state[target], stored_shapes):
+            renamed[target] = group.sources[0][0]
+            del groups[target]
     return KeyPlan(renamed, list(groups.values()), unexpected)
+
+
+def _stored_unquantized(
+    group: ConversionGroup, dequantizers: set[tuple[str, ...]], parameter: torch.Tensor, stored_shapes: dict | None
+) -> bool:
+    """Whether the quantizer's converter would only cast this tensor: the checkpoint stores it unquantized.
+
+    FP8 checkpoints keep embeddings, norms and the head in bf16, yet their keys end in ``weight`` and so match the
+    dequantizer, which, given a weight without its ``weight_scale_inv``, returns ``weight.to(dtype)``
+    (``Fp8Dequantize.convert``). A plain rename does the same cast, and lets the bytes be used as views and an
+    embedding be read row by row. Only a lone tensor of the converter's first pattern, stored in the parameter's
+    own shape, qualifies: packed formats store another shape.
+    """
+    if stored_shapes is None or len(group.sources) != 1:
+        return False
+    key, pattern = group.sources[0]
+    patterns = tuple(group.template.source_patterns)
+    if patterns not in dequantizers or len(patterns) < 2 or pattern != patterns[0]:
+        return False  # the model's own converter (fusing, transposing) does more than cast
+    return tuple(stored_shapes.get(key, ())) == tuple(parameter.shape)
 
 
 def expected_targets(group: ConversionGroup, model: Any) -> list[str]:

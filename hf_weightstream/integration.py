@@ -238,7 +238,9 @@ def load_streamed(
     config.name_or_path = name
     model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
     check_supported(model)
-    plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping, hf_quantizer)
+    entries = checkpoint.index.entries
+    shapes = {key: tuple(entry.shape) for key, entry in entries.items()}
+    plan = compat.plan_checkpoint_keys(model, list(entries), key_mapping, hf_quantizer, shapes)
     computed = compat.computed_keys(model, compat.missing_keys(model, plan))
     compat.materialize_computed(model, computed)
     dtype_of = compat.target_dtypes(model, dtype)

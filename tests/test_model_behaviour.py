@@ -116,7 +116,8 @@ def test_encoder_decoder_schedule_is_the_encoder_once_then_the_decoder_cycle(tmp
     cls, folder = _t5(tmp_path)
     reference = cls.from_pretrained(folder)
     probe = cls.from_pretrained(folder, device_map="stream")
-    budget = max(probe._hf_weightstream.model_bytes // 2, probe._hf_weightstream.minimum_budget())
+    # Room for the planner to read ahead: below that, it keeps what fits and reads a tiny model's rest on demand.
+    budget = max(probe._hf_weightstream.model_bytes * 8 // 10, probe._hf_weightstream.minimum_budget())
     model = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
     engine = model._hf_weightstream
     inputs = {k: v for k, v in zoo.model_inputs(reference).items() if not k.startswith("decoder_")}
@@ -139,10 +140,8 @@ def test_encoder_decoder_schedule_is_the_encoder_once_then_the_decoder_cycle(tmp
     assert any(n.startswith("encoder.") for n in prefix) and not any(n.startswith("encoder.") for n in cycle)
     assert any(n.startswith("decoder.block") for n in cycle)
 
-    def first_read(name):
-        return next(prefetched for unit, prefetched in loads if unit == name)
-
-    # Second generate: the encoder's later blocks and the decoder's first block (across the boundary) were read
-    # ahead, while the units before them computed.
-    assert first_read("encoder.block.1") and first_read("encoder.final_layer_norm"), loads
-    assert first_read("decoder.block.0"), loads
+    # Second generate: after the first encoder block, every read (the encoder's later units, then across the
+    # boundary the decoder units the encoder's pass evicted) was started ahead, while the units before it computed.
+    assert loads[0] == ("encoder.block.0", False), loads
+    assert any(name.startswith("decoder.") for name, _ in loads), loads
+    assert all(prefetched for _, prefetched in loads[1:]), loads

@@ -132,3 +132,13 @@ def test_torch_storage_use_count_counts_the_tensors_sharing_a_storage():
     assert storage_users(base) == 3
     del views
     assert storage_users(base) == 1
+
+
+def test_fp8_dequantizer_casts_a_weight_stored_without_scale():
+    """An FP8 checkpoint's bf16 weights are planned as plain renames (compat._stored_unquantized) because
+    transformers' dequantizer only casts a weight that comes without its ``weight_scale_inv``."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    weight = torch.randn(4, 8, dtype=torch.bfloat16)
+    out = Fp8Dequantize(None).convert({"weight": weight}, full_layer_name="x.weight")
+    assert torch.equal(out["x.weight"], weight), f"transformers {transformers.__version__}: Fp8Dequantize changed"

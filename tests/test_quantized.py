@@ -142,6 +142,15 @@ def test_budget_charges_raw_and_dequantized_bytes_while_loading(quantized):
     assert block.raw_bytes < block.resident_bytes  # 1-byte weights read, 2-byte weights resident
 
 
+def test_weights_an_fp8_checkpoint_stores_unquantized_read_as_a_plain_load(quantized):
+    """Embeddings, norms and the head are bf16 in an FP8 checkpoint: read as views, the embedding row by row."""
+    streamed = AutoModelForCausalLM.from_pretrained(quantized("fp8_dense"), dtype=torch.float32, device_map="stream")
+    units = {u.name: u for u in streamed._hf_weightstream.units}
+    assert units["model.embed_tokens"].gather and not units["model.embed_tokens"].groups
+    assert not units["model.norm"].groups and not units["lm_head"].groups
+    assert all(len(units[f"model.layers.{i}"].groups) == 7 for i in range(2))  # q k v o gate up down: dequantized
+
+
 def _copy(folder, tmp_path):
     return shutil.copytree(folder, tmp_path / folder.name)
 
