@@ -63,6 +63,11 @@ class WeightPool:
         self._waiting_threads: set[int] = set()
 
     # ----------------------------------------------------------------------------------------- registry
+    def __deepcopy__(self, memo: dict) -> WeightPool:
+        # transformers' Auto classes deep-copy from_pretrained kwargs (a stream_config dict naming a pool among
+        # them): a pool is one budget shared by its models, never a value to copy.
+        return self
+
     def register(self, engine: StreamEngine) -> None:
         with self.cond:
             if self.device is None:

@@ -159,3 +159,11 @@ def test_one_pool_serves_one_device(checkpoints):
         on_pool(checkpoints("llama"), pool, device="meta")
     with pytest.raises(hf_weightstream.StreamConfigError, match="either budget= or pool="):
         StreamConfig(pool=pool, budget="1MB")
+
+
+def test_a_pool_named_in_a_stream_config_dict_is_the_pool_used(checkpoints):
+    """transformers' Auto classes deep-copy from_pretrained's kwargs: the pool must survive it as itself."""
+    pool = WeightPool("5MB")
+    config = {"pool": pool}
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream", stream_config=config)
+    assert model._hf_weightstream.pool is pool
