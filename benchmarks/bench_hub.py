@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return 0
 
-    from hf_weightstream.hub_server import HubServer
+    from hf_weightstream.testing.hub_server import HubServer
 
     spec = QUICK if args.quick else FULL
     folder = ensure_model(spec)

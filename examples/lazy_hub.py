@@ -2,7 +2,7 @@
 
     python examples/lazy_hub.py [FOLDER]
 
-``hf_weightstream.hub_server.HubServer`` serves a folder written by ``save_pretrained`` as a Hub model repo on
+``hf_weightstream.testing.HubServer`` serves a folder written by ``save_pretrained`` as a Hub model repo on
 127.0.0.1, speaking the real Hub protocol, so ``from_pretrained("local/tiny", device_map="stream")`` goes
 through huggingface_hub exactly as with huggingface.co. The catch: huggingface_hub reads ``HF_ENDPOINT`` (and
 ``HF_HUB_CACHE``) once, when it is imported, and importing transformers or hf_weightstream imports it. So this
@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_weightstream
-    from hf_weightstream.hub_server import HubServer
+    from hf_weightstream.testing.hub_server import HubServer
 
     folder = Path(model_from_argv())
     try:

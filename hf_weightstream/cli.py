@@ -486,7 +486,7 @@ def _demo_streamed_from_hub(folder: Path, budget: int, args: argparse.Namespace)
     huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` when it is imported, which this process has
     already done; a child started with them set is what a user does after ``export HF_ENDPOINT=...``.
     """
-    from .hub_server import HubServer
+    from .testing.hub_server import HubServer
 
     repo_id = f"local/{DEMO_MODEL_NAME}"
     with (
@@ -738,7 +738,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- serve-hub
 def cmd_serve_hub(args: argparse.Namespace) -> int:
-    from .hub_server import HubServer
+    from .testing.hub_server import HubServer
 
     folder = Path(args.folder).expanduser()
     if not folder.is_dir():

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_weightstream.hub_server import HubServer
+from hf_weightstream.testing.hub_server import HubServer
 
 #: Small enough to build in milliseconds, big enough for several 50 KB shards.
 TINY_LLAMA_CONFIG: dict[str, Any] = {
@@ -62,7 +62,7 @@ def make_tiny_llama(
 def hub_server(repos: Mapping[str, Path | str] | None = None, **server_kwargs: Any) -> Iterator[HubServer]:
     """A started :class:`HubServer` serving ``repos`` (repo id -> folder); stopped on exit.
 
-    ``server_kwargs`` go to ``HubServer`` (``bandwidth=``, ``redirect_lfs=``). Use it directly or from a
+    ``server_kwargs`` go to ``HubServer`` (``mode=``, ``bandwidth=``, ``latency=``...). Use it directly or from a
     fixture: ``with hub_server({"org/tiny": folder}) as server: yield server``.
     """
     with HubServer(**server_kwargs) as server:

@@ -31,8 +31,8 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from transformers import AutoModelForCausalLM
 
 from hf_weightstream import CheckpointError, StreamConfig, StreamingRuntimeError, hub_stream
-from hf_weightstream.hub_server import Fault, HubServer, RequestRecord
 from hf_weightstream.hub_stream import RangeFetchError, RetryPolicy, wait_until_cached
+from hf_weightstream.testing.hub_server import Fault, HubServer, RequestRecord
 
 REPO = "org/tiny"
 PROMPT = [1, 5, 9, 13, 17, 21]
@@ -414,14 +414,14 @@ def test_hub_errors_are_the_ones_a_plain_load_raises(tiny: Path, tmp_path: Path,
 
 
 def test_gated_repo_with_token_streams_from_the_cdn_without_the_token(tiny: Path, tmp_path: Path) -> None:
-    with HubServer(redirect_lfs=True) as server, hf_hub_endpoint(server.url, tmp_path):
+    with HubServer(mode="xet") as server, hf_hub_endpoint(server.url, tmp_path):
         server.add_repo(REPO, tiny, gated=True)
         model = stream(complete_download=False, token="hf_test")
-        refresh = server.add_fault(Fault(origin="cdn", status=403))  # a signed CDN URL that expired
+        refresh = server.add_fault(Fault(origin="bridge", status=403))  # a signed bridge URL that expired
         assert generate(model) == reference_tokens(tiny)
         log = server.log
     ranged = [r for r in log if r.range is not None]
-    assert ranged and all(r.origin == "cdn" and not r.authorization for r in ranged)
+    assert ranged and all(r.origin == "bridge" and not r.authorization for r in ranged)
     assert all(r.authorization for r in log if r.origin == "hub" and r.path.startswith(f"/{REPO}/resolve/"))
     assert not any(r.status == 302 and r.range for r in log), "range requests go straight to the CDN location"
     assert refresh.fired == 1
