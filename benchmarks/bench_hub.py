@@ -94,7 +94,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import hf_weightstream
-    from hf_weightstream.hub_stream import wait_until_cached
+    from hf_weightstream import wait_until_cached
 
     torch.manual_seed(SEED)
     config = transformers.AutoConfig.from_pretrained(REPO_ID)

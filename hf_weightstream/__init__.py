@@ -11,7 +11,8 @@ from typing import Any
 
 from .config import StreamConfig
 from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError
-from .hub_stream import wait_until_cached
+from .hub import CachedShard, HubSource
+from .hub import wait_until_cached as _wait_until_cached
 from .integration import engine_of, install
 from .residency import WeightPool, set_default_pool
 
@@ -41,6 +42,21 @@ def stats(model: Any) -> dict[str, Any]:
 def reset_stats(model: Any) -> None:
     """Zero the counters and peaks of a streamed model (e.g. after a warm-up)."""
     engine_of(model).reset_stats()
+
+
+def wait_until_cached(model: Any, timeout: float | None = None) -> dict[str, CachedShard]:
+    """Block until every shard of a model streamed from the Hub is complete, verified and in the Hub cache.
+
+    Fetches what is missing now (also with ``complete_download=False``), then returns ``{shard: CachedShard}`` with
+    the snapshot path, the repo's blob and the sha256 of every shard. For scripts that must leave a complete cache
+    behind, and for tests. Raises ``TimeoutError`` after ``timeout`` seconds (the download continues in the
+    background).
+    """
+    if isinstance(model, HubSource):
+        return model.wait_until_cached(timeout)
+    engine = engine_of(model)
+    checkpoint = getattr(engine, "checkpoint", None)  # set by from_pretrained; engine.source may be wrapped
+    return _wait_until_cached(checkpoint.source if checkpoint is not None else engine.source, timeout)
 
 
 def release(model: Any) -> None:
