@@ -130,7 +130,7 @@ def streaming_defaults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     process exit would), before its server stops."""
     from hf_weightstream import hub
 
-    quick = hub.RetryPolicy(attempts=4, http_retries=3, forbidden_retries=2, base_wait=0.05, max_wait=0.2)
+    quick = hub.RetryPolicy(attempts=4, http_retries=5, forbidden_retries=2, base_wait=0.05, max_wait=0.2)
     monkeypatch.setattr(hub.remote, "RETRY", quick)
     monkeypatch.setattr(hub.source, "HEADER_PROBE_BYTES", TEST_PROBE_BYTES)
     yield

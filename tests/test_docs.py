@@ -246,7 +246,7 @@ def _string_template(node: ast.AST) -> str | None:
 def message_templates() -> list[tuple[str, str | None]]:
     """(normalized string literal of the package, exception class raising it when it is a ``raise X(...)``)."""
     out: list[tuple[str, str | None]] = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # subpackages too (hub/, testing/)
         tree = ast.parse(path.read_text())
         raised: dict[int, str] = {}
         for node in ast.walk(tree):
@@ -263,8 +263,8 @@ def message_templates() -> list[tuple[str, str | None]]:
 def test_troubleshooting_quotes_real_error_messages():
     templates = message_templates()
     modules = [builtins] + [
-        importlib.import_module(f"hf_weightstream.{p.stem}")
-        for p in sorted(PACKAGE.glob("*.py"))
+        importlib.import_module(".".join(("hf_weightstream", *p.relative_to(PACKAGE).with_suffix("").parts)))
+        for p in sorted(PACKAGE.rglob("*.py"))
         if p.stem not in {"__init__", "__main__"}
     ]
     quoted = [b for b in blocks("docs/troubleshooting.md") if b.lang == "text"]

@@ -333,8 +333,8 @@ class RangeFetcher:
                 http_failures += 1
                 if http_failures > policy.http_retries:
                     raise self._gave_up(remote, position, end, err) from err
-            if position > before:
-                wait = policy.base_wait
+            if position > before:  # progress: the failures so far were passing trouble
+                wait, http_failures = policy.base_wait, 0
             if self._cancelled.wait(wait if delay is None else delay):
                 raise Cancelled
             wait = min(policy.max_wait, wait * 2)
@@ -355,19 +355,33 @@ class RangeFetcher:
             try:
                 self._check_status(response, remote, start, generation)
                 self._check_range_answer(response, remote, start, end)
-                for chunk in response.iter_raw(BODY_CHUNK_BYTES):  # no decoding: checked to be identity
-                    if self._cancelled.is_set():
-                        raise Cancelled
-                    if position + len(chunk) > end:
-                        raise RangeFetchError(
-                            f"The server sent more than the {end - start} bytes asked for "
-                            f"({remote.describe(start, end)})."
-                        )
-                    sink(position, chunk)
-                    position += len(chunk)
-                    self._on_bytes(len(chunk))
-                    if position < end and should_yield():
-                        raise Yielded(position)
+                pending = bytearray()  # bytes received, handed on BODY_CHUNK_BYTES at a time (and before a cut)
+
+                def hand_on() -> None:
+                    nonlocal position
+                    if pending:
+                        sink(position, bytes(pending))
+                        position += len(pending)
+                        self._on_bytes(len(pending))
+                        pending.clear()
+
+                try:
+                    for piece in response.iter_raw():  # as the transport delivers; no decoding: checked identity
+                        if self._cancelled.is_set():
+                            raise Cancelled
+                        if position + len(pending) + len(piece) > end:
+                            raise RangeFetchError(
+                                f"The server sent more than the {end - start} bytes asked for "
+                                f"({remote.describe(start, end)})."
+                            )
+                        pending += piece
+                        if len(pending) >= BODY_CHUNK_BYTES:
+                            hand_on()
+                            if position < end and should_yield():
+                                raise Yielded(position)
+                finally:
+                    if not self._cancelled.is_set():
+                        hand_on()  # what arrived before a cut or a stall is good
             except httpx2.TransportError as err:
                 raise _Interrupted(position) from err
             except (_Forbidden, _RetryLater) as retry:
