@@ -360,6 +360,45 @@ def test_progress_bar_respects_hf_hub_disable_progress_bars(tiny: Path, tmp_path
 # -- other processes ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not hub.partial.RangeLocks.enabled, reason="byte-range locks between processes: Linux only")
+def test_range_locks_see_exactly_the_ranges_another_holder_has(tmp_path: Path) -> None:
+    mine, theirs = hub.partial.RangeLocks(tmp_path / "x.claims"), hub.partial.RangeLocks(tmp_path / "x.claims")
+    try:
+        assert theirs.acquire(10, 20) and theirs.acquire(30, 40) and theirs.acquire(40, 45)
+        assert list(mine.busy(0, 100)) == [(10, 20), (30, 45)]
+        assert list(mine.busy(15, 35)) == [(15, 20), (30, 35)] and not mine.busy(20, 30)
+        assert not mine.acquire(0, 100) and mine.acquire(20, 30) and mine.acquire(0, 10)
+        assert list(theirs.busy(0, 100)) == [(0, 10), (20, 30)]
+        theirs.release(30, 45)
+        assert list(mine.busy(0, 100)) == [(10, 20)]
+        theirs.close()  # as when a process dies: the kernel drops its locks
+        assert not mine.busy(0, 100)
+    finally:
+        mine.close()
+
+
+def test_a_range_another_process_holds_is_waited_for_then_fetched_if_it_records_nothing(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(hub.source, "FOREIGN_PATIENCE_S", 0.5)
+    monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)
+    with served(tiny, tmp_path) as server:
+        model = stream(complete_download=False)
+        rng = max(next(u for u in units_of(model) if u.name == "model.layers.0").ranges, key=lambda r: r.length)
+        claims = repo_cache(tmp_path) / ".weightstream" / "partial" / f"{sha256_of(tiny / rng.shard)}.claims"
+        other = hub.partial.RangeLocks(claims)  # another descriptor: to our source, another process
+        assert other.acquire(rng.offset, rng.offset + rng.length)
+        assert not other.busy(rng.offset, rng.offset + rng.length), "its own locks never block a process"
+        start = time.monotonic()
+        forward_until(model, layer=1)
+        waited = time.monotonic() - start
+        other.close()
+        got = [(s, e) for name, s, e in fetched(server) if name == rng.shard and s < rng.offset + rng.length]
+    assert waited >= 0.5, "the read waited for the other process first"
+    assert any(s <= rng.offset < e for s, e in got), "then fetched the range itself"
+
+
+
 @pytest.mark.slow
 def test_kill_9_mid_download_then_the_next_run_resumes(big: Path, tmp_path: Path) -> None:
     sizes = shard_sizes(big)

@@ -156,10 +156,13 @@ class RangeLocks:
             pending = [(start, end)]
             while pending:
                 s, e = pending.pop()
+                if s >= e:  # (a zero length would ask about everything up to the end of the file)
+                    continue
                 kind, at, length = self._fcntl(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, s, e)
                 if kind == fcntl.F_UNLCK:
                     continue
-                lock_start, lock_end = max(s, at), e if length == 0 else min(e, at + length)
+                lock_start = min(e, max(s, at))
+                lock_end = e if length == 0 else max(lock_start, min(e, at + length))
                 out.add(lock_start, lock_end)
                 pending += [(s, lock_start), (lock_end, e)]  # GETLK names one conflicting lock, not the first
             return out

@@ -15,9 +15,9 @@ Background fetches (2 and 3) are claimed by idle connections when they start, ne
 waits behind queued low-priority work. And when a demand read finds every connection busy, that many background
 fetches yield (fill first, then the readahead furthest ahead): they stop at their next body chunk, keep the bytes
 they got, and the rest of their range is claimed again later. So a demand read waits at most one body chunk
-behind background traffic, and background requests can be large (fewer requests, less time-to-first-byte paid).
-The sizes below were chosen from ``python -m benchmarks.bench_hub --sweep`` against the latency-modelled local
-Hub (see benchmarks/results/).
+behind background traffic, and fill requests can be large (fewer requests, less time-to-first-byte paid). The
+sizes below and ``StreamConfig.max_connections`` (12) were chosen from ``python -m benchmarks.bench_hub --sweep``
+against the latency-modelled local Hub.
 """
 
 from __future__ import annotations
@@ -37,9 +37,16 @@ from .stream import Claim, ShardStream
 logger = logging.getLogger(__name__)
 
 DEMAND, READAHEAD, FILL = 0, 1, 2
+# Measured (benchmarks/results/hub_sweep_*.md, 0.2 s to first byte, 20 MB/s per connection, 100 MB/s in all): 12
+# connections get 92-93% of the link with 4-8 MiB requests, 96% with 16 MiB, 98% with 32 MiB; 8 connections need
+# 32 MiB for 96%; 4 connections never pass 76%. Readahead and demand pieces stay at 8 MiB because the requests in
+# flight complete together: 12 x 8 MiB is about two decoder blocks of a 600 MB model in flight, so blocks arrive
+# nearly in order and the forward pass can run on the first while the next arrive. Fill is not needed in any
+# order and yields to demand reads, so it uses the large requests.
 DEMAND_PIECE_BYTES = 8 << 20  # a demand read is fetched as parallel pieces of at most this size
-READAHEAD_CHUNK_BYTES = 16 << 20  # one readahead request
-FILL_CHUNK_BYTES = 64 << 20  # one filler request: large, it yields to demand reads anyway
+READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
+FILL_CHUNK_BYTES = 32 << 20  # one filler request
+MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this
 READAHEAD_BYTES = 1 << 30  # how far ahead of the forward pass (in its read order) idle connections fetch to disk
 
 
@@ -185,9 +192,10 @@ class Background:
     Nothing starts before the engine's first read: ``from_pretrained`` returns with only the headers fetched.
     """
 
-    def __init__(self, streams: dict[str, ShardStream], fill: bool) -> None:
+    def __init__(self, streams: dict[str, ShardStream], fill: bool, connections: int) -> None:
         self.streams = streams
         self.fill = fill
+        self.connections = connections
         self.active = False
         self._order: list[tuple[ShardStream, int, int]] = []
         self._planned: dict[str, list[tuple[int, int, int]]] = {}  # shard -> sorted (start, end, position)
@@ -216,7 +224,7 @@ class Background:
         if not self.active:
             return None
         count = len(self._order)
-        if count and self._position >= 0:
+        if count:  # from the range after the last one read (from the first before any: embedding rows come first)
             ahead = 0
             for step in range(1, count + 1):
                 if ahead >= READAHEAD_BYTES:
@@ -227,8 +235,11 @@ class Background:
                     return Job(stream, claim, READAHEAD, order=step)
                 ahead += end - start
         if self.fill and not demand_active:
+            # Large requests, but not so large that the last of the files keeps connections idle.
+            missing = sum(s.missing_bytes() for s in self.streams.values())
+            limit = max(MIN_FILL_BYTES, min(FILL_CHUNK_BYTES, missing // self.connections))
             for stream in self.streams.values():
-                claim = stream.claim_next(0, stream.size, FILL_CHUNK_BYTES)
+                claim = stream.claim_next(0, stream.size, limit)
                 if claim is not None:
                     return Job(stream, claim, FILL)
         return None

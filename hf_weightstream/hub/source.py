@@ -29,6 +29,7 @@ from .schedule import DEMAND, Background, FetchScheduler, Job
 from .stream import ShardStream
 
 FOREIGN_POLL_S = 0.02  # how often a read re-checks ranges another process is fetching
+FOREIGN_PATIENCE_S = 60.0  # a read fetches a range itself when the process holding it recorded nothing this long
 ROW_GAP_BYTES = 64 << 10  # rows of one lookup closer than this are fetched as one range
 
 
@@ -78,7 +79,7 @@ class _Session:
         self.progress = ByteProgress(f"Streaming {label}")
         self.fetcher = RangeFetcher(self.progress.update, self.cancelled)
         self.streams: dict[str, ShardStream] = {}
-        self.background = Background(self.streams, fill)
+        self.background = Background(self.streams, fill, connections)
         self.scheduler = FetchScheduler(connections, self.background.next_job)
         self.recorder = Recorder(self.streams, self._state_changed)
         self.state = threading.Condition()
@@ -108,6 +109,8 @@ class _Session:
 
         filled = RangeSet()
         base = spans[0][0]
+        patience = time.monotonic() + FOREIGN_PATIENCE_S
+        seen = -1
         while True:
             # Under the workers' lock: no idle connection may see a range claimed here before its job is queued
             # (it would skip it and fetch something later in the order first).
@@ -116,9 +119,10 @@ class _Session:
                 waits: list[threading.Event] = []
                 foreign = False
                 fd = -1
+                impatient = time.monotonic() > patience  # another process holds ranges and records nothing
                 for start, end in spans:
                     got = stream.claim_missing(
-                        start, end, lambda s, e: even_pieces(s, e, schedule.DEMAND_PIECE_BYTES)
+                        start, end, lambda s, e: even_pieces(s, e, schedule.DEMAND_PIECE_BYTES), impatient
                     )
                     fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
                     jobs += [
@@ -141,8 +145,12 @@ class _Session:
                 job.finished.wait()
             for event in waits:
                 event.wait()
-            if foreign and not jobs and not waits and self.cancelled.wait(FOREIGN_POLL_S):
-                raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
+            if foreign and not jobs and not waits:
+                if self.cancelled.wait(FOREIGN_POLL_S):
+                    raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
+                held = stream.present.total
+                if held != seen:  # the other process is making progress: keep waiting for it
+                    seen, patience = held, time.monotonic() + FOREIGN_PATIENCE_S
             errors = [job.error for job in jobs if job.error is not None and not isinstance(job.error, Superseded)]
             if errors and isinstance(errors[0], Cancelled):
                 raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")

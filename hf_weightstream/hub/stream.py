@@ -26,6 +26,7 @@ from .remote import RangeFetcher, RemoteFile, Yielded
 logger = logging.getLogger(__name__)
 
 MAX_MISMATCHES = 2  # complete files whose sha256 did not match before we stop refetching one
+RECORD_EVERY_BYTES = 2 << 20  # a long fetch hands its bytes to the recorder this often: a kill loses less
 
 
 @dataclass(eq=False)
@@ -82,8 +83,11 @@ class ShardStream:
             return 0 if self.committed else self.size - self.present.total
 
     # -- claims ---------------------------------------------------------------------------------------
-    def claim_missing(self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]]) -> Claimed:
-        """Claim what nobody holds or fetches in ``[start, end)``, cut by ``pieces(start, end)``."""
+    def claim_missing(
+        self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]], ignore_foreign: bool = False
+    ) -> Claimed:
+        """Claim what nobody holds or fetches in ``[start, end)``, cut by ``pieces(start, end)``; with
+        ``ignore_foreign``, also what another process has locked (it stopped making progress)."""
         self.refresh()
         with self._lock:
             if self.committed is not None:
@@ -96,6 +100,8 @@ class ShardStream:
                 waits.extend(c.done for c in busy)
                 for s, e in RangeSet((c.start, c.end) for c in busy).gaps(gap_start, gap_end):
                     taken, elsewhere = self._lock_range(s, e)
+                    if ignore_foreign:
+                        taken, elsewhere = taken + elsewhere, []
                     foreign = foreign or bool(elsewhere)
                     for ts, te in taken:
                         mine.extend(Claim(ps, pe) for ps, pe in pieces(ts, te))
@@ -175,11 +181,11 @@ class ShardStream:
     def fetch(self, claim: Claim, out: memoryview | None, should_yield: Callable[[], bool]) -> None:
         """Fetch a claimed range into the partial file and, for a demand read, into ``out`` (its buffer)."""
         generation = self.partial.generation
-        written = claim.start
+        written = published = claim.start
         superseded = False
 
         def sink(offset: int, chunk: bytes) -> None:
-            nonlocal written, superseded
+            nonlocal written, published, superseded
             if out is not None:
                 out[offset - claim.start : offset - claim.start + len(chunk)] = chunk
             if superseded:
@@ -192,6 +198,9 @@ class ShardStream:
                     raise
             else:
                 written = offset + len(chunk)
+                if written - published >= RECORD_EVERY_BYTES:
+                    self._publish(published, written, generation)
+                    published = written
 
         try:
             self._fetcher.fetch(self.remote, claim.start, claim.end, sink, should_yield)
@@ -201,6 +210,14 @@ class ShardStream:
             self._settle(claim, written, generation)
             if superseded:
                 self.reconcile()
+
+    def _publish(self, start: int, end: int, generation: int) -> None:
+        """Bytes of a fetch still running are on disk: readable here now, recorded (and unlocked) soon."""
+        with self._lock:
+            if generation == self.partial.generation and self.committed is None:
+                self.present.add(start, end)
+                self.unrecorded.add(start, end)
+        self._on_change()
 
     # -- other processes --------------------------------------------------------------------------------
     def refresh(self) -> None:
