@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +146,41 @@ def test_large_reads_are_split_over_several_connections(tiny: Path, tmp_path: Pa
     assert 2 <= overlapping <= 3, "several requests at once, never more than max_connections"
 
 
+def test_a_read_the_forward_pass_waits_for_makes_background_fetches_yield(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 2048)  # a background fetch looks up every 2 KB
+    sizes = shard_sizes(tiny)
+    last = list(sizes)[-1]
+    with served(tiny, tmp_path, bandwidth=20_000) as server:  # a slow link: one fill request takes seconds
+        source = source_of(stream(max_connections=1))
+        filler = threading.Thread(target=source.wait_until_cached, kwargs={"timeout": 60}, daemon=True)
+        filler.start()  # the filler takes the one connection, in file order: the last shard comes last
+        deadline = time.monotonic() + 10
+
+        def long_request_running() -> bool:  # one that takes a second or more at this speed
+            spans = [r.range.removeprefix("bytes=").split("-") for r in server.log if r.status == 206 and not r.end]
+            return any(int(b) - int(a) >= 20_000 for a, b in spans)
+
+        while not long_request_running():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        out = bytearray(1024)
+        start = time.monotonic()
+        source.read_into(last, sizes[last] - len(out), memoryview(out))
+        waited = time.monotonic() - start
+        log = server.log
+        filler.join(60)
+    assert bytes(out) == (tiny / last).read_bytes()[-len(out) :]
+    assert waited < 1.0, f"the read waited {waited:.2f} s behind the filler"
+    cut = [r for r in log if r.status == 206 and r.fault is None and r.time < start
+           and r.bytes_sent < int(r.range.split("-")[1]) + 1 - int(r.range.removeprefix("bytes=").split("-")[0])]
+    assert cut, "the background request running when the read came stopped early (its bytes were kept)"
+    # What the server had sent into the socket of the request that yielded, and was not read, is sent again.
+    assert server.bytes_sent(".safetensors") <= sum(sizes.values()) + 16_384
+
+
 def test_embedding_rows_of_one_lookup_are_fetched_in_one_request(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what the forward pass reads
     with served(tiny, tmp_path) as server:
@@ -190,6 +226,9 @@ def test_complete_download_commits_to_the_cache_and_offline_load_needs_no_reques
         assert_cache_verified(tmp_path, tiny)
         assert (tmp_path / "CACHEDIR.TAG").is_file()
         assert not scan_cache_dir(tmp_path).warnings
+        partial = repo_cache(tmp_path) / ".weightstream" / "partial"
+        for name, size in shard_sizes(tiny).items():  # the source is still open: it must hold no range now
+            assert not hub.partial.RangeLocks(partial / f"{sha256_of(tiny / name)}.claims").busy(0, size)
 
         server.clear_log()
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -2,8 +2,8 @@
 
 Group commit: one fsync and one record update cover every range that landed since the last one, so many parallel
 fetches cost one fsync instead of one each. Once recorded, a range is unlocked for other processes (they read it
-from the partial file). Complete shards are verified and committed here too, at a low CPU priority: hashing never
-slows the forward pass.
+from the partial file). Complete shards are verified and committed by a second thread at a low CPU priority:
+hashing never slows the forward pass, and never delays recording (what is not recorded is lost to a ``kill -9``).
 """
 
 from __future__ import annotations
@@ -32,59 +32,81 @@ def join_threads(threads: list[threading.Thread], timeout: float) -> bool:
 
 
 class Recorder:
-    """The one thread that records fetched ranges and commits complete shards of a source."""
+    """The threads that record fetched ranges and commit complete shards of a source."""
 
     def __init__(self, streams: dict[str, ShardStream], on_commit: Callable[[], None]) -> None:
         self._streams = streams
         self._on_commit = on_commit
         self._wake = threading.Event()
+        self._wake_committer = threading.Event()
         self._stopped = False
         self._flush_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
 
     def poke(self) -> None:
-        if self._thread is None:
+        if not self._threads:
             with self._start_lock:
-                if self._thread is None and not self._stopped:
-                    self._thread = threading.Thread(target=self._run, name="hf_weightstream-recorder", daemon=True)
-                    self._thread.start()
+                if not self._threads and not self._stopped:
+                    for target, name in ((self._record, "recorder"), (self._commit, "committer")):
+                        thread = threading.Thread(target=target, name=f"hf_weightstream-{name}", daemon=True)
+                        thread.start()
+                        self._threads.append(thread)
         self._wake.set()
 
     def stop(self) -> None:
         """Record everything fetched so far (no commit: exiting stays quick; the next run commits)."""
         self._stopped = True
         self._wake.set()
-        if self._thread is None or join_threads([self._thread], timeout=10):
-            self.flush(commit=False)
+        self._wake_committer.set()
+        if join_threads(self._threads, timeout=10):
+            self.flush()
 
-    def _run(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):  # Linux: a nice value per thread; elsewhere no-op
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    def _record(self) -> None:
         while not self._stopped:
             self._wake.wait()
             self._wake.clear()
             if not self._stopped:
                 try:
-                    self.flush(commit=True)
+                    self.flush()
                 except Exception:  # noqa: BLE001 - keep recording the other shards; say what happened
                     logger.exception("hf_weightstream: recording fetched bytes failed")
+                self._wake_committer.set()
 
-    def flush(self, commit: bool) -> None:
+    def _commit(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: a nice value per thread; elsewhere no-op
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while not self._stopped:
+            self._wake_committer.wait()
+            self._wake_committer.clear()
+            for stream in list(self._streams.values()):
+                if self._stopped:
+                    return
+                try:
+                    if stream.ready_to_commit():
+                        stream.commit()
+                        self._on_commit()
+                except OSError as err:  # disk full, permissions: the bytes stay usable in this process
+                    self._failed(stream, err)
+                except Exception:  # noqa: BLE001 - keep committing the other shards; say what happened
+                    logger.exception("hf_weightstream: committing %s failed", stream.remote.describe())
+
+    def flush(self) -> None:
         with self._flush_lock:
             for stream in list(self._streams.values()):
+                pending, generation = stream.take_unrecorded()
+                record = None
                 try:
-                    pending, generation = stream.take_unrecorded()
                     if pending:
                         record = stream.partial.sync_and_record(pending, generation)
                         if record is None:
                             stream.reconcile()
-                        else:
-                            stream.recorded(record, pending)
-                    if commit and stream.ready_to_commit():
-                        stream.commit()
-                        self._on_commit()
                 except OSError as err:  # disk full, permissions: the bytes stay usable in this process
-                    logger.warning("Could not save the fetched bytes of %s: %s", stream.remote.describe(), err)
-                    stream.failure = err
-                    self._on_commit()
+                    self._failed(stream, err)
+                finally:
+                    stream.recorded(record, pending)
+
+    def _failed(self, stream: ShardStream, err: OSError) -> None:
+        logger.warning("Could not save the fetched bytes of %s: %s", stream.remote.describe(), err)
+        stream.failure = err
+        self._on_commit()

@@ -266,12 +266,20 @@ class RangeFetcher:
         self._client: httpx2.Client | None = None
         self._client_lock = threading.Lock()
         self._warned_no_content_range = False
+        self._local = threading.local()
 
     def close(self) -> None:
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def _buffer(self, at_least: int = 0) -> bytearray:
+        """This thread's receive buffer (``BODY_CHUNK_BYTES``, or more if a transport read was larger)."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < max(at_least, BODY_CHUNK_BYTES):
+            buffer = self._local.buffer = bytearray(max(at_least, BODY_CHUNK_BYTES))
+        return buffer
 
     def _http(self) -> httpx2.Client:
         with self._client_lock:
@@ -284,10 +292,11 @@ class RangeFetcher:
         remote: RemoteFile,
         start: int,
         end: int,
-        sink: Callable[[int, bytes], None],
+        sink: Callable[[int, memoryview], None],
         should_yield: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Call ``sink(offset, chunk)`` for consecutive chunks covering ``[start, end)``.
+        """Call ``sink(offset, chunk)`` for consecutive chunks covering ``[start, end)`` (``chunk`` is only valid
+        during the call).
 
         ``should_yield`` is asked between chunks; when it says so, `Yielded` is raised (the bytes before were
         handed on).
@@ -345,7 +354,7 @@ class RangeFetcher:
         remote: RemoteFile,
         start: int,
         end: int,
-        sink: Callable[[int, bytes], None],
+        sink: Callable[[int, memoryview], None],
         should_yield: Callable[[], bool],
     ) -> int:
         """One request for ``[start, end)``; returns the position reached (``end``) or raises."""
@@ -355,27 +364,36 @@ class RangeFetcher:
             try:
                 self._check_status(response, remote, start, generation)
                 self._check_range_answer(response, remote, start, end)
-                pending = bytearray()  # bytes received, handed on BODY_CHUNK_BYTES at a time (and before a cut)
+                # Bytes received are gathered in this thread's buffer (reused: no large allocation per chunk, which
+                # glibc would keep in a per-thread arena) and handed on BODY_CHUNK_BYTES at a time, and before a cut.
+                buffer = self._buffer()
+                filled = 0
 
                 def hand_on() -> None:
-                    nonlocal position
-                    if pending:
-                        sink(position, bytes(pending))
-                        position += len(pending)
-                        self._on_bytes(len(pending))
-                        pending.clear()
+                    nonlocal position, filled
+                    if filled:
+                        with memoryview(buffer) as view:
+                            sink(position, view[:filled])
+                        position += filled
+                        self._on_bytes(filled)
+                        filled = 0
 
                 try:
                     for piece in response.iter_raw():  # as the transport delivers; no decoding: checked identity
                         if self._cancelled.is_set():
                             raise Cancelled
-                        if position + len(pending) + len(piece) > end:
+                        if position + filled + len(piece) > end:
                             raise RangeFetchError(
                                 f"The server sent more than the {end - start} bytes asked for "
                                 f"({remote.describe(start, end)})."
                             )
-                        pending += piece
-                        if len(pending) >= BODY_CHUNK_BYTES:
+                        if filled + len(piece) > len(buffer):
+                            hand_on()
+                        if len(piece) > len(buffer):
+                            buffer = self._buffer(len(piece))
+                        buffer[filled : filled + len(piece)] = piece
+                        filled += len(piece)
+                        if filled >= BODY_CHUNK_BYTES:
                             hand_on()
                             if position < end and should_yield():
                                 raise Yielded(position)

@@ -9,7 +9,8 @@ Three kinds of fetch share one model's ``connections``:
    budget is untouched; and the first forward pass, which traces the schedule and has no prefetch of its own,
    still overlaps downloading with computing.
 3. fill (``complete_download``): the rest of each shard in file order, so that it can be verified and committed;
-   only while no demand fetch is queued or running.
+   only while no demand or readahead fetch is queued or running: in the gaps the forward pass leaves, so that
+   it never shares the link with the bytes the forward pass waits for or reads next.
 
 Background fetches (2 and 3) are claimed by idle connections when they start, never queued, so a demand read never
 waits behind queued low-priority work. And when a demand read finds every connection busy, that many background
@@ -81,7 +82,7 @@ class FetchScheduler:
     """The HTTP connections of one model: ``connections`` threads, demand jobs first, in the order they came.
 
     The engine asks for units in execution order, so first come is what the forward pass needs first. When no demand
-    job is queued, an idle connection asks ``background(demand_active)`` for work (module docstring).
+    job is queued, an idle connection asks ``background(forward_active)`` for work (module docstring).
     """
 
     def __init__(self, connections: int, background: Callable[[bool], Job | None]) -> None:
@@ -137,8 +138,9 @@ class FetchScheduler:
         for job in background[:shortfall]:
             job.yield_requested = True
 
-    def _demand_active(self) -> bool:
-        return bool(self._queue) or any(j.priority == DEMAND for j in self._running)
+    def _forward_active(self) -> bool:
+        """Whether the forward pass is using the link: reads it waits for, or the bytes it reads next."""
+        return bool(self._queue) or any(j.priority != FILL for j in self._running)
 
     def _start_threads(self) -> None:
         while len(self._threads) < self._connections and not self._stopped:
@@ -157,7 +159,7 @@ class FetchScheduler:
                     if self._queue:
                         job = self._queue.popleft()
                         break
-                    job = self._background(self._demand_active())
+                    job = self._background(self._forward_active())
                     if job is not None:
                         break
                     self._cond.wait(timeout=1.0)
@@ -220,7 +222,7 @@ class Background:
         if planned is not None:
             self._position = planned[2]
 
-    def next_job(self, demand_active: bool) -> Job | None:
+    def next_job(self, forward_active: bool) -> Job | None:
         if not self.active:
             return None
         count = len(self._order)
@@ -234,7 +236,7 @@ class Background:
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step)
                 ahead += end - start
-        if self.fill and not demand_active:
+        if self.fill and not forward_active:
             # Large requests, but not so large that the last of the files keeps connections idle.
             missing = sum(s.missing_bytes() for s in self.streams.values())
             limit = max(MIN_FILL_BYTES, min(FILL_CHUNK_BYTES, missing // self.connections))

@@ -68,6 +68,7 @@ class ShardStream:
         self._lock = threading.Lock()
         self.present = recorded.copy()
         self.unrecorded = RangeSet()
+        self._recording = RangeSet()  # taken by the recorder, not recorded yet
         self._claims: list[Claim] = []
         self.committed: Path | None = None
         self.verified: str | None = None  # the sha256 we checked when we committed it
@@ -184,7 +185,7 @@ class ShardStream:
         written = published = claim.start
         superseded = False
 
-        def sink(offset: int, chunk: bytes) -> None:
+        def sink(offset: int, chunk: memoryview) -> None:
             nonlocal written, published, superseded
             if out is not None:
                 out[offset - claim.start : offset - claim.start + len(chunk)] = chunk
@@ -253,16 +254,21 @@ class ShardStream:
 
     # -- durability and commit ----------------------------------------------------------------------------
     def take_unrecorded(self) -> tuple[RangeSet, int]:
-        """Ranges written but not yet recorded, and the partial file generation they were written to."""
+        """Ranges written but not yet recorded, and the partial file generation they were written to; until
+        `recorded` or `not_recorded`, the shard is not committed."""
         with self._lock:
             pending, self.unrecorded = self.unrecorded, RangeSet()
+            self._recording = pending
             return pending, self.partial.generation
 
-    def recorded(self, record: RangeSet, pending: RangeSet) -> None:
-        """``pending`` is in the record now (merged with others' into ``record``): other processes may read it."""
+    def recorded(self, record: RangeSet | None, pending: RangeSet) -> None:
+        """``pending`` is in the record now (merged with others' into ``record``), or will never be (None: the file
+        was committed or replaced meanwhile): either way, other processes no longer wait for it."""
         with self._lock:
-            self.present.update(record)
+            if record is not None:
+                self.present.update(record)
             self._release_locks(list(pending))
+            self._recording = RangeSet()
 
     def retry_after_failure(self) -> None:
         """Let the background try again after a network or disk failure (not after repeated sha256 mismatches)."""
@@ -276,23 +282,30 @@ class ShardStream:
                 self.committed is None
                 and self.failure is None
                 and not self.unrecorded
+                and not self._recording
                 and self.present.covers(0, self.size)
             )
 
     def commit(self) -> None:
-        """Verify the complete partial file (sha256 == LFS oid) and move it into the cache; discard it if not."""
+        """Verify the complete partial file (sha256 == LFS oid) and move it into the cache; discard it if not.
+
+        ``_on_change`` takes the scheduler's lock, so it is never called with the file lock held: a connection
+        holding the scheduler's lock may be waiting for the file lock (in `refresh`).
+        """
         remote = self.remote
         with self.partial.locked():
-            if not self.partial.is_current():
-                self.reconcile()
-                return
-            try:
-                self.verified = cache.install(self.partial, remote)
-            except cache.ChecksumMismatch as mismatch:
-                self._mismatch(mismatch.digest)
-                return
-            with self._lock:
-                self._mark_committed(remote.repo.blob_path(remote.sha256))
+            stale = not self.partial.is_current()
+            if not stale:
+                try:
+                    self.verified = cache.install(self.partial, remote)
+                except cache.ChecksumMismatch as mismatch:
+                    self._mismatch(mismatch.digest)
+                    return
+                with self._lock:
+                    self._mark_committed(remote.repo.blob_path(remote.sha256))
+        if stale:  # committed or discarded by another process meanwhile
+            self.reconcile()
+            return
         logger.info("%s is complete and verified: committed to the Hub cache", remote.describe())
         self._on_change()
 
