@@ -19,6 +19,8 @@ from .stream import ShardStream
 
 logger = logging.getLogger(__name__)
 
+RECORD_INTERVAL_S = 0.1  # at most ten fsyncs and record updates a second, whatever the number of connections
+
 
 def join_threads(threads: list[threading.Thread], timeout: float) -> bool:
     """Join ``threads`` within ``timeout`` seconds in all; True if they all ended. Skips the calling thread: a
@@ -39,6 +41,7 @@ class Recorder:
         self._on_commit = on_commit
         self._wake = threading.Event()
         self._wake_committer = threading.Event()
+        self._halt = threading.Event()
         self._stopped = False
         self._flush_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -57,6 +60,7 @@ class Recorder:
     def stop(self) -> None:
         """Record everything fetched so far (no commit: exiting stays quick; the next run commits)."""
         self._stopped = True
+        self._halt.set()
         self._wake.set()
         self._wake_committer.set()
         if join_threads(self._threads, timeout=10):
@@ -72,6 +76,7 @@ class Recorder:
                 except Exception:  # noqa: BLE001 - keep recording the other shards; say what happened
                     logger.exception("hf_weightstream: recording fetched bytes failed")
                 self._wake_committer.set()
+                self._halt.wait(RECORD_INTERVAL_S)  # group what lands meanwhile into the next fsync
 
     def _commit(self) -> None:
         with contextlib.suppress(AttributeError, OSError):  # Linux: a nice value per thread; elsewhere no-op

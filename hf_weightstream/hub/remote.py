@@ -343,7 +343,7 @@ class RangeFetcher:
                 if http_failures > policy.http_retries:
                     raise self._gave_up(remote, position, end, err) from err
             if position > before:  # progress: the failures so far were passing trouble
-                wait, http_failures = policy.base_wait, 0
+                wait, http_failures, forbidden, refreshes = policy.base_wait, 0, 0, 0
             if self._cancelled.wait(wait if delay is None else delay):
                 raise Cancelled
             wait = min(policy.max_wait, wait * 2)

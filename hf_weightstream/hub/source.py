@@ -241,7 +241,8 @@ class HubSource:
         if recorded is None:
             cache.link_snapshot(repo, remote.shard, remote.sha256, new_blob=False)
             return None
-        stream = ShardStream(remote, partial, recorded, self._session.fetcher, self._session.stream_changed)
+        session = self._session
+        stream = ShardStream(remote, partial, recorded, session.fetcher, session.stream_changed, session.recorder.poke)
         if recorded.covers(0, remote.size):  # a run that ended between its last record and the commit
             stream.commit()
             if stream.committed is not None:

@@ -60,11 +60,13 @@ class ShardStream:
         recorded: RangeSet,
         fetcher: RangeFetcher,
         on_change: Callable[[], None],
+        on_fetched: Callable[[], None],
     ) -> None:
         self.remote = remote
         self.partial = partial
         self._fetcher = fetcher
-        self._on_change = on_change
+        self._on_change = on_change  # claims or files changed: the connections and the recorder look again
+        self._on_fetched = on_fetched  # bytes landed: the recorder records them
         self._lock = threading.Lock()
         self.present = recorded.copy()
         self.unrecorded = RangeSet()
@@ -218,7 +220,7 @@ class ShardStream:
             if generation == self.partial.generation and self.committed is None:
                 self.present.add(start, end)
                 self.unrecorded.add(start, end)
-        self._on_change()
+        self._on_fetched()
 
     # -- other processes --------------------------------------------------------------------------------
     def refresh(self) -> None:
