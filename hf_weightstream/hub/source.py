@@ -30,7 +30,10 @@ from .stream import ShardStream
 
 FOREIGN_POLL_S = 0.02  # how often a read re-checks ranges another process is fetching
 FOREIGN_PATIENCE_S = 60.0  # a read fetches a range itself when the process holding it recorded nothing this long
-ROW_GAP_BYTES = 64 << 10  # rows of one lookup closer than this are fetched as one range
+# Rows of one lookup closer than this are fetched as one range: a request costs a round trip, about what one
+# connection of the link modelled in benchmarks/bench_hub.py (0.2 s to first byte, 12 connections sharing
+# 100 MB/s) moves in 2 MiB. A long prompt's rows span the whole table, which is then fetched in large pieces.
+ROW_GAP_BYTES = 2 << 20
 
 
 class ByteProgress:
