@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch 2.13.0 is the CPU build on this machine's disk; users with their own torch keep it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean zoo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+zoo: install
+	HFWS_ZOO=full $(PY) -m pytest -q tests/test_zoo.py

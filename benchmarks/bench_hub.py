@@ -520,8 +520,11 @@ def _setup(args: argparse.Namespace, argv: list[str] | None, spec: Any, folder: 
         "model": spec.name,
         "model_bytes": sum(p.stat().st_size for p in shard_files(folder)),
         "shards": len(shard_files(folder)),
-        "link": {"bandwidth": args.bandwidth, "connection_bandwidth": args.connection_bandwidth,
-                 "latency": args.latency},  # fmt: skip
+        "link": {
+            "bandwidth": args.bandwidth,
+            "connection_bandwidth": args.connection_bandwidth,
+            "latency": args.latency,
+        },
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "git_head": _git("rev-parse", "--short", "HEAD"),
         "uncommitted": _git("status", "--porcelain", "--", "hf_weightstream").splitlines(),
@@ -544,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--schedule",
         default="{}",
-        help='JSON overrides of hf_weightstream.hub.schedule sizes, e.g. \'{"READAHEAD_CHUNK_BYTES": 16777216}\'',
+        help="JSON overrides of hf_weightstream.hub.schedule sizes, e.g. '{\"READAHEAD_CHUNK_BYTES\": 16777216}'",
     )
     parser.add_argument("--only", help="comma-separated contenders to run (default: all)")
     args = parser.parse_args(argv)

@@ -103,7 +103,7 @@ def worker(job: dict) -> dict:
         "tokens": tokens,
     }
     if job["contender"] == "shared_pool":
-        out["pool"] = {k: stats[k] for k in ("budget_bytes", "peak_held_bytes", "hits", "misses", "evictions")}
+        out["pool"] = {k: stats[k] for k in ("budget_bytes", "peak_resident_bytes", "hits", "misses", "evictions")}
     return out
 
 

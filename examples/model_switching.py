@@ -47,7 +47,7 @@ def main() -> None:
         print(f"model {name}: {tokenizer.decode(output[0], skip_special_tokens=True)!r}")
         stats = pool.stats()
         print(
-            f"  pool holds {stats['held_bytes']:,} of {stats['budget_bytes']:,} bytes; evictions so far "
+            f"  pool holds {stats['resident_bytes']:,} of {stats['budget_bytes']:,} bytes; evictions so far "
             f"{stats['evictions']}"
         )
 

@@ -3,18 +3,30 @@
 ``import hf_weightstream`` installs the integration; then
 ``AutoModelForCausalLM.from_pretrained(repo, device_map="stream")`` returns a model whose weights are read just
 before each block runs, prefetched in execution order, and evicted under a byte budget.
+
+Importing the package is cheap: torch and transformers load only when they are needed (the ``hf-weightstream``
+command answers ``--help`` without them). The public names below are imported on first use, and the integration
+is installed as soon as transformers' model code is imported (see ``_autoinstall``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .config import StreamConfig
-from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError
-from .hub import CachedShard, HubSource
-from .hub import wait_until_cached as _wait_until_cached
-from .integration import engine_of, install
-from .residency import WeightPool, set_default_pool
+from ._autoinstall import install_with_transformers
+from .errors import (
+    BudgetError,
+    CheckpointError,
+    StreamConfigError,
+    StreamingRuntimeError,
+    StreamingUnsupportedError,
+)
+
+if TYPE_CHECKING:
+    from .config import StreamConfig
+    from .hub import wait_until_cached
+    from .residency import WeightPool, set_default_pool
 
 __all__ = [
     "BudgetError",
@@ -22,6 +34,7 @@ __all__ = [
     "StreamConfig",
     "StreamConfigError",
     "StreamingRuntimeError",
+    "StreamingUnsupportedError",
     "WeightPool",
     "release",
     "reset_stats",
@@ -31,34 +44,47 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-install()
+# Public names that need torch, and the module each comes from: imported on first access.
+_LAZY = {
+    "StreamConfig": ".config",
+    "WeightPool": ".residency",
+    "set_default_pool": ".residency",
+    "wait_until_cached": ".hub",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def stats(model: Any) -> dict[str, Any]:
     """Where the time and bytes went for a streamed model: reads, hits, misses, evictions, peaks, stalls."""
+    from .integration import engine_of
+
     return engine_of(model).stats()
 
 
 def reset_stats(model: Any) -> None:
     """Zero the counters and peaks of a streamed model (e.g. after a warm-up)."""
+    from .integration import engine_of
+
     engine_of(model).reset_stats()
-
-
-def wait_until_cached(model: Any, timeout: float | None = None) -> dict[str, CachedShard]:
-    """Block until every shard of a model streamed from the Hub is complete, verified and in the Hub cache.
-
-    Fetches what is missing now (also with ``complete_download=False``), then returns ``{shard: CachedShard}`` with
-    the snapshot path, the repo's blob and the sha256 of every shard. For scripts that must leave a complete cache
-    behind, and for tests. Raises ``TimeoutError`` after ``timeout`` seconds (the download continues in the
-    background).
-    """
-    if isinstance(model, HubSource):
-        return model.wait_until_cached(timeout)
-    engine = engine_of(model)
-    checkpoint = getattr(engine, "checkpoint", None)  # set by from_pretrained; engine.source may be wrapped
-    return _wait_until_cached(checkpoint.source if checkpoint is not None else engine.source, timeout)
 
 
 def release(model: Any) -> None:
     """Drop every resident weight of a streamed model now; its memory goes back to the pool."""
+    from .integration import engine_of
+
     engine_of(model).release_all()
+
+
+install_with_transformers()

@@ -9,6 +9,7 @@ change shape, ``tests/test_transformers_compat.py`` fails loudly naming it, inst
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,56 +20,144 @@ from transformers.core_model_loading import (
     WeightConverter,
     WeightRenaming,
     build_glob_alternation,
+    dot_natural_key,
     rename_source_key,
+    revert_weight_conversion,
 )
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.initialization import no_init_weights
-from transformers.modeling_utils import _get_dtype
+from transformers.modeling_utils import _get_dtype, remove_tied_weights_from_state_dict
 from transformers.monkey_patching import patch_output_recorders
+from transformers.quantizers.auto import AutoHfQuantizer, get_hf_quantizer
 from transformers.utils.generic import ContextManagers
 from transformers.utils.loading_report import LoadStateDictInfo
 
 from .errors import CheckpointError
 
 __all__ = [
+    "AutoHfQuantizer",
     "ConversionGroup",
     "KeyPlan",
     "LoadStateDictInfo",
     "build_skeleton",
+    "finish_quantized",
+    "make_quantizer",
+    "custom_object_save",
+    "materialize_computed",
+    "remove_tied_weights",
+    "revert_weight_conversion",
     "plan_checkpoint_keys",
     "resolve_dtype",
     "target_dtypes",
 ]
 
 
-def resolve_dtype(dtype: Any, config: Any, checkpoint_dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
+def make_quantizer(config: Any, quantization_config: Any) -> Any:
+    """transformers' quantizer for this load (``get_hf_quantizer``), as ``from_pretrained`` makes it: it merges a
+    user's ``quantization_config`` into the checkpoint's, and decides, for this machine, whether pre-quantized
+    weights are dequantized at load (no kernel for the format here) or kept quantized. Updates ``config``."""
+    hf_quantizer, _config, _device_map = get_hf_quantizer(config, quantization_config, None, True, {})
+    return hf_quantizer
+
+
+def resolve_dtype(
+    dtype: Any, config: Any, checkpoint_dtype: torch.dtype | None, hf_quantizer: Any = None
+) -> tuple[Any, torch.dtype]:
     """transformers' own dtype rules (``"auto"`` reads the config, then the checkpoint); updates ``config``."""
     if dtype is None:
         dtype = "auto"
     sharded_metadata = {"dtype": str(checkpoint_dtype or torch.float32).removeprefix("torch.")}
-    return _get_dtype(dtype, None, config, sharded_metadata, None, True)
+    return _get_dtype(dtype, None, config, sharded_metadata, None, True, hf_quantizer)
 
 
-def build_skeleton(cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, model_kwargs: dict) -> Any:
+def build_skeleton(
+    cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, model_kwargs: dict, hf_quantizer: Any = None
+) -> Any:
     """The model with every parameter on the meta device, and real non-persistent buffers.
 
-    Uses the very init contexts of ``from_pretrained`` (default dtype, no weight tying during init, meta device),
-    then materialises non-persistent buffers (rotary ``inv_freq``...) the way its finalisation step does, so they
-    are bit-identical to a normal load.
+    Uses the very init contexts of ``from_pretrained`` (default dtype, no weight tying during init, meta device)
+    and, for a quantized checkpoint, its quantizer's module replacement, then materialises non-persistent buffers
+    (rotary ``inv_freq``...) the way its finalisation step does, so they are bit-identical to a normal load.
     """
     config = copy.deepcopy(config)
     # Parameters stay on meta and are never initialised, so skip the init functions (a third of the build time).
-    contexts = [*cls.get_init_context(dtype, False, False, False), no_init_weights()]
+    contexts = [*cls.get_init_context(dtype, hf_quantizer is not None, False, False), no_init_weights()]
 
     with ContextManagers(contexts):
         model = cls(config, **model_kwargs)
         patch_output_recorders(model)
+        if hf_quantizer is not None:
+            hf_quantizer.preprocess_model(
+                model=model, dtype=dtype, device_map=None, checkpoint_files=None, use_kernels=False
+            )
     for param in model.parameters():
         param._is_hf_initialized = True
+        # Loading a weight makes it a new Parameter(requires_grad=is_floating_point()); a model's _init_weights
+        # may then change the flag (HRM freezes z_L_init), and runs below just as after a normal load.
+        param.requires_grad_(param.is_floating_point())
     model._move_missing_keys_from_meta_to_device(set(), {"": "cpu"}, None, None)
     model._initialize_missing_keys(False)
     model.tie_weights(recompute_mapping=False)
     model.eval()
     return model
+
+
+def finish_quantized(model: Any, hf_quantizer: Any) -> None:
+    """What ``from_pretrained`` does after loading a quantized model (a dequantizing load drops the config)."""
+    model.hf_quantizer = hf_quantizer
+    hf_quantizer.postprocess_model(model)
+
+
+def converter_input_dtype(
+    hf_quantizer: Any, converter: WeightConverter, stored: torch.dtype, target: torch.dtype
+) -> torch.dtype | None:
+    """The dtype transformers casts a checkpoint tensor to before a converter runs on it (None: as stored).
+
+    Without a pre-quantized checkpoint, the target's; with one, the quantizer decides (``get_new_dtype``): a
+    converter that dequantizes gets the stored bytes, since a cast first would round FP8 values or scales."""
+    if hf_quantizer is None or not hf_quantizer.pre_quantized:
+        return target
+    return hf_quantizer.get_new_dtype(converter, torch.empty(0, dtype=stored, device="meta"), target)
+
+
+def remove_tied_weights(state_dict: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """The state dict without tied copies, keeping the name transformers keeps (what ``save_pretrained`` writes)."""
+    return remove_tied_weights_from_state_dict(dict(state_dict), model)
+
+
+def missing_keys(model: Any, plan: KeyPlan) -> set[str]:
+    """Weights of the model that no checkpoint tensor fills (a tied alias of a filled weight is not missing)."""
+    filled = set(plan.renamed) | {t for group in plan.groups for t in expected_targets(group, model)}
+    by_identity: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_identity.setdefault(id(tensor), []).append(name)
+    return {name for names in by_identity.values() if not filled & set(names) for name in names}
+
+
+def computed_keys(model: Any, missing: set[str]) -> set[str]:
+    """The missing weights transformers itself computes on load instead of reading them (not random values).
+
+    Those are the keys a model never saves (``_keys_to_ignore_on_save``: Marian's sinusoidal positions) or
+    declares as expected-missing (``_keys_to_ignore_on_load_missing``); a normal load initialises them with the
+    model's own ``_init_weights``, which is what `materialize_computed` runs.
+    """
+    patterns = set(model._keys_to_ignore_on_load_missing or ()) | {
+        re.escape(key) + "$" for key in model._keys_to_ignore_on_save or ()
+    }
+    if not patterns:
+        return set()
+    regex = re.compile("|".join(f"({p})" for p in patterns))
+    return {key for key in missing if regex.search(key)}
+
+
+def materialize_computed(model: Any, keys: set[str]) -> None:
+    """Give ``keys`` real values on the CPU the way a normal load does: move them off meta, run the init."""
+    if not keys:
+        return
+    model._move_missing_keys_from_meta_to_device(set(keys), {"": "cpu"}, None, None)
+    for key in keys:  # the owner runs its init again; its other tensors keep their flag, so init skips them
+        model.get_submodule(key.rpartition(".")[0])._is_hf_initialized = False
+    model.initialize_weights()
 
 
 @dataclass
@@ -78,6 +167,12 @@ class ConversionGroup:
     first_target: str
     template: WeightConverter
     sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint key, source pattern)
+    quantizer: Any = None  # a pre-quantized checkpoint's HfQuantizer: its load operations are in ``template``
+    # Target name -> the shape this group produces, where it is not the model's parameter's (one expert's slice).
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def input_dtype(self, stored: torch.dtype, target: torch.dtype) -> torch.dtype | None:
+        return converter_input_dtype(self.quantizer, self.template, stored, target)
 
     def convert(self, tensors: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
         """Run transformers' converter on already-read tensors; returns parameter name -> tensor."""
@@ -85,13 +180,42 @@ class ConversionGroup:
         for key, pattern in self.sources:
             converter.add_tensor(self.first_target, key, pattern, tensors[key])
         info = LoadStateDictInfo(set(), set(), set(), [], {}, set())
-        out = converter.convert(self.first_target, model=model, config=model.config, loading_info=info)
+        if self.shapes:
+            model = _SlicedParameters(model, self.shapes)
+        try:
+            out = converter.convert(
+                self.first_target, model=model, config=model.config, hf_quantizer=self.quantizer, loading_info=info
+            )
+        except (ValueError, RuntimeError, AssertionError) as err:  # e.g. a scale grid that does not fit the weight
+            keys = ", ".join(key for key, _ in self.sources)
+            raise CheckpointError(
+                f"transformers could not convert the checkpoint tensors {keys} into {self.first_target}: {err}"
+            ) from err
         if info.conversion_errors:
             raise CheckpointError(
                 f"transformers could not convert the checkpoint tensors for {self.first_target}: "
                 f"{info.conversion_errors}"
             )
         return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
+
+
+class _SlicedParameters:
+    """The model as a converter run on one expert's slice must see it: ops that compare the tensors they get with
+    the model's parameter (``Transpose(check_dims=True)`` transposes only what does not match it) are shown the
+    slice's shape; everything else is the model's."""
+
+    def __init__(self, model: Any, shapes: dict[str, tuple[int, ...]]):
+        self._model = model
+        self._shapes = shapes
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        parameter = self._model.get_parameter(name)
+        if name in self._shapes:
+            return torch.empty(self._shapes[name], dtype=parameter.dtype, device="meta")
+        return parameter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 @dataclass
@@ -103,9 +227,11 @@ class KeyPlan:
     unexpected: list[str]
 
 
-def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str] | None) -> KeyPlan:
+def plan_checkpoint_keys(
+    model: Any, keys: list[str], key_mapping: dict[str, str] | None, hf_quantizer: Any = None
+) -> KeyPlan:
     """Apply transformers' renamings and converters to checkpoint keys, as its loader does, without tensors."""
-    mapping = get_model_conversion_mapping(model, key_mapping, None)
+    mapping = get_model_conversion_mapping(model, key_mapping, hf_quantizer)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
@@ -115,18 +241,18 @@ def plan_checkpoint_keys(model: Any, keys: list[str], key_mapping: dict[str, str
     renamed: dict[str, str] = {}
     groups: dict[str, ConversionGroup] = {}
     unexpected: list[str] = []
-    for key in keys:
+    # transformers feeds converters in natural key order, so per-expert tensors stack as experts 0, 1, 2, ..., 10
+    # (string order would put 10 before 2 and silently permute the experts of any MoE with more than 10).
+    for key in sorted(keys, key=dot_natural_key):
         target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
         if target not in meta_state and key in meta_state:
-            target, pattern = rename_source_key(
-                key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state
-            )
+            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
         if target not in meta_state:
             unexpected.append(key)
         elif pattern is None:
             renamed[target] = key
         else:
-            group = groups.setdefault(target, ConversionGroup(target, pattern_to_converter[pattern]))
+            group = groups.setdefault(target, ConversionGroup(target, pattern_to_converter[pattern], [], hf_quantizer))
             group.sources.append((key, pattern))
     return KeyPlan(renamed, list(groups.values()), unexpected)
 

@@ -32,7 +32,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 _OTHER_FORMATS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 NEEDS_SAFETENSORS = (
     "Streaming needs safetensors weights, but {where} only has {found}. Convert it once with "
-    "`AutoModel.from_pretrained(path).save_pretrained(out_dir)` (which writes safetensors) and stream from out_dir."
+    "`hf-weightstream convert {where} OUT_DIR` (or `hf_weightstream.convert.to_safetensors(...)` in Python), which "
+    "loads it with the class its config.json names, so a causal LM keeps its lm_head, and writes safetensors; then "
+    "stream OUT_DIR. (`AutoModel.from_pretrained(...)` would load the base model only and drop the head.)"
 )
 
 

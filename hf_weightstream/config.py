@@ -13,14 +13,15 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .errors import StreamConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from .residency import WeightPool
 
 POLICIES = ("schedule", "lru")
+EXPERT_MODES = ("routed", "whole")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -78,7 +79,11 @@ class StreamConfig:
         complete_download: for Hub repos, fetch the rest of each shard in the background and commit it to the
             Hub cache once verified.
         max_connections: parallel HTTP range requests when streaming from the Hub.
-        coalesce_gap: two byte ranges of one unit closer than this are read as one.
+        coalesce_gap: two byte ranges of one unit closer than this are read as one (and never a gap larger
+            than an eighth of what the unit needs, so a small unit such as one expert does not read its
+            neighbours).
+        experts: ``"routed"`` (default) reads only the experts each MoE call routes to, one unit per expert;
+            ``"whole"`` streams an MoE layer's experts with its block, like a dense layer.
     """
 
     budget: int | str | None = None
@@ -90,11 +95,14 @@ class StreamConfig:
     complete_download: bool = True
     max_connections: int = 12
     coalesce_gap: int = 1 << 20
+    experts: str = "routed"
     _budget_bytes: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.budget is not None:
             self._budget_bytes = parse_size(self.budget)
+        if self.experts not in EXPERT_MODES:
+            raise StreamConfigError(f"Unknown experts={self.experts!r}: choose one of {', '.join(EXPERT_MODES)}.")
         if self.policy not in POLICIES:
             raise StreamConfigError(f"Unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}.")
         for name in ("lookahead", "coalesce_gap"):
@@ -106,6 +114,8 @@ class StreamConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StreamConfigError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.device is not None:
+            import torch  # here, so that parse_size and POLICIES stay importable without torch (command line)
+
             try:
                 self.device = torch.device(self.device)
             except (RuntimeError, TypeError) as err:

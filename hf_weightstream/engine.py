@@ -20,22 +20,28 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from . import experts as moe
+from . import log, placeholders
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
 from .sources import read_many
-from .units import full_bytes, measure
+from .units import Holding, full_bytes, measure
 
 if TYPE_CHECKING:
+    from .experts import ExpertLayer
     from .residency import WeightPool
     from .sources import ByteSource
     from .units import Unit
 
 _EVENT_LOG_SIZE = 20_000
+TOGETHER_BYTES = 64 << 20  # one reader's share of a run of adjacent units read together
+_NEXT_GENERATE = 1 << 20  # steps to an encoder unit from inside the decoder's cycle: far, but not never
 
 
 def _view(buffer: torch.Tensor, position: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
@@ -60,9 +66,11 @@ class StreamEngine:
         policy: str,
         lookahead: int,
         label: str,
+        expert_layers: list[ExpertLayer] | None = None,
     ):
         self.model = model
-        self.units = units
+        self.expert_layers = list(expert_layers or [])
+        self.units = units + [unit for layer in self.expert_layers for unit in layer.units]
         self.source = source
         self.pool = pool
         self.device = device
@@ -74,10 +82,15 @@ class StreamEngine:
         self.schedule: list[Unit] = []
         self._position: dict[int, list[int]] = {}
         self._trace: list[Unit] | None = None
+        self._traced_prefix = 0  # units an encoder session traced before the decoder's (see end_forward)
+        self._cycle_start = 0  # schedule[:_cycle_start] runs once per generate, the rest every token
+        self.traced_pinned_bytes = 0  # most bytes pinned at once during the tracing pass
         self._pos = -1
         self.last_active = 0
         self.forward_lock = threading.RLock()
         self._depth = 0
+        self._warned_grad = False
+        self._log_start: tuple[collections.Counter[str], float] | None = None
         self._streams = threading.local()
         self.counters = collections.Counter()
         self.stall_seconds = 0.0
@@ -89,36 +102,113 @@ class StreamEngine:
         self._staging: dict[int, list[torch.Tensor]] = {}
         self._staging_lock = threading.Lock()
         self.staging_bytes = 0
-        for unit in units:
+        self._moe_trace: list[ExpertLayer] = []
+        self.quantization: dict[str, Any] = {}  # the checkpoint's format, set by the loader (quantization.describe)
+        owner = {id(sub): unit for unit in units for module in unit.modules for sub in module.modules()}
+        for layer in self.expert_layers:
+            layer.block = owner.get(id(layer.module))
+            layer.stack = Holding(f"{layer.name} (stacked experts)", self)
+            layer.router_holding = Holding(f"{layer.name} (router copy)", self, transient=False)
+        for unit in self.units:
             unit.engine = self
             if unit.rows is not None:
                 unit.rows.engine = self
                 if not hasattr(source, "map"):  # row lookups are for local files; a remote table streams whole
                     unit.gather_from, unit.gather, unit.rows = None, False, None
                     measure(unit)
-        self.model_bytes = sum(full_bytes(unit) for unit in units)
+        self.model_bytes = sum(full_bytes(unit) for unit in self.units)
         self._check_budget()
+        placeholders.install(self.units, device)  # weights read outside their module's forward are served, not meta
         pool.register(self)
 
+    def required_budget(self) -> tuple[int, Unit]:
+        """The smallest budget that runs the model, and the unit that sets it.
+
+        A unit loads while the units whose modules enclose it are pinned (BERT's head runs its transform inside).
+        """
+
+        def needs(unit: Unit) -> int:
+            return unit.charge_bytes + sum(e.charge_bytes for e in unit.enclosing)
+
+        biggest = max(self.units, key=needs)
+        return needs(biggest), biggest
+
     def _check_budget(self) -> None:
-        biggest = max(self.units, key=lambda u: u.charge_bytes)
-        if biggest.charge_bytes > self.pool.budget:
+        needed, biggest = self.required_budget()
+        if needed > self.pool.budget:
+            chain = " inside ".join(u.name for u in [biggest, *biggest.enclosing])
             raise BudgetError(
-                f"The budget ({self.pool.budget:,} bytes) is smaller than unit {biggest.name!r}, which needs "
-                f"{biggest.charge_bytes:,} bytes on {self.device} while it loads. Use a budget of at least "
-                f"{biggest.charge_bytes:,} bytes, ideally a few times more so reads can run ahead."
+                f"The budget ({self.pool.budget:,} bytes) is smaller than unit {chain!r}, which needs "
+                f"{needed:,} bytes on {self.device} while it loads. Use a budget of at least "
+                f"{needed:,} bytes, ideally a few times more so reads can run ahead."
             )
+        for layer in self.expert_layers:
+            routed = min(layer.top_k or 1, layer.num_experts)
+            need = self.experts_call_bytes(layer, routed)
+            if need > self.pool.budget:
+                raise BudgetError(
+                    f"The budget ({self.pool.budget:,} bytes) cannot run one decode step of {layer.name!r}: its block "
+                    f"and the {routed} experts a token is routed to need {need:,} bytes at once. Use a budget of at "
+                    f"least {self.minimum_budget():,} bytes (what a long prompt that routes to every expert needs)."
+                )
+
+    def experts_call_bytes(self, layer: ExpertLayer, routed: int) -> int:
+        """Held at once by a call routed to ``routed`` experts: its block, their stacked copy, one more expert read,
+        and the routers' copies."""
+        # The block runs the call, pinned with the units enclosing it (a root-level unit such as Zaya's).
+        block = layer.block.charge_bytes + sum(e.charge_bytes for e in layer.block.enclosing) if layer.block else 0
+        expert = max(u.out_bytes for u in layer.units)
+        routers = sum(other.router_bytes for other in self.expert_layers)  # kept for predictions
+        return block + routed * expert + max(u.charge_bytes for u in layer.units) + routers
+
+    def minimum_budget(self) -> int:
+        """The smallest budget any forward fits in: the largest unit (with those enclosing it), or an MoE call routed
+        to every expert."""
+        # Statically nested units next to the MoE router copies (held once captured), and what the first pass saw
+        # pinned at once (a module calling another's).
+        routers = sum(layer.router_bytes for layer in self.expert_layers)
+        need = max(self.required_budget()[0] + routers, self.traced_pinned_bytes)
+        for layer in self.expert_layers:
+            need = max(need, self.experts_call_bytes(layer, layer.num_experts))
+        return need
+
+    def load_whole(self, unit: Unit) -> None:
+        """An embedding table read other than by its own lookups streams whole from now on (placeholders.serve)."""
+        with self.pool.cond:
+            unit.gather = False
+            measure(unit)
+        self._check_budget()
 
     # ------------------------------------------------------------------------------------ forward sessions
     def begin_forward(self) -> None:
-        """Root module pre-forward: serialise callers of this model and start tracing if needed."""
+        """Root (or encoder) module pre-forward: serialise callers of this model and start tracing if needed."""
         self.forward_lock.acquire()
         self._depth += 1
-        if self._depth == 1 and not self.schedule:
-            self._trace = []
+        if self._depth == 1:
+            self._log_start = log.forward_snapshot(self)
+            if not self.schedule and self._trace is None:
+                self._trace = []
 
-    def end_forward(self) -> None:
-        """Root module post-forward (also when the forward raised): clear stale pins, learn the schedule."""
+    def note_grad_forward(self) -> None:
+        """Say once per model that a forward with gradients enabled runs without them."""
+        if not self._warned_grad:
+            self._warned_grad = True
+            warnings.warn(
+                "hf_weightstream: streamed models are for inference. This forward ran with gradients enabled, so it "
+                "ran as under torch.no_grad() (autograd would keep every streamed weight alive past the budget): "
+                "backward() through its outputs raises. Load the model without "
+                "device_map='stream' to train or to take gradients.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def end_forward(self, encoder: bool = False) -> None:
+        """Root module post-forward (also when the forward raised): clear stale pins, learn the schedule.
+
+        An encoder-decoder's ``generate`` calls the encoder once, then the model once per token. An ``encoder``
+        session that ends keeps the trace open: the schedule is then the encoder's units once (a prefix),
+        followed by the decoder's cycle, so the encoder's last units prefetch the decoder's first.
+        """
         try:
             self._depth -= 1
             if self._depth:
@@ -131,26 +221,53 @@ class StreamEngine:
                         unit.pins -= stale
                     if unit.rows is not None and unit.rows.installed:
                         self._drop_rows(unit)
+                for layer in self.expert_layers:  # the forward raised inside an experts call
+                    self.end_experts(layer)
                 self.pool.cond.notify_all()
-            if self._trace is not None:
+            if self._trace is not None and encoder:
+                self._traced_prefix = len(self._trace)
+            elif self._trace is not None:
                 trace, self._trace = self._trace, None
+                prefix, self._traced_prefix = self._traced_prefix, 0
                 if trace and all(u.pins == 0 for u in self.units):
                     with self.pool.cond:
-                        self._set_schedule(trace)
+                        for earlier, later in zip(self._moe_trace, self._moe_trace[1:], strict=False):
+                            earlier.next = later  # whose router predicts the next layer's experts
+                        self._set_schedule(trace, cycle_start=prefix if prefix < len(trace) else 0)
                         self._prefetch_ahead()  # the next pass starts with these
+                    log.log_schedule(self)
+            log.log_forward(self, self._log_start)
         finally:
             self.forward_lock.release()
 
-    def _set_schedule(self, trace: list[Unit]) -> None:
+    def _set_schedule(self, trace: list[Unit], cycle_start: int = 0) -> None:
         self.schedule = trace
+        self._cycle_start = cycle_start
         self._position = {}
         for i, unit in enumerate(trace):
             self._position.setdefault(id(unit), []).append(i)
         self._pos = len(trace) - 1
-        self.keep_resident = (
-            plan_resident_set(trace, self.pool.budget, self.lookahead) if (self.policy == "schedule") else set()
-        )
+        # Routed experts are acquired per call, outside the cycle: plan the cycle in what their calls leave.
+        budget = max(0, self.pool.budget - self.experts_reserve())
+        cycle = trace[cycle_start:]  # what repeats every token (an encoder prefix runs once per generate)
+        self.keep_resident = plan_resident_set(cycle, budget, self.lookahead) if (self.policy == "schedule") else set()
         self.counters["schedule_length"] = len(trace)
+
+    def _steps(self, p: int) -> int:
+        """Steps from the current position to schedule index ``p``.
+
+        The schedule is a cycle, or (encoder-decoder) a prefix run once followed by a cycle: from inside the cycle,
+        a prefix unit is next needed by the next ``generate`` only, counted as far but not never.
+        """
+        n, start, pos = len(self.schedule), self._cycle_start, self._pos
+        if start == 0:
+            return (p - pos - 1) % n
+        if p >= start:
+            return p - pos - 1 if pos < start else (p - pos - 1) % (n - start)
+        return p - pos - 1 if pos < p else _NEXT_GENERATE
+
+    def _successor(self, i: int) -> int:
+        return i + 1 if i + 1 < len(self.schedule) else self._cycle_start
 
     def _advance(self, unit: Unit) -> None:
         if self._trace is not None:
@@ -159,16 +276,29 @@ class StreamEngine:
         positions = self._position.get(id(unit))
         if not positions:
             return
-        n = len(self.schedule)
-        self._pos = min(positions, key=lambda p: (p - self._pos - 1) % n)
+        if self._cycle_start and all(p < self._cycle_start for p in positions) and self._pos >= self._cycle_start:
+            self._pos = -1  # the encoder runs again: a new generate starts at the top of the prefix
+        self._pos = min(positions, key=self._steps)
 
     def _next_use(self, unit: Unit) -> int:
-        """Steps until ``unit`` is needed again by the schedule (a large number if never)."""
+        """Steps until ``unit`` is needed again by the schedule (a large number if never).
+
+        An expert is needed when its layer's block runs and the router picks it: with probability p per call
+        (its decayed routing frequency, or 1 once the previous layer predicted it), the expected distance is the
+        block's distance plus (1 - p) / p whole cycles.
+        """
+        layer = unit.expert
+        if layer is not None:
+            n = len(self.schedule)
+            if not n:
+                return 1 << 30
+            first = self._next_use(layer.block) if layer.block is not None else 0
+            p = 1.0 if unit.expert_id in layer.predicted else max(float(layer.frequency[unit.expert_id]), 1e-4)
+            return first + int(n * (1.0 - p) / p)
         positions = self._position.get(id(unit))
         if not positions:
             return 1 << 30
-        n = len(self.schedule)
-        return min((p - self._pos - 1) % n for p in positions)
+        return min(self._steps(p) for p in positions)
 
     # ------------------------------------------------------------------------------------ eviction policy
     def eviction_rank(self, unit: Unit) -> float:
@@ -204,6 +334,8 @@ class StreamEngine:
 
     # ------------------------------------------------------------------------------------ acquire/release
     def acquire(self, unit: Unit) -> None:
+        if unit.gather:  # asked for whole (a read outside its lookups): charged as a whole table from now on
+            self.load_whole(unit)
         start = time.perf_counter()
         me = threading.get_ident()
         cond = self.pool.cond
@@ -239,6 +371,9 @@ class StreamEngine:
                 self._install(unit)
             unit.prefetched = False
             unit.last_used = self.pool.tick()
+            if self._trace is not None:  # the first pass learns what is pinned at once (see minimum_budget)
+                pinned = sum(u.held_bytes for u in self.units if u.pins)
+                self.traced_pinned_bytes = max(self.traced_pinned_bytes, pinned)
         now = time.perf_counter()
         if waited:  # compute stood still while this unit was read
             self.stall_seconds += now - start
@@ -254,12 +389,15 @@ class StreamEngine:
             self.events.append(("compute", unit.name, start, time.perf_counter(), threading.current_thread().name))
 
     # ------------------------------------------------------------------------------------ embedding rows
-    def gather(self, unit: Unit, ids: torch.Tensor) -> torch.Tensor:
+    def gather(self, unit: Unit, ids: torch.Tensor) -> torch.Tensor | None:
         """Install only the table rows ``ids`` looks up; returns the ids renumbered into those rows.
 
         ``F.embedding(inverse, rows)`` equals ``F.embedding(ids, table)`` bit for bit (a lookup is a copy), so a
         decode step reads one row instead of the whole table (131 MB for a 32k x 1024 fp32 vocabulary), and a
         tied table is read once per token, for the head, instead of twice.
+
+        Returns None when the ids cover most of the table (Whisper's encoder looks up every position each call):
+        the table is then read whole, as a unit, from now on.
         """
         (spec,) = unit.specs
         entry, rows_state, module = spec.source, unit.rows, unit.gather_from
@@ -267,12 +405,17 @@ class StreamEngine:
         unique, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
         if unique.numel() and (unique[0] < 0 or unique[-1] >= vocab):
             raise IndexError(f"index out of range in self: ids must be in [0, {vocab}) for {unit.name}")
+        if 2 * unique.numel() > vocab:
+            if unit.gather:
+                self.load_whole(unit)
+            return None
         row_bytes = width * entry.dtype.itemsize
         rows_bytes = unique.numel() * row_bytes
         charge = rows_bytes + (unique.numel() * width * spec.dtype.itemsize if spec.dtype != entry.dtype else 0)
         start = time.perf_counter()
         with self.pool.cond:
             self.last_active = self.pool.tick()
+            rows_state.owner = threading.get_ident()
             self.pool.reserve(rows_state, charge, prefetch=False)
         try:
             raw = torch.empty(rows_bytes, dtype=torch.uint8)
@@ -287,7 +430,7 @@ class StreamEngine:
             raise
         end = time.perf_counter()
         with self.pool.cond:
-            module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+            module._parameters["weight"] = nn.Parameter(rows, requires_grad=rows.is_floating_point())
             # padding_idx only shapes gradients, but F.embedding checks it against the (now few) rows.
             rows_state.padding_idx, module.padding_idx = module.padding_idx, None
             rows_state.installed = True
@@ -313,6 +456,230 @@ class StreamEngine:
         if rows_state.held_bytes:
             self.pool.refund(rows_state, rows_state.held_bytes)
 
+    # ------------------------------------------------------------------------------------ routed experts
+    def holdings(self) -> list[Holding]:
+        """Bytes this model holds outside its units: gathered rows, stacked experts, router copies."""
+        out: list[Holding] = [unit.rows for unit in self.units if unit.rows is not None]
+        for layer in self.expert_layers:
+            out += [layer.stack, layer.router_holding]
+        return out
+
+    def experts_reserve(self) -> int:
+        """Room a decode call of the largest MoE layer needs: its routed experts resident plus their stacked copy."""
+        need = 0
+        for layer in self.expert_layers:
+            routed = layer.top_k or max(1, layer.num_experts // 4)
+            need = max(need, 2 * min(routed, layer.num_experts) * layer.expert_bytes)
+        return need
+
+    def run_experts(
+        self, layer: ExpertLayer, used: torch.Tensor, hidden_states: torch.Tensor, routing: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Make experts ``used`` (ascending ids) resident and return their parameters stacked for one call.
+
+        The stacked copy is charged to the pool until `end_experts`. The experts are copied into it a window at a
+        time and unpinned once copied, so they stay cached where the budget has room but a call never needs its
+        routed experts twice over: the least a call needs is its stack plus one expert in flight.
+        """
+        ids = used.tolist()
+        units = [layer.units[e] for e in ids]
+        cond = self.pool.cond
+        with cond:
+            self.last_active = self.pool.tick()
+            if self._trace is not None and layer not in self._moe_trace:
+                self._moe_trace.append(layer)
+            self._learn_routing(layer, ids, routing)
+            if layer.router_copy is None:
+                layer.router_copy = moe.capture_router(layer)
+                if layer.router_copy is not None:
+                    nbytes = sum(t.nbytes for t in layer.router_copy if t is not None)
+                    self.pool.reserve(layer.router_holding, nbytes, prefetch=False)
+        self._predict_next(layer, hidden_states)
+        specs = {spec.name: spec for spec in units[0].specs}
+        stacks = {
+            attr: moe.stack_buffer(layer, attr, (len(units), *specs[full].shape[1:]), specs[full].dtype, self.device)
+            for attr, full in layer.full_names.items()
+        }
+        need = self.experts_call_bytes(layer, len(units))
+        if need > self.pool.budget:
+            raise self._experts_budget_error(layer, len(units), need)
+        layer.stack.owner = threading.get_ident()
+        try:
+            with cond:  # the stack first: cached experts already copied may then make room for the next reads
+                self.pool.reserve(layer.stack, sum(t.nbytes for t in stacks.values()), prefetch=False)
+        except BudgetError as err:
+            raise self._experts_budget_error(layer, len(units), need) from err
+        position = 0
+        while position < len(units):
+            window = units[position : position + self._experts_window(units[position])]
+            self.acquire_many(window, layer)
+            try:
+                for i, unit in enumerate(window, start=position):
+                    for attr, full in layer.full_names.items():
+                        stacks[attr][i].copy_(unit.tensors[full][0])
+            finally:
+                self.release_many(window)
+            position += len(window)
+        return stacks
+
+    def _experts_window(self, unit: Unit) -> int:
+        """How many experts to pin at once: what the budget leaves next to everything pinned (all of them, when it
+        can: adjacent ones are then read together)."""
+        with self.pool.cond:
+            pinned = sum(u.held_bytes for e in self.pool.engines() for u in e.units if u.pins)
+            transient = sum(h.held_bytes for e in self.pool.engines() for h in e.holdings())
+            room = self.pool.budget - pinned - transient
+        per_expert = max(unit.charge_bytes, 1)
+        return max(1, room // per_expert)
+
+    def _experts_budget_error(self, layer: ExpertLayer, routed: int, need: int) -> BudgetError:
+        return BudgetError(
+            f"This call of {layer.name!r} is routed to {routed} of its {layer.num_experts} experts (each token goes "
+            f"to {layer.top_k or 'k'}), which transformers' kernels need resident together: {need:,} bytes with its "
+            f"block, more than the budget of {self.pool.budget:,} bytes allows next to what else is held. Raise the "
+            f"budget to at least {self.minimum_budget():,} bytes (every expert of one layer), or send shorter prompts "
+            "(fewer tokens route to fewer experts)."
+        )
+
+    def end_experts(self, layer: ExpertLayer) -> None:
+        """After an experts call (or a forward that raised in one): full-size placeholders back, stack refunded."""
+        module = layer.module
+        for attr, placeholder in layer.placeholders.items():
+            module._parameters[attr] = placeholder
+        module.num_experts = layer.num_experts
+        with self.pool.cond:
+            if layer.stack.held_bytes:
+                self.pool.refund(layer.stack, layer.stack.held_bytes)
+
+    def _learn_routing(self, layer: ExpertLayer, ids: list[int], routing: torch.Tensor) -> None:
+        """Routing frequency (for the cache's ranks) and how well the previous layer predicted this call."""
+        counters = layer.counters
+        counters["calls"] += 1
+        layer.frequency.mul_(moe.FREQUENCY_DECAY)
+        layer.frequency[ids] += 1.0 - moe.FREQUENCY_DECAY
+        if layer.prediction is not None:
+            counters["routed"] += len(ids)
+            counters["prefetched"] += len(layer.predicted)
+            counters["prefetched_used"] += len(layer.predicted.intersection(ids))
+        moe.score_prediction(layer, routing)
+        layer.predicted = frozenset()
+
+    def _predict_next(self, layer: ExpertLayer, hidden_states: torch.Tensor) -> None:
+        """Guess the next MoE layer's experts from this hidden state; read ahead the guesses of trusted ranks."""
+        nxt = layer.next
+        if nxt is None or not self.lookahead:
+            return
+        guesses = moe.predict(nxt, hidden_states)
+        with self.pool.cond:
+            nxt.prediction = guesses
+            if guesses is None:
+                return
+            wanted = moe.worth_reading(nxt, guesses)
+            nxt.predicted = frozenset(wanted)
+            for e in wanted:
+                unit = nxt.units[e]
+                if unit.state == "absent":
+                    if not self._start_load(unit, prefetch=True):
+                        break  # no room that a sooner need does not hold: the rest would not fit either
+                    self.counters["expert_prefetches"] += 1
+
+    def acquire_many(self, units: list[Unit], layer: ExpertLayer | None = None) -> None:
+        """Pin ``units`` and wait until all are resident; the missing ones are read in parallel."""
+        start = time.perf_counter()
+        me = threading.get_ident()
+        cond = self.pool.cond
+        hits = late = misses = 0
+        started: list[Unit] = []
+        with cond:
+            for unit in units:
+                unit.pins += 1
+                unit.pin_threads[me] = unit.pin_threads.get(me, 0) + 1
+            try:
+                for unit in units:
+                    if unit.state == "resident":
+                        hits += 1
+                    elif unit.state == "loading":
+                        late += 1
+                    else:
+                        misses += 1
+                        unit.loader = me  # read below by this thread: waiting for it cannot make room
+                        self._start_load(unit, prefetch=False)
+                        started.append(unit)
+            except BaseException:
+                self._load_failed(started, StreamingRuntimeError("the call that was to read it failed"))
+                for unit in units:
+                    self._unpin(unit, me)
+                raise
+            finally:
+                self._submit_together(started)
+            while any(unit.state == "loading" for unit in units):
+                cond.wait()
+            failed = next((unit for unit in units if unit.state != "resident"), None)
+            if failed is not None:
+                for unit in units:
+                    self._unpin(unit, me)
+                raise StreamingRuntimeError(f"Could not load weights of {failed.name!r}: {failed.error}") from (
+                    failed.error
+                )
+            tick = self.pool.tick()
+            for unit in units:
+                unit.prefetched = False
+                unit.last_used = tick
+            self.counters["expert_hits"] += hits
+            self.counters["expert_misses"] += misses
+            self.counters["expert_late"] += late
+            if layer is not None:
+                layer.counters["hits"] += hits
+                layer.counters["misses"] += misses
+                layer.counters["late"] += late
+        if misses or late:
+            self.stall_seconds += time.perf_counter() - start
+
+    def _submit_together(self, units: list[Unit]) -> None:
+        """Hand demand reads to the readers; units whose bytes touch in the file (the experts a prefill routes to,
+        laid out one after another in each tensor) are read together, one mapping per contiguous run."""
+        loading = [unit for unit in units if unit.state == "loading"]
+        for unit in units:
+            unit.loader = 0
+        group = {id(unit): i for i, unit in enumerate(loading)}
+
+        def root(i: int) -> int:
+            while group_of[i] != i:
+                group_of[i] = group_of[group_of[i]]
+                i = group_of[i]
+            return i
+
+        group_of = list(range(len(loading)))
+        ordered = sorted((r.shard, r.offset, r.offset + r.length, group[id(u)]) for u in loading for r in u.ranges)
+        for (shard, _start, end, i), (next_shard, next_start, _end, j) in zip(ordered, ordered[1:], strict=False):
+            if shard == next_shard and next_start <= end:
+                group_of[root(j)] = root(i)
+        runs: dict[int, list[Unit]] = {}
+        for i, unit in enumerate(loading):
+            runs.setdefault(root(i), []).append(unit)
+        together = hasattr(self.source, "map") and not self.copy_to_device
+        for run in runs.values():
+            if not together or len(run) == 1:
+                for unit in run:
+                    self.pool.executor.submit(self._load, unit)
+                continue
+            job: list[Unit] = []  # a long run is cut so that the readers share it
+            for unit in run:
+                job.append(unit)
+                if sum(u.raw_bytes for u in job) >= TOGETHER_BYTES:
+                    self.pool.executor.submit(self._load_together, job)
+                    job = []
+            if job:
+                self.pool.executor.submit(self._load_together, job)
+
+    def release_many(self, units: list[Unit]) -> None:
+        me = threading.get_ident()
+        with self.pool.cond:
+            tick = self.pool.tick()
+            for unit in units:
+                self._unpin(unit, me)
+                unit.last_used = tick
+
     def _unpin(self, unit: Unit, thread: int) -> None:
         count = unit.pin_threads.get(thread, 0)
         if count:
@@ -326,9 +693,10 @@ class StreamEngine:
     def _prefetch_ahead(self) -> None:
         if not self.schedule or not self.lookahead or self._trace is not None:
             return
-        n = len(self.schedule)
-        for step in range(1, min(self.lookahead, n - 1) + 1):
-            nxt = self.schedule[(self._pos + step) % n]
+        index = self._pos
+        for _step in range(min(self.lookahead, len(self.schedule) - 1)):
+            index = self._successor(index)
+            nxt = self.schedule[index]
             if nxt.state == "absent" and not self._start_load(nxt, prefetch=True):
                 break
 
@@ -351,15 +719,24 @@ class StreamEngine:
         try:
             tensors = self._read_and_materialize(unit)
         except BaseException as err:  # noqa: BLE001 - re-raised in the thread that needs the unit
-            with self.pool.cond:
+            self._load_failed([unit], err)
+            return
+        self._loaded(unit, tensors, start, len(unit.ranges))
+
+    def _load_failed(self, units: list[Unit], err: BaseException) -> None:
+        with self.pool.cond:
+            for unit in units:
+                if unit.state != "loading":
+                    continue
                 unit.error = err
                 unit.state = "absent"
                 unit.prefetched = False
                 unit.chunks = None
                 if unit.held_bytes:
                     self.pool.refund(unit, unit.held_bytes)
-                self.pool.cond.notify_all()
-            return
+            self.pool.cond.notify_all()
+
+    def _loaded(self, unit: Unit, tensors: dict[str, torch.Tensor], start: float, reads: int) -> None:
         end = time.perf_counter()
         with self.pool.cond:
             unit.tensors = tensors
@@ -369,10 +746,46 @@ class StreamEngine:
             unit.state = "resident"
             self.counters["loads"] += 1
             self.counters["bytes_read"] += unit.raw_bytes
-            self.counters["reads"] += len(unit.ranges)
+            self.counters["reads"] += reads
             self.read_seconds += end - start
             self.events.append(("read", unit.name, start, end, threading.current_thread().name))
             self.pool.cond.notify_all()
+
+    def _load_together(self, units: list[Unit]) -> None:
+        """Read adjacent units (a prefill's experts, laid out one after another) with one mapping per shard run.
+
+        Each unit is materialised from its slice of the shared read and made resident on its own. Tensors that
+        would only view the shared mapping are copied out, so evicting one unit frees its memory as its
+        budget charge says, instead of keeping the whole run mapped.
+        """
+        start = time.perf_counter()
+        try:
+            runs: list[tuple[str, int, int]] = []
+            for rng in sorted((r for u in units for r in u.ranges), key=lambda r: (r.shard, r.offset)):
+                last = runs[-1] if runs else None
+                if last and last[0] == rng.shard and rng.offset <= last[1] + last[2]:
+                    runs[-1] = (last[0], last[1], max(last[2], rng.offset + rng.length - last[1]))
+                else:
+                    runs.append((rng.shard, rng.offset, rng.length))
+            mapped = [(shard, offset, self.source.map(shard, offset, length)) for shard, offset, length in runs]
+        except BaseException as err:  # noqa: BLE001 - re-raised in the threads that need the units
+            self._load_failed(units, err)
+            return
+        reads = len(runs)
+        for unit in units:
+            try:
+                chunks = []
+                for rng in unit.ranges:
+                    shard, offset, data = next(m for m in reversed(mapped) if m[0] == rng.shard and m[1] <= rng.offset)
+                    chunks.append(data[rng.offset - offset : rng.offset - offset + rng.length])
+                tensors = self._materialize(unit, chunks)
+                if unit.views_only:
+                    tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+            except BaseException as err:  # noqa: BLE001
+                self._load_failed([unit], err)
+                continue
+            self._loaded(unit, tensors, start, reads)
+            start, reads = time.perf_counter(), 0  # the read itself is counted once, with the first unit
 
     def _read(self, unit: Unit, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Read every range of the unit into one buffer; returns the per-range slices."""
@@ -450,8 +863,12 @@ class StreamEngine:
                 out[spec.name] = tensor if tensor.dtype == spec.dtype else tensor.to(spec.dtype)
         specs = {spec.name: spec for spec in unit.specs}
         for group in unit.groups:
-            dtype = specs[group.first_target].dtype
-            inputs = {key: raw[key].to(dtype) for key, _ in group.sources}
+            target = specs[group.first_target].dtype
+            inputs = {}
+            for key, _ in group.sources:
+                tensor = raw[key]
+                dtype = group.input_dtype(tensor.dtype, target)  # None: the converter dequantizes stored bytes
+                inputs[key] = tensor if dtype is None else tensor.to(dtype)
             for name, tensor in group.convert(inputs, self.model).items():
                 if name not in specs:
                     continue
@@ -478,7 +895,10 @@ class StreamEngine:
             tensor = unit.tensors[spec.name]
             if stream is not None:
                 tensor.record_stream(stream)
-            value: torch.Tensor = nn.Parameter(tensor, requires_grad=False) if spec.slots[0].is_param else tensor
+            # The flag a normal load gives (floating point -> True, unless the model's init froze it): torch picks
+            # kernels by it.
+            grad = spec.requires_grad if spec.requires_grad is not None else tensor.is_floating_point()
+            value: torch.Tensor = nn.Parameter(tensor, requires_grad=grad) if spec.slots[0].is_param else tensor
             for slot in spec.slots:
                 (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = value
         unit.installed = True
@@ -516,17 +936,17 @@ class StreamEngine:
                     for spec in unit.specs:
                         if spec.dtype.is_floating_point and spec.dtype != dtype:
                             spec.dtype = dtype
-                            meta = torch.empty(spec.shape, dtype=dtype, device="meta")
-                            placeholder = nn.Parameter(meta, requires_grad=False) if spec.slots[0].is_param else meta
-                            for slot in spec.slots:
-                                slot.placeholder = placeholder
-                                target = slot.module._parameters if slot.is_param else slot.module._buffers
-                                target[slot.attr] = placeholder
                     measure(unit)
+                for layer in self.expert_layers:  # the full-size placeholders put back after each experts call
+                    for attr, placeholder in layer.placeholders.items():
+                        if placeholder.is_floating_point() and placeholder.dtype != dtype:
+                            meta = torch.empty(placeholder.shape, dtype=dtype, device="meta")
+                            layer.placeholders[attr] = layer.module._parameters[attr] = nn.Parameter(meta)
                 self.model_bytes = sum(full_bytes(unit) for unit in self.units)
                 self._check_budget()
                 if self.schedule:
-                    self._set_schedule(self.schedule)
+                    self._set_schedule(self.schedule, self._cycle_start)
+            placeholders.install(self.units, self.device)  # the new device and dtype
 
     # ------------------------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -536,6 +956,8 @@ class StreamEngine:
             return {
                 "units": len(self.units),
                 "model_bytes": self.model_bytes,
+                "checkpoint_bytes": sum(u.raw_bytes for u in self.units),
+                "quantization": dict(self.quantization),
                 "budget_bytes": self.pool.budget,
                 "policy": self.policy,
                 "lookahead": self.lookahead,
@@ -561,11 +983,47 @@ class StreamEngine:
                 "schedule_length": len(self.schedule),
                 "staging_bytes": self.staging_bytes,
                 "gathered_rows": self.counters["gathered_rows"],
+                **self._expert_stats(),
             }
+
+    def _expert_stats(self) -> dict[str, Any]:
+        """Expert cache and speculative prefetch figures, overall and per MoE layer (empty for dense models)."""
+        if not self.expert_layers:
+            return {}
+        c = self.counters
+        accesses = c["expert_hits"] + c["expert_misses"] + c["expert_late"]
+        totals = collections.Counter()
+        per_layer = {}
+        for layer in self.expert_layers:
+            lc = layer.counters
+            totals.update(lc)
+            layer_accesses = lc["hits"] + lc["misses"] + lc["late"]
+            per_layer[layer.name] = {
+                "calls": lc["calls"],
+                "hit_rate": lc["hits"] / layer_accesses if layer_accesses else 0.0,
+                "prediction_accuracy": lc["guesses_right"] / lc["guesses"] if lc["guesses"] else 0.0,
+                "prefetch_recall": lc["prefetched_used"] / lc["routed"] if lc["routed"] else 0.0,
+                "prefetch_precision": lc["prefetched_used"] / lc["prefetched"] if lc["prefetched"] else 0.0,
+                "resident_experts": sum(u.state == "resident" for u in layer.units),
+            }
+        return {
+            "expert_layers": len(self.expert_layers),
+            "expert_hits": c["expert_hits"],
+            "expert_misses": c["expert_misses"],
+            "expert_late_prefetches": c["expert_late"],
+            "expert_hit_rate": c["expert_hits"] / accesses if accesses else 0.0,
+            "expert_prefetches": c["expert_prefetches"],
+            "prediction_accuracy": totals["guesses_right"] / totals["guesses"] if totals["guesses"] else 0.0,
+            "prefetch_recall": totals["prefetched_used"] / totals["routed"] if totals["routed"] else 0.0,
+            "prefetch_precision": totals["prefetched_used"] / totals["prefetched"] if totals["prefetched"] else 0.0,
+            "experts": per_layer,
+        }
 
     def reset_stats(self) -> None:
         with self.pool.cond:
             self.counters = collections.Counter()
+            for layer in self.expert_layers:
+                layer.counters = dict.fromkeys(layer.counters, 0)
             self.stall_seconds = 0.0
             self.read_seconds = 0.0
             self.events.clear()

@@ -22,3 +22,7 @@ class BudgetError(ValueError):
 
 class StreamingRuntimeError(RuntimeError):
     """Streaming failed while the model was running (a read failed, or the model was misused)."""
+
+
+class StreamingUnsupportedError(StreamConfigError):
+    """This model cannot be streamed (yet); the message says why and how to load it instead."""

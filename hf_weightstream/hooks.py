@@ -18,6 +18,9 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
+from .errors import StreamingRuntimeError
+from .experts import ExpertsHook
+
 if TYPE_CHECKING:
     from .engine import StreamEngine
     from .units import Unit
@@ -36,11 +39,10 @@ class StreamHook(ModelHook):
         # An embedding whose table is not resident fetches only the rows of the ids and looks up renumbered ids.
         self.gathering = module is unit.gather_from and (unit.gather or unit.state != "resident")
         if self.gathering:
-            if args:
-                args = (self.engine.gather(unit, args[0]), *args[1:])
-            else:
-                kwargs = {**kwargs, "input": self.engine.gather(unit, kwargs["input"])}
-            return args, kwargs
+            ids = self.engine.gather(unit, args[0] if args else kwargs["input"])
+            if ids is not None:
+                return ((ids, *args[1:]), kwargs) if args else (args, {**kwargs, "input": ids})
+            self.gathering = False  # most of the table is looked up: it is read whole
         self.engine.acquire(unit)
         return args, kwargs
 
@@ -55,6 +57,44 @@ class StreamHook(ModelHook):
         return f"StreamHook(unit={self.unit.name!r})"
 
 
+BACKWARD_MESSAGE = (
+    "hf_weightstream: backward() through a streamed model is not possible: streamed models are for inference, and "
+    "their forward ran as under torch.no_grad() (autograd would keep every streamed weight alive past the budget). "
+    "Load the model without device_map='stream' to train or to take gradients."
+)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward explains itself (the forward behind it recorded no graph)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise StreamingRuntimeError(BACKWARD_MESSAGE)
+
+
+def _inference_only(output: Any) -> Any:
+    """The output with its top-level floating tensors (logits, loss...) made to refuse backward() clearly."""
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+            return _InferenceOnly.apply(value.detach().requires_grad_())
+        return value
+
+    if isinstance(output, torch.Tensor):
+        return mark(output)
+    if isinstance(output, dict):  # transformers' ModelOutput: setting an item sets the attribute too
+        for key, value in list(output.items()):
+            output[key] = mark(value)
+        return output
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        return tuple(mark(value) for value in output)
+    return output
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor) and value.device != device:
         return value.to(device)
@@ -66,15 +106,37 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
     for unit in engine.units:
         for module in unit.modules:
             add_hook_to_module(module, StreamHook(engine, unit), append=True)
+    for layer in engine.expert_layers:
+        add_hook_to_module(layer.module, ExpertsHook(engine, layer), append=True)
+    grad_modes: list[bool] = []  # per nested root call; callers are serialised by the engine's forward lock
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         engine.begin_forward()
+        # Autograd would keep every evicted weight alive until backward, far past the budget: a streamed forward
+        # always runs as under torch.no_grad(). Users are told once (see StreamEngine.note_grad_forward).
+        grad_was_enabled = torch.is_grad_enabled()
+        grad_modes.append(grad_was_enabled)
+        if grad_was_enabled:
+            engine.note_grad_forward()
+            torch.set_grad_enabled(False)
         # Like accelerate's dispatched models: tensors given on another device follow the model.
         device = engine.device
         return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
 
-    def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        engine.end_forward()
+    def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        try:
+            grad_was_enabled = grad_modes.pop() if grad_modes else False
+            torch.set_grad_enabled(grad_was_enabled)
+            if grad_was_enabled:  # a later backward() must say why it cannot run, not fail obscurely
+                return _inference_only(output)
+            return None
+        finally:
+            engine.end_forward(encoder=module is not model)
 
-    model.register_forward_pre_hook(begin, with_kwargs=True)
-    model.register_forward_hook(end, with_kwargs=True, always_call=True)
+    # An encoder-decoder's generate() calls the encoder itself, once, then the model per token: the encoder's
+    # calls are sessions too, so they are traced and prefetched as the schedule's prefix (engine.end_forward).
+    encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+    roots = [model] + ([encoder] if isinstance(encoder, nn.Module) and encoder is not model else [])
+    for root in roots:
+        root.register_forward_pre_hook(begin, with_kwargs=True)
+        root.register_forward_hook(end, with_kwargs=True, always_call=True)

@@ -41,6 +41,7 @@ _DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, attr)
 }
 
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}  # for writing headers
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
 FIX_HINT = (
     "The file is damaged or incomplete: delete it (or the whole model folder / Hub cache entry) and download it "

@@ -23,20 +23,23 @@ from transformers.modeling_utils import ModuleUtilsMixin
 from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
+from . import log, quantization, saving
 from .checkpoint import open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size
 from .engine import StreamEngine
 from .errors import StreamConfigError, StreamingRuntimeError
+from .experts import build_expert_layers, held_out_names
 from .hooks import attach
+from .placeholders import is_placeholder
 from .residency import WeightPool, get_default_pool
-from .units import build_units, full_bytes
+from .support import check_supported
+from .units import build_units, collect_specs, full_bytes
 
 _ATTR = "_hf_weightstream"
 _labels = itertools.count(1)
 
 # from_pretrained options that cannot apply to a streamed model, with the reason we give.
 _UNSUPPORTED = {
-    "quantization_config": "streaming reads unquantized safetensors weights",
     "gguf_file": "streaming needs safetensors, not GGUF (load it normally once and save_pretrained it)",
     "state_dict": "streaming reads weights from files, not from an in-memory state_dict",
     "tp_plan": "tensor parallelism is not supported with streaming",
@@ -49,8 +52,12 @@ _UNSUPPORTED = {
 def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
     """Pop our options from ``from_pretrained`` kwargs; a StreamConfig if streaming was asked for."""
     device_map = kwargs.get("device_map")
-    streaming = kwargs.pop("streaming", False)
+    streaming = kwargs.pop("streaming", None)
     config = kwargs.pop("stream_config", None)
+    if streaming is False:  # an explicit no wins over a stream_config (e.g. a flag that turns streaming off)
+        if isinstance(device_map, str) and device_map == "stream":
+            raise StreamConfigError("streaming=False contradicts device_map='stream': drop one of the two.")
+        return None
     if isinstance(device_map, str) and device_map == "stream":
         kwargs.pop("device_map")
     elif not streaming and config is None:
@@ -162,6 +169,7 @@ def load_streamed(
     torch_dtype = kwargs.pop("torch_dtype", None)
     dtype = dtype if dtype is not None else torch_dtype
     max_memory = kwargs.pop("max_memory", None)
+    quantization_config = kwargs.pop("quantization_config", None)
     key_mapping = kwargs.pop("key_mapping", None)
     generation_config = kwargs.pop("generation_config", None)
     variant = kwargs.pop("variant", None)
@@ -222,6 +230,7 @@ def load_streamed(
     if "experts_implementation" in model_kwargs:
         config._experts_implementation = model_kwargs.pop("experts_implementation")
 
+    hf_quantizer = quantization.prepare(config, quantization_config, name)  # before any weight file is opened
     if local:
         checkpoint = open_local_folder(Path(name) / download_kwargs["subfolder"], variant)
     else:
@@ -234,22 +243,39 @@ def load_streamed(
             complete_download=stream_config.complete_download,
         )
 
-    config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype())
+    try:
+        quantization.validate(checkpoint.index, hf_quantizer)
+    except BaseException:
+        checkpoint.source.close()
+        raise
+    config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype(), hf_quantizer)
     config.name_or_path = name
-    model = compat.build_skeleton(cls, config, dtype, model_kwargs)
-    plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping)
+    model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
+    check_supported(model)
+    plan = compat.plan_checkpoint_keys(model, list(checkpoint.index.entries), key_mapping, hf_quantizer)
+    computed = compat.computed_keys(model, compat.missing_keys(model, plan))
+    compat.materialize_computed(model, computed)
     dtype_of = compat.target_dtypes(model, dtype)
 
     device = stream_config.device or default_device()
     pool = stream_config.pool
     if pool is None and stream_config.budget_bytes is None and max_memory is None:
         pool = get_default_pool()
-    units = build_units(model, checkpoint.index, plan, dtype_of, stream_config.coalesce_gap)
-    checkpoint.plan_fetches(units)  # Hub streaming fetches ahead in this order; no-op for local files
+    table = collect_specs(model, checkpoint.index, plan, dtype_of, computed)
+    expert_layers = (
+        build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
+        if stream_config.experts == "routed"
+        else []
+    )
+    units = build_units(
+        model, checkpoint.index, table, stream_config.coalesce_gap, hold_out=held_out_names(expert_layers)
+    )
+    all_units = units + [unit for layer in expert_layers for unit in layer.units]
+    checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
     if pool is None:
         budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
         if budget is None:
-            model_bytes = sum(full_bytes(u) for u in units)
+            model_bytes = sum(full_bytes(u) for u in all_units)
             budget = min(int(0.7 * _available_memory(device)), 2 * model_bytes)
         pool = WeightPool(budget, device=device, num_workers=stream_config.num_workers)
     elif max_memory is not None:
@@ -264,8 +290,12 @@ def load_streamed(
         policy=stream_config.policy,
         lookahead=stream_config.lookahead,
         label=f"{name}#{next(_labels)}",
+        expert_layers=expert_layers,
     )
     engine.checkpoint = checkpoint
+    engine.quantization = quantization.describe(hf_quantizer)
+    if hf_quantizer is not None:
+        compat.finish_quantized(model, hf_quantizer)
     if device.type != "cpu":
         _move_real_buffers(model, device)
     attach(model, engine)
@@ -274,6 +304,7 @@ def load_streamed(
             module.__dict__[_ATTR] = engine
     model.hf_device_map = {"": str(device)}
     _bind_device_methods(model, engine)
+    log.log_load(model, engine, log.budget_origin(stream_config, max_memory, get_default_pool()))
 
     if model.can_generate() and hasattr(model, "adjust_generation_fn"):
         generation_kwargs = {k: v for k, v in download_kwargs.items()}
@@ -293,11 +324,18 @@ def load_streamed(
 
 
 def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move what the skeleton holds for real (non-persistent buffers, weights computed on load) to ``device``."""
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device.type != "meta":
                 cast = dtype if dtype is not None and buf.is_floating_point() else None
                 module._buffers[name] = buf.to(device=device, dtype=cast)
+        for name, param in module._parameters.items():
+            if param is not None and param.device.type not in ("meta", device.type) and not is_placeholder(param):
+                cast = dtype if dtype is not None and param.is_floating_point() else None
+                module._parameters[name] = torch.nn.Parameter(
+                    param.detach().to(device=device, dtype=cast), requires_grad=param.requires_grad
+                )
 
 
 def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
@@ -322,6 +360,9 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
 
     model.to = to
     model.cuda = cuda
+    # Saving and state_dict stream unit by unit (saving.py): the weights are not in memory to hand over at once.
+    model.save_pretrained = functools.partial(saving.save_pretrained, model)
+    model.state_dict = functools.partial(saving.state_dict, model)
     model.cpu = lambda: retarget(model, torch.device("cpu"))
     model.half = lambda: retarget(model, None, torch.float16)
     model.float = lambda: retarget(model, None, torch.float32)

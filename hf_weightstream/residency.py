@@ -54,6 +54,7 @@ class WeightPool:
         self.budget = parse_size(budget)
         self.device = torch.device(device) if device is not None else None
         self.cond = threading.Condition(threading.RLock())
+        self.num_workers = num_workers
         self.executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="hf_weightstream")
         self._engines: weakref.WeakValueDictionary[int, StreamEngine] = weakref.WeakValueDictionary()
         self._ticks = itertools.count(1)
@@ -134,15 +135,18 @@ class WeightPool:
     def _someone_else_can_free(self, me: int) -> bool:
         """Whether waiting can help: some unit is loading, or pinned by a thread that is not itself waiting."""
         for engine in self.engines():
+            held = (h for h in engine.holdings() if h.transient and h.held_bytes)
+            if any(h.owner != me and h.owner not in self._waiting_threads for h in held):
+                return True  # gathered rows and stacked experts go at the end of their call
             for unit in engine.units:
-                if unit.state == "loading" or (unit.rows is not None and unit.rows.held_bytes):
-                    return True  # a read completes, and gathered rows go at the end of their lookup
+                if unit.state == "loading" and unit.loader != me:
+                    return True  # a read completes (not one this very thread is still to start)
                 if any(t != me and t not in self._waiting_threads for t in unit.pin_threads):
                     return True
         return False
 
     def minimum_budget(self) -> int:
-        return sum(max((u.charge_bytes for u in e.units), default=0) for e in self.engines())
+        return sum(e.minimum_budget() for e in self.engines())
 
     def _choose_victim(self, requester: StreamEngine, for_unit: Unit, prefetch: bool) -> Unit | None:
         best: tuple[Any, ...] | None = None
@@ -171,8 +175,8 @@ class WeightPool:
             models = {engine.label: engine.stats() for engine in self.engines()}
             return {
                 "budget_bytes": self.budget,
-                "held_bytes": self.held,
-                "peak_held_bytes": self.peak_held,
+                "resident_bytes": self.held,
+                "peak_resident_bytes": self.peak_held,
                 "models": models,
                 "hits": sum(m["hits"] for m in models.values()),
                 "misses": sum(m["misses"] for m in models.values()),

@@ -39,6 +39,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype  # target dtype on the execution device
     source: TensorEntry | None  # None when a converter group produces it
+    requires_grad: bool | None = None  # the flag a normal load ends with (the skeleton's); None: floating point
 
 
 @dataclass
@@ -52,12 +53,21 @@ class ReadRange:
 
 
 @dataclass(eq=False)
-class GatheredRows:
-    """Embedding rows installed for one forward; charged to the pool apart from the unit's own bytes."""
+class Holding:
+    """Bytes charged to the pool for something that is not a unit (a call's gathered rows or stacked experts, a
+    router copy). ``transient`` holdings are given back when the call that made them ends."""
 
     name: str
     engine: Any = None
     held_bytes: int = 0
+    transient: bool = True
+    owner: int = 0  # the thread whose call holds it (waiting on oneself can free nothing)
+
+
+@dataclass(eq=False)
+class GatheredRows(Holding):
+    """Embedding rows installed for one forward; charged to the pool apart from the unit's own bytes."""
+
     installed: bool = False
     padding_idx: int | None = None  # the module's own, while the few rows are installed
 
@@ -71,6 +81,8 @@ class Unit:
     specs: list[TensorSpec]
     groups: list[ConversionGroup]
     entries: dict[str, TensorEntry]  # checkpoint key -> entry, for everything the unit reads
+    module_names: list[str] = field(default_factory=list)
+    enclosing: list[Unit] = field(default_factory=list)  # units whose modules contain this one's (pinned meanwhile)
     ranges: list[ReadRange] = field(default_factory=list)
     raw_bytes: int = 0
     out_bytes: int = 0
@@ -82,10 +94,14 @@ class Unit:
     gather_from: nn.Module | None = None
     gather: bool = False
     rows: GatheredRows | None = None
+    # One expert of an MoE experts module (see experts.py): its tensors are [1, ...] slices, stacked per call.
+    expert: Any = None  # the ExpertLayer
+    expert_id: int = -1
     # --- runtime state, owned by WeightPool ---
     state: str = "absent"  # absent | loading | resident
     pins: int = 0
     pin_threads: dict[int, int] = field(default_factory=dict)
+    loader: int = 0  # the thread that reserved a demand read it has not handed to a reader yet
     tensors: dict[str, torch.Tensor] | None = None
     chunks: list[torch.Tensor] | None = None  # the bytes of each range, kept alive while tensors view them
     held_bytes: int = 0  # bytes charged to the budget while loading/resident
@@ -131,28 +147,27 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def build_units(
+@dataclass
+class SpecTable:
+    """Every tensor the model needs, with where it comes from: read by key, or produced by a converter group."""
+
+    specs: dict[str, TensorSpec]  # by the state-dict name that is read (the first alias of a tied tensor)
+    group_of_target: dict[str, ConversionGroup]
+
+
+def collect_specs(
     model: nn.Module,
     index: CheckpointIndex,
     plan: KeyPlan,
     dtype_of: dict[str, torch.dtype],
-    coalesce_gap: int,
-) -> list[Unit]:
-    """Split the model into units and work out what each one reads.
+    computed: set[str] | frozenset[str] = frozenset(),
+) -> SpecTable:
+    """Pair every parameter and persistent buffer with its checkpoint source; ``dtype_of``: target dtypes.
 
-    ``dtype_of`` gives the target dtype of every tensor (transformers' dtype plan applied).
+    ``computed`` names the weights transformers computes on load instead of reading them
+    (`_transformers_compat.computed_keys`): they stay real, as transformers made them.
     """
     state = model.state_dict(keep_vars=True)
-    blocks = _block_classes(model)
-    block_names = [name for name, module in model.named_modules() if name and type(module).__name__ in blocks]
-    outer_blocks = [n for n in block_names if not any(n.startswith(b + ".") for b in block_names if b != n)]
-
-    def unit_of(tensor_name: str) -> str:
-        for block in outer_blocks:
-            if tensor_name.startswith(block + "."):
-                return block
-        return _parent(tensor_name)
-
     # Aliases: names that are the same tensor object (tied weights).
     by_identity: dict[int, list[str]] = {}
     for name, tensor in state.items():
@@ -163,21 +178,19 @@ def build_units(
         for target in expected_targets(group, model):
             group_of_target[target] = group
 
-    uf = _UnionFind()
     specs: dict[str, TensorSpec] = {}
     missing: list[str] = []
     for names in by_identity.values():
         source_name = next((n for n in names if n in plan.renamed or n in group_of_target), None)
         if source_name is None:
-            missing.append(names[0])
+            if not computed.issuperset(names):  # computed ones stay real, as transformers made them
+                missing.append(names[0])
             continue
         slots = []
         for name in names:
             module = model.get_submodule(_parent(name))
             attr = name.rpartition(".")[2]
-            is_param = attr in module._parameters
-            slots.append(Slot(module, attr, is_param, state[name]))
-            uf.union(unit_of(names[0]), unit_of(name))
+            slots.append(Slot(module, attr, attr in module._parameters, state[name]))
         placeholder = state[source_name]
         entry = index.entries[plan.renamed[source_name]] if source_name in plan.renamed else None
         if entry is not None:
@@ -189,6 +202,7 @@ def build_units(
             tuple(placeholder.shape),
             dtype_of.get(source_name, placeholder.dtype),
             entry,
+            placeholder.requires_grad if slots[0].is_param else False,
         )
     if missing:
         shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
@@ -196,7 +210,37 @@ def build_units(
             f"The checkpoint has no tensor for {len(missing)} weight(s) the model needs: {shown}. Check that the "
             "checkpoint matches the model class/config; streaming never fills weights with random values."
         )
-    for group in plan.groups:
+    return SpecTable(specs, group_of_target)
+
+
+def build_units(
+    model: nn.Module,
+    index: CheckpointIndex,
+    table: SpecTable,
+    coalesce_gap: int,
+    hold_out: frozenset[str] | set[str] = frozenset(),
+) -> list[Unit]:
+    """Split the model into units and work out what each one reads.
+
+    ``hold_out`` names tensors that get units of their own elsewhere (per-expert units, see ``experts.py``).
+    """
+    blocks = _block_classes(model)
+    block_names = [name for name, module in model.named_modules() if name and type(module).__name__ in blocks]
+    outer_blocks = [n for n in block_names if not any(n.startswith(b + ".") for b in block_names if b != n)]
+
+    def unit_of(tensor_name: str) -> str:
+        for block in outer_blocks:
+            if tensor_name.startswith(block + "."):
+                return block
+        return _parent(tensor_name)
+
+    specs = {name: spec for name, spec in table.specs.items() if name not in hold_out}
+    group_of_target = table.group_of_target
+    uf = _UnionFind()
+    for spec in specs.values():
+        for alias in spec.aliases:  # tied weights share one unit
+            uf.union(unit_of(spec.aliases[0]), unit_of(alias))
+    for group in {id(g): g for g in group_of_target.values()}.values():
         targets = [t for t in expected_targets(group, model) if t in specs]
         for target in targets[1:]:
             uf.union(unit_of(targets[0]), unit_of(target))
@@ -218,6 +262,7 @@ def build_units(
             specs=unit_specs,
             groups=groups,
             entries=entries,
+            module_names=module_names,
         )
         _plan_reads(unit, coalesce_gap)
         unit.gather_from = _embedding_entry(unit)
@@ -226,6 +271,13 @@ def build_units(
             unit.rows = GatheredRows(f"{root} (rows)")
         measure(unit)
         units.append(unit)
+    for unit in units:
+        unit.enclosing = [
+            other
+            for other in units
+            if other is not unit
+            and any(m.startswith(f"{o}.") or not o for m in unit.module_names for o in other.module_names)
+        ]
     return units
 
 
@@ -238,8 +290,15 @@ def _embedding_entry(unit: Unit) -> nn.Module | None:
         return None
     for slot in spec.slots:
         module = slot.module
-        # max_norm renormalises the looked-up rows of the full table in place: that needs the table.
-        if isinstance(module, nn.Embedding) and module.max_norm is None and slot.attr == "weight":
+        # Only a plain lookup can be served from a few rows: max_norm renormalises the looked-up rows of the full
+        # table in place, and subclasses with a forward of their own (learned positions that take a shape or a
+        # past length, scaled or offset lookups: OPT, BART, Whisper...) may index or read the table their way.
+        if (
+            isinstance(module, nn.Embedding)
+            and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None
+            and slot.attr == "weight"
+        ):
             return module
     return None
 
@@ -282,12 +341,18 @@ def _check_compatible(name: str, entry: TensorEntry, placeholder: torch.Tensor) 
 
 
 def _plan_reads(unit: Unit, coalesce_gap: int) -> None:
-    """Merge the unit's tensors into as few contiguous reads as possible."""
+    """Merge the unit's tensors into as few contiguous reads as possible.
+
+    Bytes between two tensors are read (and charged) only when the gap is small next to what the unit needs: a
+    gap is worth reading to save a read call, never worth doubling a small unit (one expert's tensors of an FP8
+    or MXFP4 checkpoint lie in separate regions of the file).
+    """
     ordered = sorted(unit.entries.values(), key=lambda e: (e.shard, e.offset))
+    gap = min(coalesce_gap, max(4096, sum(e.nbytes for e in ordered) // 8))
     ranges: list[ReadRange] = []
     for entry in ordered:
         last = ranges[-1] if ranges else None
-        if last and last.shard == entry.shard and entry.offset - (last.offset + last.length) <= coalesce_gap:
+        if last and last.shard == entry.shard and entry.offset - (last.offset + last.length) <= gap:
             last.length = max(last.length, entry.offset + entry.nbytes - last.offset)
         else:
             ranges.append(ReadRange(entry.shard, entry.offset, entry.nbytes, 0))

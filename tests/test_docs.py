@@ -1,7 +1,8 @@
 """Every code block in README.md and docs/*.md is run or checked, so the documentation cannot drift from the code.
 
 * ```python blocks run, each file's blocks in order in one namespace, with the placeholder names the docs use
-  (``repo_or_dir``, ``a``, ``b``, ``tokenizer``) bound to tiny local models from ``tests/tiny.py``.
+  for "your model" (``repo_or_dir``, ``a``, ``b``) bound to tiny local models from ``tests/tiny.py``. Anything
+  else a block uses (a tokenizer...) it must define, as a reader who copies it would have to.
 * A ```text output block right after a python block must be exactly what that block printed.
 * ```bash / ```sh blocks (and ``$ `` lines of ```console blocks): every ``hf-weightstream ...`` command must parse
   with the real command-line parser, and every ``make TARGET`` must name a Makefile target.
@@ -9,6 +10,8 @@
   defaults), the ``stats()`` and ``WeightPool.stats()`` keys, and the CLI commands the code has.
 * Every ```text block of docs/troubleshooting.md is an error message the package can raise (``{...}`` marks the
   variable parts), under the exception class that raises it.
+* README.md links nothing by a relative path (a package index page would break it; files are named by their path
+  in backticks instead, and those paths must exist); relative links in docs/ must lead to existing files.
 
 Blocks in any other fence language fail the test, so a snippet cannot be skipped by a typo such as ```py.
 """
@@ -80,16 +83,8 @@ def blocks(path: str) -> list[Block]:
 # ---------------------------------------------------------------------------------------------------- python
 @pytest.fixture
 def placeholders(checkpoints):
-    from transformers import AutoTokenizer
-
     repo_or_dir = str(checkpoints("llama"))
-    return {
-        "__name__": "__docs__",
-        "repo_or_dir": repo_or_dir,
-        "a": repo_or_dir,
-        "b": str(checkpoints("qwen2_tied")),
-        "tokenizer": AutoTokenizer.from_pretrained(repo_or_dir),
-    }
+    return {"__name__": "__docs__", "repo_or_dir": repo_or_dir, "a": repo_or_dir, "b": str(checkpoints("qwen2_tied"))}
 
 
 def test_the_docs_exist():
@@ -218,6 +213,9 @@ def test_api_lists_every_stats_key(checkpoints):
 
     model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream")
     assert list(checked_table("docs/api.md", "stats keys")) == list(hf_weightstream.stats(model))
+    moe = AutoModelForCausalLM.from_pretrained(checkpoints("qwen3_moe"), device_map="stream")
+    moe_keys = [key for key in hf_weightstream.stats(moe) if key not in hf_weightstream.stats(model)]
+    assert list(checked_table("docs/api.md", "MoE stats keys")) == moe_keys
     pool_keys = list(model._hf_weightstream.pool.stats())
     assert list(checked_table("docs/api.md", "WeightPool.stats keys")) == pool_keys
 
@@ -243,10 +241,20 @@ def _string_template(node: ast.AST) -> str | None:
     return None
 
 
+def package_modules() -> list[str]:
+    """Dotted names of every module of the package, subpackages included."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] != "__main__":
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
 def message_templates() -> list[tuple[str, str | None]]:
     """(normalized string literal of the package, exception class raising it when it is a ``raise X(...)``)."""
     out: list[tuple[str, str | None]] = []
-    for path in sorted(PACKAGE.rglob("*.py")):  # subpackages too (hub/, testing/)
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         raised: dict[int, str] = {}
         for node in ast.walk(tree):
@@ -262,11 +270,7 @@ def message_templates() -> list[tuple[str, str | None]]:
 
 def test_troubleshooting_quotes_real_error_messages():
     templates = message_templates()
-    modules = [builtins] + [
-        importlib.import_module(".".join(("hf_weightstream", *p.relative_to(PACKAGE).with_suffix("").parts)))
-        for p in sorted(PACKAGE.rglob("*.py"))
-        if p.stem not in {"__init__", "__main__"}
-    ]
+    modules = [builtins] + [importlib.import_module(name) for name in package_modules()]
     quoted = [b for b in blocks("docs/troubleshooting.md") if b.lang == "text"]
     assert len(quoted) > 20
     for block in quoted:
@@ -283,3 +287,48 @@ def test_troubleshooting_quotes_real_error_messages():
         raisers = {r for r in sources if r is not None}
         if cls is not None and raisers:
             assert cls in raisers, f"docs/troubleshooting.md:{block.line}: raised as {raisers}, not {cls}"
+
+
+# ---------------------------------------------------------------------------------------------------- links
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img[^>]+src=[\"']([^\"']+)")
+
+
+def link_targets(path: str) -> list[str]:
+    return [a or b for a, b in LINK.findall((ROOT / path).read_text())]
+
+
+def test_readme_links_nothing_by_a_relative_path():
+    relative = [t for t in link_targets("README.md") if not re.match(r"^(https?://|#)", t)]
+    assert not relative, f"README.md: relative links break on a package index page: {relative}"
+
+
+def test_paths_the_readme_names_exist():
+    top = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")}
+    named = set(re.findall(r"`([\w.-]+(?:/[\w.*-]+)+/?)`", (ROOT / "README.md").read_text()))
+    checked = [n for n in named if n.split("/")[0] in top]
+    assert len(checked) >= 8
+    missing = [n for n in checked if not list(ROOT.glob(n.rstrip("/")))]
+    assert not missing, f"README.md names paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", [d for d in DOCS if d.startswith("docs/")])
+def test_relative_links_in_docs_lead_to_files(path):
+    for target in link_targets(path):
+        if re.match(r"^(https?://|#|mailto:)", target):
+            continue
+        assert ((ROOT / path).parent / target.split("#")[0]).exists(), f"{path}: broken link {target}"
+
+
+# ---------------------------------------------------------------------------------------------------- names
+def test_model_and_pool_stats_use_one_name_for_one_quantity(checkpoints):
+    """With one model on a pool, every key the two dicts share has the same value."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream")
+    model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+    mine, pool = hf_weightstream.stats(model), model._hf_weightstream.pool.stats()
+    shared = set(mine) & set(pool)
+    assert {"budget_bytes", "resident_bytes", "peak_resident_bytes", "hits", "misses", "evictions"} <= shared
+    assert {key: mine[key] for key in shared} == {key: pool[key] for key in shared}
+    assert not {key for key in pool if "held" in key}, "the pool's keys use the model stats' words"

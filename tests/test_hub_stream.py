@@ -174,8 +174,14 @@ def test_a_read_the_forward_pass_waits_for_makes_background_fetches_yield(
         filler.join(60)
     assert bytes(out) == (tiny / last).read_bytes()[-len(out) :]
     assert waited < 1.0, f"the read waited {waited:.2f} s behind the filler"
-    cut = [r for r in log if r.status == 206 and r.fault is None and r.time < start
-           and r.bytes_sent < int(r.range.split("-")[1]) + 1 - int(r.range.removeprefix("bytes=").split("-")[0])]
+    cut = [
+        r
+        for r in log
+        if r.status == 206
+        and r.fault is None
+        and r.time < start
+        and r.bytes_sent < int(r.range.split("-")[1]) + 1 - int(r.range.removeprefix("bytes=").split("-")[0])
+    ]
     assert cut, "the background request running when the read came stopped early (its bytes were kept)"
     # What the server had sent into the socket of the request that yielded, and was not read, is sent again.
     assert server.bytes_sent(".safetensors") <= sum(sizes.values()) + 16_384
@@ -435,7 +441,6 @@ def test_a_range_another_process_holds_is_waited_for_then_fetched_if_it_records_
         got = [(s, e) for name, s, e in fetched(server) if name == rng.shard and s < rng.offset + rng.length]
     assert waited >= 0.5, "the read waited for the other process first"
     assert any(s <= rng.offset < e for s, e in got), "then fetched the range itself"
-
 
 
 @pytest.mark.slow

@@ -49,6 +49,13 @@ def test_notebook_is_valid_and_stored_clean():
     assert pip_lines and all(line.startswith("    ") for line in pip_lines)
 
 
+def test_notebook_claims_no_run_that_never_happened():
+    """CI runs it on a CPU; the GPU path has not run on a GPU yet (README, "Not done yet")."""
+    intro = read_notebook().cells[0].source
+    assert "Runs on a free Colab GPU" not in intro
+    assert "Tested on a CPU runtime" in intro and "has not run on a GPU yet" in intro
+
+
 @pytest.fixture
 def kernel_manager(tmp_path):
     from jupyter_client.kernelspec import KernelSpecManager

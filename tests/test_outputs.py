@@ -20,8 +20,7 @@ def _load_pair(folder, budget_fraction: float = 0.4, **config):
     )
     engine = streamed._hf_weightstream
     total = sum(u.resident_bytes for u in engine.units)
-    biggest = max(u.charge_bytes for u in engine.units)
-    engine.pool.budget = max(int(total * budget_fraction), biggest)
+    engine.pool.budget = max(int(total * budget_fraction), engine.minimum_budget())
     assert engine.pool.budget < total
     return ref, streamed
 

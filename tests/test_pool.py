@@ -45,7 +45,7 @@ def test_two_models_share_one_budget_and_stay_exact(two):
         assert torch.equal(chat.generate(PROMPT, max_new_tokens=6, do_sample=False), expected_a)
         assert torch.equal(coder.generate(PROMPT, max_new_tokens=6, do_sample=False), expected_b)
     stats = pool.stats()
-    assert stats["peak_held_bytes"] <= pool.budget
+    assert stats["peak_resident_bytes"] <= pool.budget
     assert len(stats["models"]) == 2 and stats["evictions"] > 0
 
 
@@ -91,7 +91,7 @@ def test_two_threads_two_models_one_pool(two):
     assert not errors
     for i in (0, 1):
         assert len(results[i]) == 3 and all(torch.equal(r, expected[i]) for r in results[i])
-    assert pool.stats()["peak_held_bytes"] <= pool.budget
+    assert pool.stats()["peak_resident_bytes"] <= pool.budget
 
 
 def test_budget_for_one_unit_at_a_time_still_progresses(two):
@@ -120,7 +120,7 @@ def test_budget_for_one_unit_at_a_time_still_progresses(two):
             assert "at least" in str(outcome[i])
         else:
             assert torch.equal(outcome[i], expected[i])
-    assert pool.stats()["peak_held_bytes"] <= pool.budget
+    assert pool.stats()["peak_resident_bytes"] <= pool.budget
 
 
 def test_release_and_garbage_collection_give_memory_back(two):
@@ -128,14 +128,14 @@ def test_release_and_garbage_collection_give_memory_back(two):
     chat, coder = on_pool(two[0], pool), on_pool(two[1], pool)
     chat(PROMPT)
     coder(PROMPT)
-    both = pool.stats()["held_bytes"]
+    both = pool.stats()["resident_bytes"]
     hf_weightstream.release(coder)
-    after_release = pool.stats()["held_bytes"]
+    after_release = pool.stats()["resident_bytes"]
     assert 0 < after_release < both
     assert hf_weightstream.stats(coder)["resident_bytes"] == 0
     del chat
     gc.collect()
-    assert pool.stats()["held_bytes"] == 0
+    assert pool.stats()["resident_bytes"] == 0
     assert len(pool.stats()["models"]) == 1, "a model that is gone leaves no entry behind"
 
 

@@ -1,13 +1,15 @@
 """Fail loudly, naming the API, when a private transformers/torch internal we rely on moves or changes shape.
 
 Private transformers APIs live in hf_weightstream/_transformers_compat.py; the private huggingface_hub helpers
-that write Hub cache entries exactly as hf_hub_download does are imported in one block of hub_stream.py.
+that write Hub cache entries exactly as hf_hub_download does are imported in hf_weightstream/hub/_hf_compat.py
+(all of them are checked, with what they do, in tests/test_hub_private_apis.py).
 """
 
 from __future__ import annotations
 
 import inspect
 
+import torch
 import transformers
 from transformers import PreTrainedModel
 from transformers.core_model_loading import WeightConverter, WeightRenaming
@@ -57,6 +59,36 @@ def test_private_transformers_apis_keep_their_shape():
     assert issubclass(WeightRenaming, compat.WeightRenaming)
     assert set(compat.LoadStateDictInfo.__dataclass_fields__) >= {"missing_keys", "unexpected_keys", "error_msgs"}
     assert callable(compat.patch_output_recorders) and callable(compat.build_glob_alternation)
+    keys = ["experts.10.w", "experts.2.w", "experts.1.w"]
+    assert sorted(keys, key=compat.dot_natural_key) == ["experts.1.w", "experts.2.w", "experts.10.w"], (
+        f"transformers {version}: core_model_loading.dot_natural_key no longer orders keys naturally"
+    )
+
+
+def test_private_apis_of_saving_and_computed_weights_keep_their_shape():
+    version = transformers.__version__
+    assert params(compat.remove_tied_weights_from_state_dict) == ["state_dict", "model"], (
+        f"transformers {version}: modeling_utils.remove_tied_weights_from_state_dict changed"
+    )
+    assert params(compat.revert_weight_conversion) == ["model", "state_dict"], (
+        f"transformers {version}: core_model_loading.revert_weight_conversion changed"
+    )
+    assert params(compat.custom_object_save)[:3] == ["obj", "folder", "config"]
+    assert callable(PreTrainedModel.initialize_weights) and hasattr(PreTrainedModel, "_keys_to_ignore_on_save")
+    assert hasattr(PreTrainedModel, "_keys_to_ignore_on_load_missing")
+
+
+def test_private_torch_apis_of_placeholders_keep_their_shape():
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    assert callable(torch.Tensor._make_wrapper_subclass), "torch: Tensor._make_wrapper_subclass is gone"
+    assert callable(torch._C._disabled_torch_function_impl), "torch: _C._disabled_torch_function_impl is gone"
+    assert tree_map(lambda x: x + 1, ([1], {"a": 2})) == ([2], {"a": 3}) and tree_flatten([1, (2,)])[0] == [1, 2]
+    schema = torch.ops.aten.mul_.Tensor._schema
+    assert schema.arguments[0].alias_info.is_write and schema.arguments[1].alias_info is None, (
+        "torch: an op schema no longer says which arguments it writes (placeholders refuse writes by it)"
+    )
 
 
 def test_private_huggingface_hub_helpers_keep_their_shape():
@@ -71,3 +103,19 @@ def test_private_huggingface_hub_helpers_keep_their_shape():
     for name, parameters in expected.items():
         assert params(getattr(file_download, name)) == parameters, f"huggingface_hub.file_download.{name} changed"
     assert callable(file_download.repo_folder_name) and file_download.REGEX_COMMIT_HASH.match("a" * 40)
+
+
+def test_a_converter_on_one_experts_slice_sees_the_slices_shape():
+    """Transpose(check_dims=True) compares what it gets with ``model.get_parameter``: it must be shown the slice."""
+    from torch import nn
+    from transformers.core_model_loading import Transpose
+
+    model = nn.Module()
+    model.experts = nn.Module()
+    model.experts.gate_up_proj = nn.Parameter(torch.empty(8, 6, 4, device="meta"))
+    one = torch.arange(24.0).view(1, 4, 6)  # one expert, stored [1, H, 2I]
+    sliced = compat._SlicedParameters(model, {"experts.gate_up_proj": (1, 6, 4)})
+    out = Transpose(1, 2, check_dims=True).convert(
+        {"gate_up_proj": one}, ["gate_up_proj"], ["gate_up_proj"], model=sliced, full_layer_name="experts.gate_up_proj"
+    )
+    assert next(iter(out.values())).shape == (1, 6, 4), f"transformers {transformers.__version__}: Transpose changed"

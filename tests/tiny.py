@@ -7,15 +7,25 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
     BertConfig,
     BertModel,
+    FalconMambaConfig,
+    FalconMambaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    Llama4Config,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
@@ -80,19 +90,65 @@ def gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def qwen3_moe() -> Qwen3MoeForCausalLM:
+def qwen3_moe(num_experts: int = 4, top_k: int = 2, hidden: int = 64, expert_width: int = 32) -> Qwen3MoeForCausalLM:
     config = Qwen3MoeConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=expert_width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
         **_common(),
     )
     return Qwen3MoeForCausalLM(config)
+
+
+def qwen3_dense_fp8_shapes() -> Qwen3ForCausalLM:
+    """Dense Qwen3 whose linear weights span several 128x128 FP8 blocks (k/v: 128 x 256, MLP: 384 x 256)."""
+    config = Qwen3Config(
+        hidden_size=256,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=False,
+        **_common(),
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def llama4_text_config() -> Llama4TextConfig:
+    """Llama 4's text model, whose experts run densely (every expert on every token)."""
+    return Llama4Config(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=16,
+            intermediate_size_mlp=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            vocab_size=64,
+        )
+    ).text_config
+
+
+def mamba() -> MambaForCausalLM:
+    config = MambaConfig(
+        hidden_size=64, state_size=8, num_hidden_layers=3, intermediate_size=128, time_step_rank=8, **_common()
+    )
+    return MambaForCausalLM(config)
+
+
+def falcon_mamba() -> FalconMambaForCausalLM:
+    config = FalconMambaConfig(
+        hidden_size=64, state_size=8, num_hidden_layers=3, intermediate_size=128, time_step_rank=8, **_common()
+    )
+    return FalconMambaForCausalLM(config)
 
 
 def bert() -> BertModel:
@@ -108,8 +164,20 @@ BUILDERS = {
     "qwen2_tied": qwen2_tied,
     "gpt2": gpt2,
     "qwen3_moe": qwen3_moe,
+    # Real MoE sizes where they matter: 128 experts, 8 routed (Qwen3-30B-A3B's routing), ids past 10 and 100.
+    "qwen3_moe128": lambda: qwen3_moe(num_experts=128, top_k=8, hidden=32, expert_width=16),
+    "qwen3_dense_fp8_shapes": qwen3_dense_fp8_shapes,
+    "qwen3_moe_fp8_shapes": lambda: qwen3_moe(num_experts=16, top_k=4, hidden=256, expert_width=128),
+    "mamba": mamba,
+    "falcon_mamba": falcon_mamba,
     "bert": bert,
 }
+# The Auto class that loads each kind (everything else is a causal LM).
+AUTO_CLASS = {"bert": AutoModel}
+
+
+def auto_class(kind: str):
+    return AUTO_CLASS.get(kind, AutoModelForCausalLM)
 
 
 def tokenizer() -> PreTrainedTokenizerFast:

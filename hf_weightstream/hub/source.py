@@ -129,8 +129,13 @@ class _Session:
                     )
                     fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
                     jobs += [
-                        Job(stream, c, DEMAND, out=None if out is None else out[c.start - base : c.end - base],
-                            awaited=True)  # fmt: skip
+                        Job(
+                            stream,
+                            c,
+                            DEMAND,
+                            out=None if out is None else out[c.start - base : c.end - base],
+                            awaited=True,
+                        )
                         for c in got.mine
                     ]
                 if jobs:
@@ -354,8 +359,25 @@ class HubSource:
             self._local.close()
 
 
-def wait_until_cached(source: object, timeout: float | None = None) -> dict[str, CachedShard]:
-    """`HubSource.wait_until_cached`, with a clear error for a model that was not streamed from the Hub."""
+def wait_until_cached(model: object, timeout: float | None = None) -> dict[str, CachedShard]:
+    """Block until every shard of a model streamed from the Hub is complete, verified and in the Hub cache.
+
+    ``model`` is a streamed model, its `StreamEngine` or its `HubSource`. Fetches what is missing now (also with
+    ``complete_download=False``), then returns ``{shard: CachedShard}`` with the snapshot path, the repo's blob and
+    the sha256 of every shard. For scripts that must leave a complete cache behind, and for tests. Raises
+    ``TimeoutError`` after ``timeout`` seconds (the download continues in the background), and
+    `StreamingRuntimeError` for a model that was not streamed from the Hub. ``hf_weightstream.wait_until_cached``
+    is this function.
+    """
+    source = model
+    if not isinstance(source, HubSource):
+        # imported here: integration imports this package (through checkpoint), and engine imports transformers
+        from ..engine import StreamEngine
+        from ..integration import engine_of
+
+        engine = source if isinstance(source, StreamEngine) else engine_of(source)
+        checkpoint = getattr(engine, "checkpoint", None)  # set by from_pretrained; engine.source may be wrapped
+        source = checkpoint.source if checkpoint is not None else engine.source
     if not isinstance(source, HubSource):
         raise StreamingRuntimeError(
             "This model was not streamed from the Hub (it was loaded from a local folder): nothing to wait for."

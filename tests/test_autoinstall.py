@@ -1,0 +1,103 @@
+"""``import hf_weightstream`` is cheap, and still enough for ``from_pretrained(..., device_map="stream")``.
+
+Each import order runs in a fresh interpreter: in this one transformers' model code was imported long ago.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel
+
+import hf_weightstream
+from hf_weightstream import _autoinstall
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LOAD = """
+import sys
+{imports}
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="stream")
+assert hf_weightstream.stats(model)["bytes_read"] == 0 and model.device.type == "cpu"
+print("streamed")
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_import_loads_neither_torch_nor_transformers() -> None:
+    result = _python(
+        "import sys, hf_weightstream\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))\n"
+        "print(hf_weightstream.StreamConfig(budget='1MB').budget_bytes, 'torch' in sys.modules)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "1000000 False"]  # StreamConfig needs no torch either
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        # our own module imports transformers' model code: the install must not re-enter it half-imported
+        "import hf_weightstream\nfrom hf_weightstream.engine import StreamEngine",
+        pytest.param("import hf_weightstream", marks=pytest.mark.slow),  # transformers imports it, lazily
+        # model code imported directly, not through transformers' lazy module:
+        pytest.param("import hf_weightstream\nimport transformers.models.llama.modeling_llama", marks=pytest.mark.slow),
+    ],
+)  # (transformers first, then hf_weightstream, is how every other test module imports them)
+def test_streaming_works_whatever_the_import_order(imports: str, checkpoints) -> None:
+    result = _python(LOAD.format(imports=imports), str(checkpoints("llama")))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "streamed"
+
+
+def test_trigger_is_where_transformers_defines_its_models() -> None:
+    """Fails loudly if transformers moves PreTrainedModel: the integration would then install too late."""
+    assert PreTrainedModel.__module__ == _autoinstall.TRIGGER
+    assert getattr(PreTrainedModel.from_pretrained, "_hf_weightstream", False)
+    assert not any(isinstance(f, _autoinstall._InstallAfterImport) for f in sys.meta_path)  # it removed itself
+
+
+def test_the_stand_in_installs_on_the_first_call_and_hands_it_on(checkpoints) -> None:
+    """What the finder puts in place when transformers' model code loads after ``import hf_weightstream``."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers import AutoModelForCausalLM
+
+    installed = PreTrainedModel.__dict__["from_pretrained"]
+    calls = []
+    plain = classmethod(lambda cls, *args, **kwargs: calls.append(cls) or "loaded")
+    PreTrainedModel.from_pretrained = plain  # as before any install
+    try:
+        _autoinstall._install_on_first_call(modeling_utils)
+        stand_in = PreTrainedModel.__dict__["from_pretrained"]
+        assert stand_in is not plain
+        from hf_weightstream import integration
+
+        install = integration.install
+        integration.install = lambda: setattr(PreTrainedModel, "from_pretrained", installed)  # type: ignore[attr-defined]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream")
+        finally:
+            integration.install = install
+        assert PreTrainedModel.__dict__["from_pretrained"] is installed  # the stand-in went after one call
+        assert hasattr(model, "_hf_weightstream") and calls == []
+    finally:
+        PreTrainedModel.from_pretrained = installed
+
+
+def test_public_names_load_on_first_use() -> None:
+    from hf_weightstream.config import StreamConfig
+    from hf_weightstream.residency import WeightPool
+
+    assert hf_weightstream.StreamConfig is StreamConfig and hf_weightstream.WeightPool is WeightPool
+    assert set(hf_weightstream.__all__) <= set(dir(hf_weightstream))
+    with pytest.raises(AttributeError, match="no attribute 'StreamConfg'"):
+        hf_weightstream.StreamConfg  # noqa: B018

@@ -1,0 +1,148 @@
+"""What users reach for besides forward and generate: weights read outside a forward, refusals that say what to
+do, streaming=False, .bin checkpoints, and encoder-decoder generation."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import zoo
+from transformers import AutoModelForCausalLM, AutoTokenizer, RwkvConfig, RwkvForCausalLM
+
+import hf_weightstream
+from hf_weightstream import (
+    CheckpointError,
+    StreamConfig,
+    StreamConfigError,
+    StreamingRuntimeError,
+    StreamingUnsupportedError,
+)
+from hf_weightstream.cli import main as cli_main
+from hf_weightstream.convert import to_safetensors
+from hf_weightstream.placeholders import StreamedTensor, is_placeholder
+
+PROMPT = torch.tensor([[1, 7, 8, 9, 10, 11, 12]])
+
+
+def test_a_weight_read_outside_its_forward_is_served_under_the_budget(checkpoints):
+    folder = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    head = model.lm_head.weight
+    assert isinstance(head, StreamedTensor) and isinstance(head, torch.nn.Parameter)
+    assert (head.shape, head.dtype, head.device.type) == (reference.lm_head.weight.shape, torch.float32, "cpu")
+    assert "not resident" in repr(head), "repr reads nothing"
+    assert hf_weightstream.stats(model)["bytes_read"] == 0, "metadata costs no read"
+    hidden = torch.randn(3, reference.config.hidden_size)
+    with torch.no_grad():  # what a parent module computing with a child's weight does (FSMT, ProphetNet heads)
+        assert torch.equal(F.linear(hidden, head), F.linear(hidden, reference.lm_head.weight))
+        assert torch.equal(model.model.embed_tokens.weight.sum(), reference.model.embed_tokens.weight.sum())
+    embed = next(u for u in model._hf_weightstream.units if u.name == "model.embed_tokens")
+    assert not embed.gather, "a table read whole outside its lookups is streamed whole from then on"
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, reference(PROMPT).logits)
+    stats = hf_weightstream.stats(model)
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+
+
+def test_writing_into_a_streamed_weight_is_refused(checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream")
+    with torch.no_grad(), pytest.raises(StreamingRuntimeError, match="lm_head.weight, a streamed weight.*read-only"):
+        model.lm_head.weight.mul_(2)
+    with torch.no_grad(), pytest.raises(StreamingRuntimeError, match="read-only"):
+        model.model.norm.weight.copy_(torch.zeros(model.config.hidden_size))
+    assert is_placeholder(model.lm_head.weight) and model._hf_weightstream.units[0].pins == 0
+
+
+def test_rwkv_is_refused_at_load_time_with_what_to_do(tmp_path):
+    torch.manual_seed(0)
+    config = RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, attention_hidden_size=32,
+                        intermediate_size=64, rescale_every=2)  # fmt: skip
+    RwkvForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(StreamingUnsupportedError, match=r"divides some of its weights in place.*rescale_every=0"):
+        RwkvForCausalLM.from_pretrained(tmp_path, device_map="stream")
+    # The suggested fix works, and matches a normal load with the same option.
+    streamed = RwkvForCausalLM.from_pretrained(tmp_path, device_map="stream", rescale_every=0)
+    reference = RwkvForCausalLM.from_pretrained(tmp_path, rescale_every=0)
+    with torch.no_grad():
+        assert torch.equal(streamed(PROMPT % 64).logits, reference(PROMPT % 64).logits)
+
+
+def test_streaming_false_loads_normally(checkpoints):
+    folder = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, streaming=False, stream_config=StreamConfig(budget="1MB"))
+    assert "_hf_weightstream" not in model.__dict__ and model.lm_head.weight.device.type == "cpu"
+    assert not is_placeholder(model.lm_head.weight)
+    with pytest.raises(StreamConfigError, match="streaming=False contradicts device_map='stream'"):
+        AutoModelForCausalLM.from_pretrained(folder, streaming=False, device_map="stream")
+
+
+def test_a_bin_checkpoint_converts_with_its_head_and_then_streams(checkpoints, tmp_path, capsys):
+    source = tmp_path / "bin"
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"))
+    source.mkdir()
+    model.config.save_pretrained(source)
+    torch.save(model.state_dict(), source / "pytorch_model.bin")  # what older Hub repos have
+    AutoTokenizer.from_pretrained(checkpoints("llama")).save_pretrained(source)
+    with pytest.raises(CheckpointError, match=r"only has pytorch_model.bin.*hf-weightstream convert .* lm_head"):
+        AutoModelForCausalLM.from_pretrained(source, device_map="stream")
+    assert cli_main(["convert", str(source), str(tmp_path / "converted"), "--max-shard-size", "40KB"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    converted = tmp_path / "converted"
+    assert (converted / "tokenizer.json").is_file() and not list(converted.glob("*.bin"))
+    streamed = AutoModelForCausalLM.from_pretrained(converted, device_map="stream")
+    with torch.no_grad():
+        assert torch.equal(streamed(PROMPT).logits, model(PROMPT).logits), "lm_head was kept"
+    assert cli_main(["convert", str(source), str(converted)]) == 2, "refuses to write into a non-empty folder"
+
+
+def test_convert_without_an_architecture_asks_for_the_class(checkpoints, tmp_path):
+    source = shutil.copytree(checkpoints("bert"), tmp_path / "bert")
+    config = (source / "config.json").read_text().replace('"architectures"', '"_architectures"')
+    (source / "config.json").write_text(config)
+    with pytest.raises(StreamConfigError, match="model_class='LlamaForCausalLM'"):
+        to_safetensors(source, tmp_path / "out")
+
+
+def _t5(tmp_path):
+    arch = next(a for a in zoo.architectures() if a.id == "seq2seq_lm:t5")
+    zoo.build_and_save(arch, tmp_path / "t5")
+    return arch.model_class, tmp_path / "t5"
+
+
+def test_encoder_decoder_schedule_is_the_encoder_once_then_the_decoder_cycle(tmp_path):
+    cls, folder = _t5(tmp_path)
+    reference = cls.from_pretrained(folder)
+    probe = cls.from_pretrained(folder, device_map="stream")
+    budget = max(probe._hf_weightstream.model_bytes // 2, probe._hf_weightstream.minimum_budget())
+    model = cls.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    engine = model._hf_weightstream
+    inputs = {k: v for k, v in zoo.model_inputs(reference).items() if not k.startswith("decoder_")}
+    loads: list[tuple[str, bool]] = []  # (unit, prefetched) in the order reads start
+    start_load = engine._start_load
+
+    def recording(unit, prefetch):
+        started = start_load(unit, prefetch)
+        if started:
+            loads.append((unit.name, prefetch))
+        return started
+
+    engine._start_load = recording
+    for _ in range(2):
+        loads.clear()
+        expected = reference.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+    names = [u.name for u in engine.schedule]
+    prefix, cycle = names[: engine._cycle_start], names[engine._cycle_start :]
+    assert any(n.startswith("encoder.") for n in prefix) and not any(n.startswith("encoder.") for n in cycle)
+    assert any(n.startswith("decoder.block") for n in cycle)
+
+    def first_read(name):
+        return next(prefetched for unit, prefetched in loads if unit == name)
+
+    # Second generate: the encoder's later blocks and the decoder's first block (across the boundary) were read
+    # ahead, while the units before them computed.
+    assert first_read("encoder.block.1") and first_read("encoder.final_layer_norm"), loads
+    assert first_read("decoder.block.0"), loads
