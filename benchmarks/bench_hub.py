@@ -1,35 +1,41 @@
-"""Cold start from the Hub: time to first token of a normal ``from_pretrained`` against lazy Hub streaming.
+"""Cold start from today's Hub: time to first token streamed vs downloaded first, against a latency-modelled Hub.
 
-What it answers: with an empty cache and a link whose speed puts download time and compute time in the same range,
-how soon does the first token come when weights stream in (fetched by range requests in execution order while
-earlier blocks compute) compared with downloading everything first; does streaming hold its memory budget; and
-does it fetch each byte only once?
+What it answers: with an empty cache, how soon does the first token come when weights stream in (fetched by range
+requests in execution order while earlier blocks compute) compared with downloading everything first; how close
+to the link's limit is that; how many calls to the Hub's rate-limited ``/resolve/`` route does a model cost; does
+streaming fetch each byte once, hold its memory budget, and lose nothing to a ``kill -9``?
 
 Setup, all local and reproducible:
 
 * The random ~608 MB fp32 Llama of ``bench_core`` (hidden 1024, 10 layers, vocab 32000, 4 shards), written once
-  into ``benchmarks/work/``, served by the project's local Hub (``hf_weightstream.hub_server``) in this process,
-  with a bandwidth cap shared by all connections (``--bandwidth``, default 100 MB/s).
+  into ``benchmarks/work/``, served by the project's local Hub (``hf_weightstream.testing.hub_server``) in this
+  process, playing today's Hub: Xet-style 302s to a signed bridge URL on another host. The link model: every answer
+  waits ``--latency`` seconds (time to first byte), each connection is capped at ``--connection-bandwidth`` and all
+  together at ``--bandwidth`` (defaults 0.2 s, 20 MB/s, 100 MB/s: a CDN far enough away that one connection gets a
+  fifth of the link, so parallel requests are needed, and each request pays a round trip).
 * Every contender runs in its own fresh subprocess with its own empty Hub cache, so the download, the peak RSS
-  (``VmHWM``) and the server's request log are that contender's alone. A runtime baseline imports the same
-  libraries and fetches the config, but no weights.
-* Time to first token (TTFT) is from ``from_pretrained`` to the end of ``generate(max_new_tokens=1)`` on a
-  batch of ``--batch`` random prompts of ``--prompt-len`` tokens (8 x 512 by default: on a 2-core CPU one
-  512-token prefill of this model takes about 0.5 s, against 6 s of download at 100 MB/s; the batch puts compute
-  and download in the same range, which is the regime the question is about). Imports are not counted.
-* "Download time" is the span of (a)'s weight requests in the server log; "compute time" is (a)'s
-  ``generate`` time with every weight in memory. Bytes over the network come from the server log.
-* This machine is shared and has 2 cores: a neighbour's process slows any row a lot. Each contender runs
-  ``--repeat`` times (a fresh process and an empty cache each time) and the run with the shortest TTFT is kept;
-  every run's TTFT is in the JSON.
+  (``VmHWM``) and the server's request log are that contender's alone.
+* (a) "download then load": the fairest download we have: hf_weightstream's own downloader fetching every shard
+  over ``max_connections`` connections (``wait_until_cached`` with no forward pass), then a plain
+  ``from_pretrained`` from the cache, then the first token. Its download time is the reference for the link
+  (``download_s``), its ``generate`` time with every weight in memory the reference for compute. (huggingface_hub
+  itself downloads Xet files with hf_xet, which this local Hub cannot serve: see its docstring.)
+* (b) stream with ``complete_download=False`` and (b-default) with the background filler, on a batch of
+  ``--batch`` prompts of ``--prompt-len`` tokens (8 x 512: compute comparable to the download on a 2-core CPU).
+* (c) stream one 32-token prompt (compute small) with the default filler: its first token is compared with the
+  download time of the bytes its first forward pass reads (the engine's ``bytes_read``) at the link rate (a)
+  measured; the filler must only use the gaps. Its peak RSS is the memory check against the budget (the big
+  batch's activations are several times the budget, which bounds weights).
+* (d) ``kill -9`` a streaming run when half the model is on disk, then resume it to a complete cache: bytes over
+  the network in total against the model size.
+* Resolve calls: (b)'s ``/resolve/`` requests for the weights (the index and the shards; transformers' own
+  config files cost two more each, as for any load) and in total.
+* This machine is shared and has 2 cores: each contender runs ``--repeat`` times and the run with the shortest TTFT
+  is kept; every run's TTFT is in the JSON.
 
-Contenders: (a) ``from_pretrained(repo)``: download everything, load, compute. (b) ``device_map="stream"`` with
-``complete_download=False`` (the TTFT measurement) and (b-default) with the default background filler, which also
-reports how long until every shard is verified and committed to the cache (``wait_until_cached``). A last row
-streams the same model from the local folder with the same budget: no network, so its peak RSS separates what
-the engine and the forward pass hold from what Hub streaming adds. The memory check (peak RSS against the budget)
-repeats (b) and that reference with one 32-token prompt, because the activations of the big batch (measured in
-(a), reported in the table) are several times the weight budget and are not what the budget bounds.
+``--sweep``: the measurements the request sizes and connection count of ``hf_weightstream.hub.schedule`` were
+chosen from: throughput of back-to-back range requests of each size over each number of connections, against the
+same link model.
 
 Run from the repository root: ``python -m benchmarks.bench_hub`` (``--quick`` for the 127 MB model).
 """
@@ -42,8 +48,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,25 +64,30 @@ RESULTS = REPO / "benchmarks" / "results"
 REPO_ID = "bench/llama"
 RESULT_TAG = "BENCH_HUB_RESULT "
 SEED = 0
+KILL_AT = 0.5  # (d) is killed once this share of the model is on disk
 
 CONTENDERS = {
     "baseline": "runtime baseline (imports, config, prompt; no weights)",
-    "a": "(a) from_pretrained: download, load, compute",
+    "a": "(a) download every shard (max_connections), then from_pretrained, then compute",
     "b": "(b) stream, complete_download=False",
     "b_default": "(b-default) stream, complete_download=True",
+    "c": "(c) stream, one 32-token prompt (compute small), complete_download=True",
     "local": "(reference) stream from the local folder, same budget",
-    "b_small": "(b) memory check: complete_download=False, one 32-token prompt",
-    "local_small": "(reference) memory check from the local folder, one 32-token prompt",
+    "local_small": "(reference) one 32-token prompt from the local folder",
 }
-# The memory checks run a forward pass whose activations are small next to the budget: the budget bounds
-# weights, and a batch of long prompts holds far more in activations and logits than the weights themselves.
 SMALL_JOB = {"batch": 1, "prompt_len": 32}
 TARGETS = {
+    "ttft_c_vs_needed_download": 1.10,
     "ttft_b_vs_max_download_compute": 1.15,
     "ttft_b_vs_a": 0.70,
-    "rss_b_over_baseline_vs_budget": 1.15,
+    "resolve_calls_vs_shards_plus_3": 1.0,
     "network_bytes_b_vs_model": 1.02,
+    "kill_resume_bytes_vs_model": 1.10,
+    "rss_c_over_baseline_vs_budget": 1.15,
 }
+SWEEP_SIZES_MIB = (2, 4, 8, 16, 32, 64)
+SWEEP_CONNECTIONS = (4, 8, 12, 16)
+SWEEP_BYTES_PER_CELL = 320 << 20
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -89,12 +102,17 @@ def _status(field: str) -> int:
 
 
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    if job["contender"] == "sweep":
+        return run_sweep_worker(job)
+    from hf_weightstream.hub import schedule
+
+    for name, value in job.get("schedule", {}).items():  # --schedule: try other request sizes
+        setattr(schedule, name, int(value))
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
     import hf_weightstream
-    from hf_weightstream.hub_stream import wait_until_cached
 
     torch.manual_seed(SEED)
     config = transformers.AutoConfig.from_pretrained(REPO_ID)
@@ -106,19 +124,24 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         result["peak_rss"] = _status("VmHWM")
         return result
 
+    def streamed(where: str, complete: bool) -> Any:
+        stream_config = hf_weightstream.StreamConfig(budget=job["budget"], complete_download=complete)
+        return AutoModelForCausalLM.from_pretrained(where, device_map="stream", stream_config=stream_config)
+
     start = time.perf_counter()
-    if job["contender"] == "a":
+    contender = job["contender"]
+    if contender == "a":
+        hf_weightstream.wait_until_cached(streamed(REPO_ID, True))  # every shard, no forward pass
+        result["download_s"] = time.perf_counter() - start
         model = AutoModelForCausalLM.from_pretrained(REPO_ID)
-        result["peak_rss_load"] = _status("VmHWM")
         result["rss_after_load"] = _status("VmRSS")
+        result["peak_rss_load"] = _status("VmHWM")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM: from here on it is the peak of the forward pass
+    elif contender in ("kill_first", "kill_resume"):
+        model = streamed(REPO_ID, True)
     else:
-        stream_config = hf_weightstream.StreamConfig(
-            budget=job["budget"], complete_download=job["contender"] == "b_default"
-        )
-        where = job["folder"] if job["contender"].startswith("local") else REPO_ID
-        model = AutoModelForCausalLM.from_pretrained(where, device_map="stream", stream_config=stream_config)
+        model = streamed(job["folder"] if contender.startswith("local") else REPO_ID, contender != "b")
     loaded = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=mask, max_new_tokens=1, do_sample=False)
@@ -130,24 +153,74 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         first_tokens=out[:, -1].tolist(),
         peak_rss=max(_status("VmHWM"), result.get("peak_rss_load", 0)),
     )
-    if job["contender"] == "a":
+    if contender == "a":
         result["compute_rss"] = _status("VmHWM") - result["rss_after_load"]  # what the forward pass itself holds
-    if job["contender"] != "a":
+        result["load_s"] -= result["download_s"]
+    else:
         stats = hf_weightstream.stats(model)
         result["engine"] = {k: stats[k] for k in ("stall_seconds", "bytes_read", "peak_resident_bytes", "hits")}
-    if job["contender"] == "b_default":
-        cached = wait_until_cached(model)
+    if contender in ("b_default", "kill_first", "kill_resume"):
+        print("BENCH_HUB_FIRST_TOKEN", flush=True)
+        cached = hf_weightstream.wait_until_cached(model)
         result["cached_s"] = time.perf_counter() - start
         result["verified_shards"] = sum(c.verified for c in cached.values())
     return result
 
 
+def run_sweep_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Back-to-back range requests of one shard over N connections: MB/s for each (request size, N)."""
+    import httpx2
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    location = get_hf_file_metadata(hf_hub_url(REPO_ID, job["shard"])).location
+    size = job["shard_size"]
+    cells = []
+    for connections in job["connections"]:
+        for mib in job["sizes_mib"]:
+            request = mib << 20
+            count = max(3 * connections, job["bytes_per_cell"] // request)
+            lock = threading.Lock()
+            next_index = [0]
+            received = [0]
+            drained: list[tuple[float, int]] = []  # (time, bytes received) when the first connection ran dry
+
+            def work(client: httpx2.Client, request: int = request, count: int = count, lock=lock, nxt=next_index,
+                     got=received, drained=drained) -> None:  # fmt: skip
+                while True:
+                    with lock:
+                        if nxt[0] >= count:
+                            if not drained:
+                                drained.append((time.perf_counter(), got[0]))
+                            return
+                        i = nxt[0]
+                        nxt[0] += 1
+                    start = (i * request) % max(1, size - request)
+                    headers = {"Range": f"bytes={start}-{start + request - 1}", "Accept-Encoding": "identity"}
+                    with client.stream("GET", location, headers=headers, timeout=60) as response:
+                        for piece in response.iter_raw():
+                            with lock:
+                                got[0] += len(piece)
+
+            with httpx2.Client(limits=httpx2.Limits(max_connections=connections)) as client:
+                threads = [threading.Thread(target=work, args=(client,)) for _ in range(connections)]
+                began = time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                elapsed = time.perf_counter() - began
+            # Steady state: while every connection had work (the tail, with some connections idle, is left out).
+            steady = drained[0][1] / (drained[0][0] - began)
+            cells.append({"connections": connections, "request_mib": mib, "mb_per_s": steady / 1e6,
+                          "overall_mb_per_s": received[0] / elapsed / 1e6})  # fmt: skip
+            print(f"  {connections:2d} connections x {mib:2d} MiB requests: {cells[-1]['mb_per_s']:6.1f} MB/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return {"contender": "sweep", "cells": cells}
+
+
 # --------------------------------------------------------------------------------------------- parent side
-def run_contender(job: dict[str, Any], server: Any, cache: Path, timeout_s: float) -> dict[str, Any]:
-    """One contender in a fresh interpreter with an empty cache; adds what the server saw."""
-    shutil.rmtree(cache, ignore_errors=True)
-    cache.mkdir(parents=True)
-    env = dict(
+def _env(server: Any, cache: Path) -> dict[str, str]:
+    return dict(
         os.environ,
         HF_ENDPOINT=server.url,
         HF_HUB_CACHE=str(cache),
@@ -156,25 +229,118 @@ def run_contender(job: dict[str, Any], server: Any, cache: Path, timeout_s: floa
         TRANSFORMERS_VERBOSITY="error",
         PYTHONPATH=str(REPO),
     )
+
+
+def _command(job: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.bench_hub", "--worker", json.dumps(job)]
+
+
+def _parse(contender: str, proc_returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if not lines:
+        tail = " | ".join((stderr or stdout).strip().splitlines()[-6:])
+        return {"contender": contender, "error": f"exit {proc_returncode}: {tail}"}
+    return json.loads(lines[-1][len(RESULT_TAG) :])
+
+
+def _network(server: Any) -> dict[str, Any]:
+    """What the server saw: weight bytes and requests, the download window, resolve calls."""
+    log = server.log
+    weights = [r for r in log if r.file and r.file.endswith(".safetensors") and r.method == "GET"]
+    out: dict[str, Any] = {
+        "network_bytes": sum(r.bytes_sent for r in weights),
+        "weight_requests": len([r for r in weights if r.status == 206]),
+        "resolve_calls": sum(1 for r in log if r.is_resolve),
+        "resolve_calls_weights": sum(
+            1 for r in log if r.is_resolve and (r.path.endswith(".safetensors") or r.path.endswith(".index.json"))
+        ),
+    }
+    if weights:
+        first_request = min(r.time for r in log)  # the process's first call to the Hub: from_pretrained began
+        first_weight = min(r.time for r in weights)
+        last_byte = max(r.end or r.time for r in weights)
+        out["download_window_s"] = last_byte - first_weight
+        out["before_first_weight_s"] = first_weight - first_request  # the round trips before any weight byte
+        out["cold_download_s"] = last_byte - first_request
+    return out
+
+
+def run_contender(job: dict[str, Any], server: Any, cache: Path, timeout_s: float) -> dict[str, Any]:
+    """One contender in a fresh interpreter with an empty cache; adds what the server saw."""
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
     server.clear_log()
-    command = [sys.executable, "-m", "benchmarks.bench_hub", "--worker", json.dumps(job)]
     try:
-        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            _command(job), cwd=REPO, env=_env(server, cache), capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return {"contender": job["contender"], "error": f"timed out after {timeout_s:.0f} s"}
     server.wait_idle()
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if not lines:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
-        return {"contender": job["contender"], "error": f"exit {proc.returncode}: {tail}"}
-    result = json.loads(lines[-1][len(RESULT_TAG) :])
-    weights = [r for r in server.log if r.file and r.file.endswith(".safetensors") and r.method == "GET"]
-    result["network_bytes"] = sum(r.bytes_sent for r in weights)
-    result["weight_requests"] = len(weights)
-    if weights:
-        result["download_window_s"] = max(r.end or r.time for r in weights) - min(r.time for r in weights)
+    result = _parse(job["contender"], proc.returncode, proc.stdout, proc.stderr)
+    result.update(_network(server))
     shutil.rmtree(cache, ignore_errors=True)
     return result
+
+
+def _on_disk(storage: Path, model_bytes: int) -> int:
+    """Bytes of the model in a repo's cache folder: committed blobs plus what partial files' records name."""
+    held = sum(p.stat().st_size for p in (storage / "blobs").glob("*") if len(p.name) == 64 and p.exists())
+    for record in (storage / ".weightstream" / "partial").glob("*.ranges.json"):
+        try:
+            held += sum(e - s for s, e in json.loads(record.read_text())["ranges"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return min(held, model_bytes)
+
+
+def run_kill_resume(job: dict[str, Any], server: Any, cache: Path, model_bytes: int, timeout_s: float) -> dict:
+    """(d): stream with the filler, ``kill -9`` once ``KILL_AT`` of the model is on disk, resume to the end."""
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    server.clear_log()
+    storage = cache / ("models--" + REPO_ID.replace("/", "--"))
+    proc = subprocess.Popen(
+        _command({**job, "contender": "kill_first"}),
+        cwd=REPO,
+        env=_env(server, cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while _on_disk(storage, model_bytes) < KILL_AT * model_bytes:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            return {"contender": "kill", "error": "the first run ended before it could be killed"}
+        time.sleep(0.02)
+    killed_at = _on_disk(storage, model_bytes)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    server.wait_idle()
+    first = _network(server)
+    resumed = run_contender_keep_cache({**job, "contender": "kill_resume"}, server, cache, timeout_s)
+    total = first["network_bytes"] + resumed.get("network_bytes", 0)
+    shutil.rmtree(cache, ignore_errors=True)
+    return {
+        "contender": "kill",
+        "killed_with_bytes_on_disk": killed_at,
+        "first_run_network_bytes": first["network_bytes"],
+        "resumed": resumed,
+        "network_bytes": total,
+    }
+
+
+def run_contender_keep_cache(job: dict[str, Any], server: Any, cache: Path, timeout_s: float) -> dict[str, Any]:
+    server.clear_log()
+    try:
+        proc = subprocess.run(
+            _command(job), cwd=REPO, env=_env(server, cache), capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {"contender": job["contender"], "error": f"timed out after {timeout_s:.0f} s"}
+    server.wait_idle()
+    return {**_parse(job["contender"], proc.returncode, proc.stdout, proc.stderr), **_network(server)}
 
 
 def _ratio(name: str, value: float | None, target: float, detail: str) -> dict[str, Any]:
@@ -182,39 +348,53 @@ def _ratio(name: str, value: float | None, target: float, detail: str) -> dict[s
     return {"name": name, "value": value, "target": target, "ok": ok, "detail": detail}
 
 
-def compute_ratios(rows: dict[str, dict[str, Any]], model_bytes: int, budget: int) -> list[dict[str, Any]]:
-    a, b, base = (rows.get(k, {}) for k in ("a", "b", "baseline"))
-    small, local_small = rows.get("b_small", {}), rows.get("local_small", {})
+def compute_ratios(
+    rows: dict[str, dict[str, Any]], model_bytes: int, shards: int, budget: int, link: dict[str, float]
+) -> list[dict[str, Any]]:
+    a, b, c, base = (rows.get(k, {}) for k in ("a", "b", "c", "baseline"))
+    kill, local_small = rows.get("kill", {}), rows.get("local_small", {})
     out = []
+    # From (a)'s request log: the link rate its downloader reached, and the round trips before its first weight
+    # byte (revision, config, index, metadata: what any cold load pays first).
+    rate = model_bytes / a["download_window_s"] if "download_window_s" in a else None
+    if "ttft_s" in c and rate and "engine" in c:
+        needed = c["engine"]["bytes_read"]
+        floor = a["before_first_weight_s"] + needed / rate
+        out.append(
+            _ratio(
+                "(c) TTFT / download time of the bytes its forward reads",
+                c["ttft_s"] / floor,
+                TARGETS["ttft_c_vs_needed_download"],
+                f"{c['ttft_s']:.2f} s vs {a['before_first_weight_s']:.2f} s of round trips before the first weight "
+                f"byte + {needed / 1e6:.0f} MB at the {rate / 1e6:.1f} MB/s (a) reached = {floor:.2f} s",
+            )
+        )
     if "ttft_s" in a and "ttft_s" in b:
-        download, compute = a["download_window_s"], a["generate_s"]
-        floor = max(download, compute)
+        download, compute = a["cold_download_s"], a["generate_s"]
         out.append(
             _ratio(
                 "(b) TTFT / max(download, compute)",
-                b["ttft_s"] / floor,
+                b["ttft_s"] / max(download, compute),
                 TARGETS["ttft_b_vs_max_download_compute"],
                 f"{b['ttft_s']:.2f} s vs max({download:.2f} s download, {compute:.2f} s compute)",
             )
         )
         out.append(
             _ratio(
-                "(b) TTFT / (a) TTFT",
+                "(b) TTFT / (a) download-then-load TTFT",
                 b["ttft_s"] / a["ttft_s"],
                 TARGETS["ttft_b_vs_a"],
                 f"{b['ttft_s']:.2f} s vs {a['ttft_s']:.2f} s",
             )
         )
-    if "peak_rss" in small and "peak_rss" in base:
-        over = small["peak_rss"] - base["peak_rss"]
-        detail = f"{over / 1e6:.0f} MB over a {base['peak_rss'] / 1e6:.0f} MB baseline, budget {budget / 1e6:.0f} MB"
-        if "peak_rss" in local_small:
-            detail += f"; the same from the local folder: {(local_small['peak_rss'] - base['peak_rss']) / budget:.2f}"
-        if "compute_rss" in a:
-            detail += f"; with the big batch the forward pass alone holds {a['compute_rss'] / 1e6:.0f} MB (in (a))"
+    if "resolve_calls_weights" in b:
         out.append(
             _ratio(
-                "(b) (peak RSS - baseline) / budget", over / budget, TARGETS["rss_b_over_baseline_vs_budget"], detail
+                "(b) resolve calls for the weights / (shards + 3)",
+                b["resolve_calls_weights"] / (shards + 3),
+                TARGETS["resolve_calls_vs_shards_plus_3"],
+                f"{b['resolve_calls_weights']} for {shards} shards and the index; {b['resolve_calls']} in all "
+                "(transformers' config.json and generation_config.json cost 2 each: HEAD + GET)",
             )
         )
     if "network_bytes" in b:
@@ -226,49 +406,74 @@ def compute_ratios(rows: dict[str, dict[str, Any]], model_bytes: int, budget: in
                 f"{b['network_bytes']:,} B for a {model_bytes:,} B model ({b['weight_requests']} range requests)",
             )
         )
+    if "network_bytes" in kill and "error" not in kill.get("resumed", {}):
+        out.append(
+            _ratio(
+                "(d) bytes over the network, killed run + resumed run / model size",
+                kill["network_bytes"] / model_bytes,
+                TARGETS["kill_resume_bytes_vs_model"],
+                f"killed with {kill['killed_with_bytes_on_disk'] / 1e6:.0f} MB on disk after "
+                f"{kill['first_run_network_bytes'] / 1e6:.0f} MB fetched; the resumed run fetched "
+                f"{kill['resumed'].get('network_bytes', 0) / 1e6:.0f} MB and verified "
+                f"{kill['resumed'].get('verified_shards')} shards",
+            )
+        )
+    if "peak_rss" in c and "peak_rss" in base:
+        over = c["peak_rss"] - base["peak_rss"]
+        detail = f"{over / 1e6:.0f} MB over a {base['peak_rss'] / 1e6:.0f} MB baseline, budget {budget / 1e6:.0f} MB"
+        if "peak_rss" in local_small:
+            detail += f"; the same from the local folder: {(local_small['peak_rss'] - base['peak_rss']) / budget:.2f}"
+        out.append(_ratio("(c) (peak RSS - baseline) / budget", over / budget, TARGETS["rss_c_over_baseline_vs_budget"],
+                          detail))  # fmt: skip
     return out
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     setup = report["setup"]
+    link = setup["link"]
     lines = [
         f"# Hub cold start: time to first token ({report['date']})",
         "",
         f"Command: `{setup['command']}`",
         "",
         f"Model: {setup['model']} ({setup['model_bytes'] / 1e6:.0f} MB in {setup['shards']} shards), served by the "
-        f"local Hub at {setup['bandwidth'] / 1e6:.0f} MB/s; {setup['batch']} prompts of {setup['prompt_len']} tokens; "
-        f"best of {setup['repeat']} runs each; streaming budget "
-        f"{setup['budget'] / 1e6:.0f} MB. Machine: {setup['machine']}. Code: git {setup['git_head']}"
-        f"{' + uncommitted changes' if setup['uncommitted'] else ''}.",
+        f"local Hub in xet mode (302 to a signed bridge URL): {link['latency'] * 1000:.0f} ms to first byte, "
+        f"{link['connection_bandwidth'] / 1e6:.0f} MB/s per connection, {link['bandwidth'] / 1e6:.0f} MB/s in all; "
+        f"{setup['batch']} prompts of {setup['prompt_len']} tokens for (a), (b); best of {setup['repeat']} runs each; "
+        f"streaming budget {setup['budget'] / 1e6:.0f} MB. Machine: {setup['machine']}. Code: git "
+        f"{setup['git_head']}{' + uncommitted changes' if setup['uncommitted'] else ''}.",
         "",
-        "| contender | load s | generate s | TTFT s | peak RSS MB | network MB | range requests | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| contender | load s | generate s | TTFT s | peak RSS MB | network MB | range requests | resolve calls "
+        "| notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, label in CONTENDERS.items():
         r = report["rows"].get(key, {})
         if "error" in r:
-            lines.append(f"| {label} | | | | | | | {r['error']} |")
+            lines.append(f"| {label} | | | | | | | | {r['error']} |")
             continue
 
         def cell(name: str, scale: float = 1.0, fmt: str = ".2f", row: dict[str, Any] = r) -> str:
             return "" if row.get(name) is None else format(row[name] / scale, fmt)
 
         notes = []
-        if "download_window_s" in r and key == "a":
+        if key == "a" and "cold_download_s" in r:
             notes.append(
-                f"download {r['download_window_s']:.2f} s; the forward pass holds {r['compute_rss'] / 1e6:.0f} MB"
+                f"download {r['cold_download_s']:.2f} s from the first request ({r['before_first_weight_s']:.2f} s "
+                f"before the first weight byte); the forward pass holds {r['compute_rss'] / 1e6:.0f} MB"
             )
         if "cached_s" in r:
             notes.append(f"all {r['verified_shards']} shards verified in the cache after {r['cached_s']:.2f} s")
         if "engine" in r:
-            notes.append(f"stall {r['engine']['stall_seconds']:.2f} s")
+            notes.append(f"stall {r['engine']['stall_seconds']:.2f} s, read {r['engine']['bytes_read'] / 1e6:.0f} MB")
         if "first_tokens" in r and key in ("b", "b_default", "local") and "first_tokens" in report["rows"].get("a", {}):
             same = r["first_tokens"] == report["rows"]["a"]["first_tokens"]
             notes.append("same first tokens as (a)" if same else "FIRST TOKENS DIFFER FROM (a)")
+        resolves = "" if "resolve_calls" not in r else f"{r['resolve_calls_weights']} ({r['resolve_calls']} in all)"
         lines.append(
             f"| {label} | {cell('load_s')} | {cell('generate_s')} | {cell('ttft_s')} | {cell('peak_rss', 1e6, '.0f')} "
-            f"| {cell('network_bytes', 1e6, '.1f')} | {cell('weight_requests', 1, '.0f')} | {'; '.join(notes)} |"
+            f"| {cell('network_bytes', 1e6, '.1f')} | {cell('weight_requests', 1, '.0f')} | {resolves} | "
+            f"{'; '.join(notes)} |"
         )
     lines += ["", "| check | value | target | met | detail |", "| --- | --- | --- | --- | --- |"]
     for ratio in report["ratios"]:
@@ -279,44 +484,124 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_sweep(report: dict[str, Any]) -> str:
+    setup, cells = report["setup"], report["cells"]
+    link = setup["link"]
+    sizes = sorted({c["request_mib"] for c in cells})
+    lines = [
+        f"# Hub request sizes and connections ({report['date']})",
+        "",
+        f"Command: `{setup['command']}`",
+        "",
+        f"Back-to-back range requests of one {setup['model']} shard from the local Hub's bridge: "
+        f"{link['latency'] * 1000:.0f} ms to first byte, {link['connection_bandwidth'] / 1e6:.0f} MB/s per "
+        f"connection, {link['bandwidth'] / 1e6:.0f} MB/s in all. MB/s received while every connection had work "
+        "(share of the link in brackets). "
+        f"Machine: {setup['machine']}.",
+        "",
+        "| connections | " + " | ".join(f"{s} MiB" for s in sizes) + " |",
+        "| --- | " + " | ".join("---" for _ in sizes) + " |",
+    ]
+    for connections in sorted({c["connections"] for c in cells}):
+        row = {c["request_mib"]: c["mb_per_s"] for c in cells if c["connections"] == connections}
+        values = [f"{row[s]:.0f} ({row[s] * 1e6 / link['bandwidth']:.0%})" for s in sizes]
+        lines.append(f"| {connections} | " + " | ".join(values) + " |")
+    lines += ["", "Raw cells: the JSON file next to this one.", ""]
+    return "\n".join(lines)
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def _setup(args: argparse.Namespace, argv: list[str] | None, spec: Any, folder: Path) -> dict[str, Any]:
+    return {
+        "command": " ".join(["python -m benchmarks.bench_hub", *(sys.argv[1:] if argv is None else argv)]),
+        "model": spec.name,
+        "model_bytes": sum(p.stat().st_size for p in shard_files(folder)),
+        "shards": len(shard_files(folder)),
+        "link": {
+            "bandwidth": args.bandwidth,
+            "connection_bandwidth": args.connection_bandwidth,
+            "latency": args.latency,
+        },
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "git_head": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted": _git("status", "--porcelain", "--", "hf_weightstream").splitlines(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the 127 MB model (a smoke run)")
-    parser.add_argument("--bandwidth", type=float, default=100e6, help="bytes/s of the local Hub (default 100 MB/s)")
-    parser.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (default 512)")
-    parser.add_argument("--batch", type=int, default=8, help="prompts in the batch (default 8)")
+    parser.add_argument("--sweep", action="store_true", help="measure request sizes x connections instead")
+    parser.add_argument("--bandwidth", type=float, default=100e6, help="bytes/s of the whole link (100 MB/s)")
+    parser.add_argument("--connection-bandwidth", type=float, default=20e6, help="bytes/s per connection (20 MB/s)")
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds to first byte of every answer (0.2)")
+    parser.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt of (a), (b) (default 512)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts in the batch of (a), (b) (default 8)")
     parser.add_argument("--budget-fraction", type=float, default=0.5, help="streaming budget / model size")
     parser.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest is kept")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per contender run")
+    parser.add_argument(
+        "--schedule",
+        default="{}",
+        help="JSON overrides of hf_weightstream.hub.schedule sizes, e.g. '{\"READAHEAD_CHUNK_BYTES\": 16777216}'",
+    )
+    parser.add_argument("--only", help="comma-separated contenders to run (default: all)")
     args = parser.parse_args(argv)
     if args.worker:
         print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return 0
 
-    from hf_weightstream.hub_server import HubServer
+    from hf_weightstream.testing.hub_server import HubServer
 
     spec = QUICK if args.quick else FULL
     folder = ensure_model(spec)
-    model_bytes = sum(p.stat().st_size for p in shard_files(folder))
+    setup = _setup(args, argv, spec, folder)
+    model_bytes, shards = setup["model_bytes"], setup["shards"]
     budget = int(args.budget_fraction * tensor_bytes(shard_files(folder)))
-    job = {"prompt_len": args.prompt_len, "batch": args.batch, "budget": budget, "folder": str(folder)}
-    rows: dict[str, dict[str, Any]] = {}
-    with HubServer(bandwidth=args.bandwidth) as server:
+    date = dt.date.today().isoformat()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    link = {"bandwidth": args.bandwidth, "connection_bandwidth": args.connection_bandwidth, "latency": args.latency}
+    with HubServer(mode="xet", **link) as server:
         server.add_repo(REPO_ID, folder)
-        for contender, label in CONTENDERS.items():
+        if args.sweep:
+            shard = shard_files(folder)[0]
+            job = {"contender": "sweep", "shard": shard.name, "shard_size": shard.stat().st_size,
+                   "sizes_mib": SWEEP_SIZES_MIB, "connections": SWEEP_CONNECTIONS,
+                   "bytes_per_cell": SWEEP_BYTES_PER_CELL}  # fmt: skip
+            wait_for_quiet(60)
+            result = run_contender(job, server, WORK / "cache-sweep", args.timeout * 4)
+            if "error" in result:
+                print(result["error"], file=sys.stderr)
+                return 1
+            report = {"date": date, "setup": setup, "cells": result["cells"]}
+            stem = RESULTS / f"hub_sweep_{date}"
+            stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+            stem.with_suffix(".md").write_text(render_sweep(report))
+            print(render_sweep(report))
+            return 0
+
+        job = {"prompt_len": args.prompt_len, "batch": args.batch, "budget": budget, "folder": str(folder),
+               "schedule": json.loads(args.schedule)}  # fmt: skip
+        rows: dict[str, dict[str, Any]] = {}
+        wanted = args.only.split(",") if args.only else None
+        for contender, label in [*CONTENDERS.items(), ("kill", "(d) kill -9 at half, then resume")]:
+            if wanted is not None and contender not in wanted:
+                continue
             load = wait_for_quiet(60)
             print(f"{label} ... (other processes used {load:.2f} cores)", flush=True)
-            overrides = SMALL_JOB if contender.endswith("_small") else {}
+            overrides = SMALL_JOB if contender in ("c", "local_small", "kill") else {}
             runs = []
-            for _ in range(1 if contender == "baseline" else args.repeat):
-                run = run_contender(
-                    {**job, **overrides, "contender": contender}, server, WORK / f"cache-{contender}", args.timeout
-                )
+            for _ in range(1 if contender in ("baseline", "kill") else args.repeat):
+                if contender == "kill":
+                    run = run_kill_resume({**job, **overrides}, server, WORK / "cache-kill", model_bytes, args.timeout)
+                else:
+                    run = run_contender(
+                        {**job, **overrides, "contender": contender}, server, WORK / f"cache-{contender}", args.timeout
+                    )
                 run["background_cores_before"] = load
                 runs.append(run)
                 load = wait_for_quiet(60)
@@ -324,27 +609,15 @@ def main(argv: list[str] | None = None) -> int:
             row["ttft_runs"] = [r.get("ttft_s") for r in runs]
             rows[contender] = row
             print(f"  {json.dumps(row)}", flush=True)
-    date = dt.date.today().isoformat()
+    setup.update(
+        prompt_len=args.prompt_len, batch=args.batch, repeat=args.repeat, budget=budget, schedule=job["schedule"]
+    )
     report = {
         "date": date,
-        "setup": {
-            "command": " ".join(["python -m benchmarks.bench_hub", *(sys.argv[1:] if argv is None else argv)]),
-            "model": spec.name,
-            "model_bytes": model_bytes,
-            "shards": len(shard_files(folder)),
-            "bandwidth": args.bandwidth,
-            "prompt_len": args.prompt_len,
-            "batch": args.batch,
-            "repeat": args.repeat,
-            "budget": budget,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "git_head": _git("rev-parse", "--short", "HEAD"),
-            "uncommitted": _git("status", "--porcelain", "--", "hf_weightstream").splitlines(),
-        },
+        "setup": setup,
         "rows": rows,
-        "ratios": compute_ratios(rows, model_bytes, budget),
+        "ratios": compute_ratios(rows, model_bytes, shards, budget, link),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"hub{'_quick' if args.quick else ''}_{date}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(render_markdown(report))

@@ -2,8 +2,9 @@
 
     python examples/lazy_hub.py [FOLDER]
 
-``hf_weightstream.hub_server.HubServer`` serves a folder written by ``save_pretrained`` as a Hub model repo on
-127.0.0.1, speaking the real Hub protocol, so ``from_pretrained("local/tiny", device_map="stream")`` goes
+``hf_weightstream.testing.HubServer`` serves a folder written by ``save_pretrained`` as a Hub model repo on
+127.0.0.1, speaking the protocol of today's Hub (``mode="xet"``: each weight file redirects to a signed URL on a
+second host, with its sha256 and Xet hash), so ``from_pretrained("local/tiny", device_map="stream")`` goes
 through huggingface_hub exactly as with huggingface.co. The catch: huggingface_hub reads ``HF_ENDPOINT`` (and
 ``HF_HUB_CACHE``) once, when it is imported, and importing transformers or hf_weightstream imports it. So this
 script picks the server's port and sets both variables first, and imports everything else afterwards. The Hub
@@ -40,11 +41,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_weightstream
-    from hf_weightstream.hub_server import HubServer
+    from hf_weightstream.testing.hub_server import HubServer
 
     folder = Path(model_from_argv())
     try:
-        with HubServer(port=port) as hub:
+        with HubServer(port=port, mode="xet", latency=0.02) as hub:
             hub.add_repo(REPO_ID, folder)
             print(f"serving {folder} as {REPO_ID} at {hub.url}")
             model = AutoModelForCausalLM.from_pretrained(
@@ -58,8 +59,8 @@ def main() -> None:
             shard_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             stats = hf_weightstream.stats(model)
             print(
-                f"HTTP requests: {len(hub.log)}; shard bytes sent {hub.bytes_sent('.safetensors'):,} "
-                f"of {shard_bytes:,} on disk"
+                f"HTTP requests: {len(hub.log)} ({hub.resolve_calls()} to /resolve/); shard bytes sent "
+                f"{hub.bytes_sent('.safetensors'):,} of {shard_bytes:,} on disk"
             )
             print(
                 f"weights read by the engine: {stats['bytes_read']:,} bytes; hits {stats['hits']}, "

@@ -25,7 +25,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .config import StreamConfig
-    from .hub_stream import wait_until_cached
+    from .hub import wait_until_cached
     from .residency import WeightPool, set_default_pool
 
 __all__ = [
@@ -49,7 +49,7 @@ _LAZY = {
     "StreamConfig": ".config",
     "WeightPool": ".residency",
     "set_default_pool": ".residency",
-    "wait_until_cached": ".hub_stream",
+    "wait_until_cached": ".hub",
 }
 
 

@@ -9,7 +9,7 @@ and the ``hf-weightstream`` command must answer ``--help`` and ``--version`` wit
   and puts a stand-in in place of ``PreTrainedModel.from_pretrained``: the first call of it (for any model)
   installs the real integration and hands the call on. Nobody can load a model before that import, so this is as
   good as installing at once. The stand-in imports none of our modules when it is put in place: ``TRIGGER`` may
-  be imported by one of our own modules (``hub_stream`` -> ``engine`` -> ... -> transformers), and installing
+  be imported by one of our own modules (``engine`` -> ``units`` -> ... -> transformers), and installing
   there would import that module again while it is half done.
 
 This relies on where ``PreTrainedModel`` is defined (``TRIGGER``); ``tests/test_autoinstall.py`` fails loudly if

@@ -1,9 +1,10 @@
 """Find a model's safetensors shards (local folder or Hub repo) and index them without reading weights.
 
 For a Hub repo, the commit is pinned once and only the small files are fetched the normal way (config,
-generation config, index). Shards already in the Hub cache are read in place, with no copy. Shards that are
-not cached are not downloaded: `hub_stream` reads their safetensors headers with range requests now and their
-weights when the forward pass needs them, and puts the completed files into the Hub cache.
+generation config, index, all by commit hash). Shards already in the Hub cache are read in place, with no copy.
+Shards that are not cached are not downloaded: one metadata call describes them all, `hub` reads their
+safetensors headers with one range request each now and their weights when the forward pass needs them, and puts
+the completed files into the Hub cache.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 
 from .errors import CheckpointError
-from .hub_stream import HubRepo, HubSource, ShardNotInRepoError, open_remote_shards, recorded_bytes
+from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes
 from .index import CheckpointIndex, read_shard_header
 from .sources import ByteSource, LocalFileSource
 
@@ -56,9 +57,14 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def plan_fetches(self, units: list[Unit]) -> None:
-        """Give a Hub source the order the forward pass reads in, so idle connections fetch ahead in that order."""
+        """Give a Hub source the order the forward pass reads in, so idle connections fetch ahead in that order.
+
+        An embedding table that is only looked up row by row (``unit.gather``) is not in that order: the forward
+        pass reads its rows, and the rest of the table is left to the background filler.
+        """
         if isinstance(self.source, HubSource):
-            self.source.expect_reads([(r.shard, r.offset, r.length) for unit in units for r in unit.ranges])
+            reads = [(r.shard, r.offset, r.length) for unit in units if not unit.gather for r in unit.ranges]
+            self.source.expect_reads(reads)
 
 
 def open_local_folder(folder: Path, variant: str | None) -> Checkpoint:
@@ -93,18 +99,19 @@ def open_hub_repo(
     download_kwargs: dict[str, Any],
     variant: str | None,
     *,
-    max_connections: int = 4,
+    max_connections: int,
     complete_download: bool = True,
 ) -> Checkpoint:
     """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring)."""
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
+    repo = HubRepo.pin(repo_id, download_kwargs)  # once: the index and the shards come from one commit
+    pinned = {**download_kwargs, "revision": repo.resolved_revision}
     try:
-        index_path = hf_hub_download(repo_id, index_name, **download_kwargs)
+        index_path = hf_hub_download(repo_id, index_name, **pinned)
         shards = sorted(set(_read_weight_map(Path(index_path)).values()))
     except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
         shards = [single_name]
-    repo = HubRepo.pin(repo_id, download_kwargs)
     local: dict[str, Path] = {}
     for shard in shards:
         cached = None if repo.force_download else _cached_path(repo, shard)
@@ -116,7 +123,7 @@ def open_hub_repo(
     remote = {}
     if missing:
         try:
-            resolved = open_remote_shards(repo, missing, max_connections)
+            resolved = describe_remote_files(repo, missing)
         except ShardNotInRepoError as err:
             shard = err.shard
             if shard == single_name:
@@ -124,7 +131,7 @@ def open_hub_repo(
             raise CheckpointError(f"Shard {shard} of {repo_id} is listed in its index but not in the repo.") from None
         for shard, remote_file in resolved.items():
             if remote_file is None:  # a small file outside LFS: no sha256 to verify a stream against
-                local[shard] = Path(hf_hub_download(repo_id, shard, **download_kwargs))
+                local[shard] = Path(hf_hub_download(repo_id, shard, **pinned))
             else:
                 remote[shard] = remote_file
     source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
@@ -145,12 +152,12 @@ def _cached_path(repo: HubRepo, shard: str) -> Path | None:
 def _offline_message(repo: HubRepo, missing: list[str], index_name: str) -> str:
     details = []
     for shard in missing:
-        held = recorded_bytes(repo, shard)
+        held = recorded_bytes(repo.storage_folder, repo.path_in_repo(shard), repo.commit)
         details.append(f"{shard} ({held:,} bytes fetched so far)" if held else shard)
     return (
         f"{len(missing)} weight file(s) of {repo.repo_id} are not (completely) in the local Hub cache and downloads "
         f"are off (HF_HUB_OFFLINE=1 or local_files_only=True): {', '.join(details)}. Run once with network access "
-        f"(hf_weightstream.hub_stream.wait_until_cached(model) completes the download; a run resumes what an earlier "
+        f"(hf_weightstream.wait_until_cached(model) completes the download; a run resumes what an earlier "
         f"one fetched), or `hf download {repo.repo_id}`. If {index_name} itself is missing from the cache, the same "
         "applies to it."
     )

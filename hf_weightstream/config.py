@@ -102,7 +102,7 @@ class StreamConfig:
     num_workers: int = 4
     pool: WeightPool | None = None
     complete_download: bool = True
-    max_connections: int = 4
+    max_connections: int = 12
     coalesce_gap: int = 1 << 20
     experts: str = "routed"
     io: str = "auto"

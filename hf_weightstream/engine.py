@@ -32,7 +32,7 @@ from . import experts as moe
 from . import log, placeholders, planner
 from .errors import BudgetError, StreamingRuntimeError
 from .residency import Ledger
-from .sources import CopyReader, MappedReader
+from .sources import CopyReader, MappedReader, read_many
 from .units import Holding, full_bytes, measure
 
 if TYPE_CHECKING:
@@ -469,10 +469,9 @@ class StreamEngine:
         try:
             raw = torch.empty(rows_bytes, dtype=torch.uint8)
             view = memoryview(raw.numpy())
-            for i, row in enumerate(unique.tolist()):
-                self.source.read_into(
-                    entry.shard, entry.offset + row * row_bytes, view[i * row_bytes : (i + 1) * row_bytes]
-                )
+            rows_at = [(entry.offset + row * row_bytes, view[i * row_bytes : (i + 1) * row_bytes])
+                       for i, row in enumerate(unique.tolist())]  # fmt: skip
+            read_many(self.source, entry.shard, rows_at)
             rows = raw.view(entry.dtype).view(unique.numel(), width).to(device=self.device, dtype=spec.dtype)
         except BaseException:
             with self.pool.cond:

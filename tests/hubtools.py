@@ -18,15 +18,19 @@ and pytest imports it long before a test starts a server on a free port. What th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_weightstream.hub_server import HubServer
+import pytest
+
+from hf_weightstream.testing.hub_server import HubServer, RequestRecord
 
 #: Small enough to build in milliseconds, big enough for several 50 KB shards.
 TINY_LLAMA_CONFIG: dict[str, Any] = {
@@ -39,9 +43,7 @@ TINY_LLAMA_CONFIG: dict[str, Any] = {
 }
 
 
-def make_tiny_llama(
-    folder: Path | str, *, max_shard_size: str | int = "50KB", **config_overrides: Any
-) -> Path:
+def make_tiny_llama(folder: Path | str, *, max_shard_size: str | int = "50KB", **config_overrides: Any) -> Path:
     """Write a randomly initialised tiny Llama with ``save_pretrained`` (sharded safetensors + index).
 
     The weights come from a fixed seed, so the same overrides give the same files and therefore the
@@ -62,7 +64,7 @@ def make_tiny_llama(
 def hub_server(repos: Mapping[str, Path | str] | None = None, **server_kwargs: Any) -> Iterator[HubServer]:
     """A started :class:`HubServer` serving ``repos`` (repo id -> folder); stopped on exit.
 
-    ``server_kwargs`` go to ``HubServer`` (``bandwidth=``, ``redirect_lfs=``). Use it directly or from a
+    ``server_kwargs`` go to ``HubServer`` (``mode=``, ``bandwidth=``, ``latency=``...). Use it directly or from a
     fixture: ``with hub_server({"org/tiny": folder}) as server: yield server``.
     """
     with HubServer(**server_kwargs) as server:
@@ -109,6 +111,174 @@ def hf_hub_endpoint(url: str, cache_dir: Path | str | None = None) -> Iterator[N
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# -- lazy Hub streaming in this process ------------------------------------------------------------------------
+
+REPO = "org/tiny"
+PROMPT = [1, 5, 9, 13, 17, 21]
+NEW_TOKENS = 4
+TEST_PROBE_BYTES = 2048  # holds every header of the tiny test shards, and not much more: their weights stream
+_opened: list[Any] = []
+
+
+def streaming_defaults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A fixture for streaming test modules (``pytest.fixture(autouse=True)(streaming_defaults)``): backoff waits
+    of tens of milliseconds, a header probe sized for the tiny shards, and each test's sources closed when it ends (as a
+    process exit would), before its server stops."""
+    from hf_weightstream import hub
+
+    quick = hub.RetryPolicy(attempts=4, http_retries=5, forbidden_retries=2, base_wait=0.05, max_wait=0.2)
+    monkeypatch.setattr(hub.remote, "RETRY", quick)
+    monkeypatch.setattr(hub.source, "HEADER_PROBE_BYTES", TEST_PROBE_BYTES)
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+@contextlib.contextmanager
+def served(folder: Path, cache: Path, repo_id: str = REPO, **server_kwargs: Any) -> Iterator[HubServer]:
+    """A Hub serving ``folder`` as ``repo_id`` (xet mode unless ``mode=`` says otherwise), this process pointed at it
+    with ``cache`` as its Hub cache."""
+    server_kwargs.setdefault("mode", "xet")
+    with hub_server({repo_id: folder}, **server_kwargs) as server, hf_hub_endpoint(server.url, cache):
+        yield server
+
+
+def stream(repo: str = REPO, **config: Any) -> Any:
+    """``from_pretrained(repo, device_map="stream")``; ``config`` goes to StreamConfig (``token=`` to the load)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_weightstream import StreamConfig
+
+    token = config.pop("token", None)
+    model = AutoModelForCausalLM.from_pretrained(
+        repo, device_map="stream", stream_config=StreamConfig(**config), token=token
+    )
+    _opened.append(source_of(model))
+    return model
+
+
+def source_of(model: Any) -> Any:
+    return model._hf_weightstream.checkpoint.source
+
+
+def units_of(model: Any) -> list:
+    return model._hf_weightstream.units
+
+
+def generate(model: Any, new_tokens: int = NEW_TOKENS) -> list[int]:
+    import torch
+
+    return model.generate(torch.tensor([PROMPT]), max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+
+
+def reference_tokens(folder: Path) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    return generate(AutoModelForCausalLM.from_pretrained(folder))
+
+
+class StopForward(Exception):
+    """Raised from a forward pre-hook to end a forward pass part-way (a process that stops early)."""
+
+
+def forward_until(model: Any, layer: int) -> None:
+    """Run a forward pass that stops before ``layer``: only the units before it are read."""
+    import torch
+
+    def stop(*_args: Any) -> None:
+        raise StopForward
+
+    handle = model.model.layers[layer].register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(StopForward), torch.no_grad():
+            model(torch.tensor([PROMPT]))
+    finally:
+        handle.remove()
+
+
+# -- lazy Hub streaming: what the server sent, and what the cache holds -------------------------------------------
+
+
+def shard_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+
+
+def header_ends(folder: Path) -> dict[str, int]:
+    """Where the weight bytes start in each shard (8-byte length + JSON header)."""
+    ends = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            ends[path.name] = 8 + struct.unpack("<Q", f.read(8))[0]
+    return ends
+
+
+def fetched(server: HubServer) -> list[tuple[str, int, int]]:
+    """(file, start, end) of the bytes each ranged answer delivered, in the order the requests arrived."""
+    return fetched_from(sorted(server.log, key=lambda r: r.time))
+
+
+def fetched_from(log: list[RequestRecord]) -> list[tuple[str, int, int]]:
+    """Bytes sent after the client gave up on an answer (a delay past its timeout, or after a stall) went to a
+    closed socket: they are left out."""
+    out = []
+    for r in log:
+        if r.method == "GET" and r.status == 206 and r.file and r.range and not (r.fault or "").startswith("delay"):
+            start = int(r.range.removeprefix("bytes=").split("-")[0])
+            sent = r.bytes_sent
+            if (r.fault or "").startswith("stall="):
+                sent = min(sent, int(r.fault.split("@")[1]))
+            out.append((Path(r.file).name, start, start + sent))
+    return out
+
+
+def assert_each_byte_once(ranges: list[tuple[str, int, int]], sizes: dict[str, int], complete: bool = True) -> None:
+    """No byte delivered twice, and (``complete``) every byte of every shard delivered."""
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for name, start, end in ranges:
+        if end > start:
+            by_file.setdefault(name, []).append((start, end))
+    assert set(by_file) <= set(sizes) and (not complete or set(by_file) == set(sizes))
+    for name, spans in by_file.items():
+        spans.sort()
+        position = 0
+        for start, end in spans:
+            assert start >= position, f"{name}: bytes {start}-{position - 1} delivered twice"
+            assert start == position or not complete, f"{name}: bytes {position}-{start - 1} never delivered"
+            position = end
+        assert position == sizes[name] or not complete, f"{name}: fetched up to {position} of {sizes[name]}"
+
+
+def repo_cache(cache: Path, repo_id: str = "org/tiny") -> Path:
+    return cache / ("models--" + repo_id.replace("/", "--"))
+
+
+def assert_cache_verified(cache: Path, folder: Path, repo_id: str = "org/tiny") -> None:
+    """Every shard is in the repo's blobs/ under its sha256, linked from the snapshot (one hop, as huggingface_hub
+    reads it: the blob itself may link on into the shared store); no partial file is left."""
+    storage = repo_cache(cache, repo_id)
+    commit = (storage / "refs" / "main").read_text()
+    for name in shard_sizes(folder):
+        data = (folder / name).read_bytes()
+        pointer = storage / "snapshots" / commit / name
+        assert pointer.is_symlink() and Path(os.readlink(pointer)).name == hashlib.sha256(data).hexdigest()
+        assert pointer.read_bytes() == data
+    for blob in (storage / "blobs").iterdir():
+        if len(blob.name) == 64:
+            assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name, f"corrupt blob {blob.name}"
+    partial = storage / ".weightstream" / "partial"
+    assert not list(partial.glob("*.part")) and not list(partial.glob("*.ranges.json"))
+
+
+def recorded_ranges(storage: Path) -> dict[str, list[tuple[int, int]]]:
+    """What the partial files' records name, per shard (a record is replaced atomically: always whole)."""
+    out = {}
+    for record in (storage / ".weightstream" / "partial").glob("*.ranges.json"):
+        with contextlib.suppress(FileNotFoundError):  # committed meanwhile
+            data = json.loads(record.read_text())
+            out[Path(data["filename"]).name] = [tuple(r) for r in data["ranges"]]
+    return out
 
 
 # -- lazy Hub streaming: a second process -------------------------------------------------------------------
@@ -171,8 +341,7 @@ def _stream_worker(job: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_weightstream import StreamConfig
-    from hf_weightstream.hub_stream import wait_until_cached
+    from hf_weightstream import StreamConfig, wait_until_cached
 
     model = AutoModelForCausalLM.from_pretrained(
         job["repo_id"], device_map="stream", stream_config=StreamConfig(complete_download=job["complete_download"])

@@ -47,7 +47,7 @@ def test_import_loads_neither_torch_nor_transformers() -> None:
     "imports",
     [
         # our own module imports transformers' model code: the install must not re-enter it half-imported
-        "import hf_weightstream\nfrom hf_weightstream.hub_stream import wait_until_cached",
+        "import hf_weightstream\nfrom hf_weightstream.engine import StreamEngine",
         pytest.param("import hf_weightstream", marks=pytest.mark.slow),  # transformers imports it, lazily
         # model code imported directly, not through transformers' lazy module:
         pytest.param("import hf_weightstream\nimport transformers.models.llama.modeling_llama", marks=pytest.mark.slow),

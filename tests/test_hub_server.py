@@ -1,4 +1,4 @@
-"""The local Hub (hf_weightstream.hub_server) driven by the real huggingface_hub 2.4 client, no mocks.
+"""The local Hub (hf_weightstream.testing.hub_server) driven by the real huggingface_hub 2.4 client, no mocks.
 
 Pointing huggingface_hub at the server from inside one process (checked by the tests below):
 
@@ -30,12 +30,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
 from hubtools import hf_hub_endpoint, hub_server, make_tiny_llama
 from huggingface_hub import (
     HfApi,
+    constants,
     get_hf_file_metadata,
     hf_hub_download,
     hf_hub_url,
@@ -50,7 +52,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from hf_weightstream.hub_server import Fault, HubServer
+from hf_weightstream.testing.hub_repo import xet_hash_stand_in
+from hf_weightstream.testing.hub_server import Fault, HubServer
 
 REPO = "org/tiny"
 SHARD = "model-00001-of-00003.safetensors"
@@ -152,20 +155,84 @@ def test_file_metadata_lfs_and_plain(server: HubServer, tiny_llama: Path) -> Non
     assert (plain.etag, plain.size) == (_git_blob_sha1(config), len(config))
 
 
-def test_file_metadata_with_cdn_redirect(tiny_llama: Path) -> None:
-    with hub_server({REPO: tiny_llama}, redirect_lfs=True) as srv:
-        meta = get_hf_file_metadata(_resolve_url(srv, SHARD))
-        plain = get_hf_file_metadata(_resolve_url(srv, "config.json"))
-        hub_url, cdn_url, log = srv.url, srv.cdn_url, srv.log
+def test_xet_mode_redirects_to_a_signed_bridge_url_with_the_metadata_on_the_302(tiny_llama: Path) -> None:
+    with hub_server({REPO: tiny_llama}, mode="xet") as srv:
+        meta = get_hf_file_metadata(_resolve_url(srv, SHARD), endpoint=srv.url)
+        plain = get_hf_file_metadata(_resolve_url(srv, "config.json"), endpoint=srv.url)
+        hub_url, bridge_url, log = srv.url, srv.bridge_url, srv.log
+        token = httpx2.get(meta.xet_file_data.refresh_route) if meta.xet_file_data else None
 
     sha256 = hashlib.sha256((tiny_llama / SHARD).read_bytes()).hexdigest()
-    assert cdn_url is not None and cdn_url != hub_url
-    # The HEAD does not follow a redirect to another origin: metadata comes from the 302 itself.
-    assert meta.location == f"{cdn_url}/cdn/{sha256}/{SHARD}"
-    assert (meta.etag, meta.size) == (sha256, (tiny_llama / SHARD).stat().st_size)
-    assert meta.commit_hash == HubServer().add_repo(REPO, tiny_llama)
+    commit = HubServer().add_repo(REPO, tiny_llama)
+    assert bridge_url is not None and urlsplit(bridge_url).hostname != urlsplit(hub_url).hostname
+    # The HEAD does not follow a redirect to another host: metadata comes from the 302 itself.
+    assert meta.location.startswith(f"{bridge_url}/xet-bridge-us/") and "Expires=" in meta.location
+    assert (meta.etag, meta.size, meta.commit_hash) == (sha256, (tiny_llama / SHARD).stat().st_size, commit)
+    assert meta.xet_file_data is not None and meta.xet_file_data.file_hash == xet_hash_stand_in(sha256)
+    assert meta.xet_file_data.refresh_route == f"{hub_url}/api/models/{REPO}/xet-read-token/{commit}"
+    assert token is not None and token.status_code == 200
+    # The xet-auth route answers what huggingface_hub's refresh_xet_connection_info reads.
+    assert int(token.headers["X-Xet-Token-Expiration"]) > time.time() and token.headers["X-Xet-Access-Token"]
+    assert token.headers["X-Xet-Cas-Url"].startswith(hub_url)
     assert plain.location == hf_hub_url(REPO, "config.json", endpoint=hub_url)  # non-LFS: served directly
+    assert plain.xet_file_data is None
     assert [(r.origin, r.status) for r in log] == [("hub", 302), ("hub", 200)]
+
+
+def test_xet_mode_paths_info_reports_sizes_sha256_and_xet_hashes_in_one_call(tiny_llama: Path) -> None:
+    shards = sorted(p.name for p in tiny_llama.glob("*.safetensors"))
+    with hub_server({REPO: tiny_llama}, mode="xet") as srv:
+        infos = HfApi(endpoint=srv.url).get_paths_info(REPO, [*shards, "config.json"])
+        log = srv.log
+    assert len(log) == 1 and log[0].path == f"/api/models/{REPO}/paths-info/main"
+    for info, name in zip(infos, shards, strict=False):
+        sha256 = hashlib.sha256((tiny_llama / name).read_bytes()).hexdigest()
+        assert isinstance(info, RepoFile) and info.path == name and info.lfs is not None
+        assert (info.size, info.lfs.sha256, info.xet_hash) == (
+            (tiny_llama / name).stat().st_size,
+            sha256,
+            xet_hash_stand_in(sha256),
+        )
+    assert infos[-1].path == "config.json" and infos[-1].lfs is None and infos[-1].xet_hash is None
+
+
+def test_signed_bridge_urls_expire_and_a_new_resolve_gives_a_fresh_one(tiny_llama: Path) -> None:
+    data = (tiny_llama / SHARD).read_bytes()
+    with hub_server({REPO: tiny_llama}, mode="xet", url_ttl=1.0) as srv:
+        first = get_hf_file_metadata(_resolve_url(srv, SHARD)).location
+        ranged = httpx2.get(first, headers={"Range": "bytes=0-99"})
+        tampered = httpx2.get(first.replace("Expires=", "Expires=1"), headers={"Range": "bytes=0-99"})
+        time.sleep(2.05)
+        expired = httpx2.get(first, headers={"Range": "bytes=0-99"})
+        fresh = get_hf_file_metadata(_resolve_url(srv, SHARD)).location
+        again = httpx2.get(fresh, headers={"Range": "bytes=100-199"})
+        calls = srv.resolve_calls(SHARD)
+
+    assert (ranged.status_code, ranged.content) == (206, data[:100])
+    assert ranged.headers["Content-Range"] == f"bytes 0-99/{len(data)}"
+    assert tampered.status_code == 403 and b"Invalid signature" in tampered.content
+    assert expired.status_code == 403 and b"Request has expired" in expired.content
+    assert fresh != first and (again.status_code, again.content) == (206, data[100:200])
+    assert calls == 2, "two HEADs; the bridge requests are not resolve calls"
+
+
+def test_xet_mode_plain_download_over_http_sends_no_token_to_the_bridge(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # this server has no Xet CAS (see its docstring)
+    with hub_server({REPO: tiny_llama}, mode="xet") as srv:
+        path = hf_hub_download(REPO, SHARD, cache_dir=tmp_path, endpoint=srv.url, token="hf_test")
+        HfApi(endpoint=srv.url, token="hf_test").parse_safetensors_file_metadata(REPO, SHARD)
+        log = srv.log
+
+    assert Path(path).read_bytes() == (tiny_llama / SHARD).read_bytes()
+    assert [(r.method, r.origin, r.status, r.authorization) for r in log] == [
+        ("HEAD", "hub", 302, True),
+        ("GET", "hub", 302, True),  # without hf_xet, huggingface_hub downloads through /resolve/ again
+        ("GET", "bridge", 200, False),  # httpx dropped the token when following the redirect to another host
+        ("GET", "hub", 302, True),
+        ("GET", "bridge", 206, False),
+    ]
 
 
 def test_model_info_list_files_and_paths_info(server: HubServer, tiny_llama: Path) -> None:
@@ -389,22 +456,6 @@ def test_fault_needs_exactly_one_action() -> None:
 # -- redirects, bandwidth, log, lifecycle -----------------------------------------------------------
 
 
-def test_redirect_download_sends_no_authorization_to_the_cdn(tiny_llama: Path, tmp_path: Path) -> None:
-    with hub_server({REPO: tiny_llama}, redirect_lfs=True) as srv:
-        path = hf_hub_download(REPO, SHARD, cache_dir=tmp_path, endpoint=srv.url, token="hf_test")
-        HfApi(endpoint=srv.url, token="hf_test").parse_safetensors_file_metadata(REPO, SHARD)
-        log = srv.log
-
-    assert Path(path).read_bytes() == (tiny_llama / SHARD).read_bytes()
-    assert [(r.method, r.origin, r.status, r.authorization) for r in log] == [
-        ("HEAD", "hub", 302, True),
-        ("GET", "cdn", 200, False),  # hf_hub_download dropped the token for the other origin
-        ("GET", "hub", 302, True),
-        ("GET", "cdn", 206, False),  # httpx dropped it when following the redirect
-    ]
-    assert srv.bytes_sent(SHARD) == 2 * (tiny_llama / SHARD).stat().st_size
-
-
 def test_bandwidth_cap_is_shared_by_all_connections(blob_folder: Path) -> None:
     with hub_server({"org/blobs": blob_folder}, bandwidth=2_000_000) as srv:
         url = _resolve_url(srv, "blob.bin", "org/blobs")
@@ -480,3 +531,88 @@ def test_stop_is_quick_even_with_open_and_throttled_connections(blob_folder: Pat
 def test_only_loopback() -> None:
     with pytest.raises(ValueError):
         HubServer(host="0.0.0.0")
+
+
+# -- the link model and today's faults ----------------------------------------------------------------
+
+
+def test_latency_is_paid_by_every_answer(server: HubServer) -> None:
+    server.latency = 0.2
+    url = _resolve_url(server, "config.json")
+    with httpx2.Client() as client:
+        client.get(url)  # the connection is open: what follows is time to first byte, not connecting
+        start = time.monotonic()
+        client.head(url)
+        client.get(url, headers={"Range": "bytes=0-1"})
+        elapsed = time.monotonic() - start
+    assert 0.4 <= elapsed < 1.5
+
+
+def test_connection_bandwidth_caps_each_connection_apart_from_the_total(blob_folder: Path) -> None:
+    with hub_server({"org/blobs": blob_folder}, connection_bandwidth=1_000_000, bandwidth=100_000_000) as srv:
+        url = _resolve_url(srv, "blob.bin", "org/blobs")
+        start = time.monotonic()
+        assert len(httpx2.get(url, headers={"Range": "bytes=0-499999"}).content) == 500_000
+        single = time.monotonic() - start
+
+        halves = ("bytes=0-499999", "bytes=500000-999999")
+        threads = [threading.Thread(target=httpx2.get, args=(url,), kwargs={"headers": {"Range": r}}) for r in halves]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        parallel = time.monotonic() - start
+    # One connection moves ~1 MB/s; two move twice as much in the same time (the total cap is far).
+    assert 0.4 <= single < 1.5 and 0.4 <= parallel < 1.5
+
+
+def test_a_stall_fault_goes_silent_mid_body_then_sends_the_rest(blob_folder: Path) -> None:
+    data = (blob_folder / "blob.bin").read_bytes()
+    with hub_server({"org/blobs": blob_folder}) as srv:
+        url = _resolve_url(srv, "blob.bin", "org/blobs")
+        stall = srv.add_fault(Fault(file="blob.bin", stall=0.6, stall_after=1000, times=2))
+        with pytest.raises(httpx2.ReadTimeout):
+            httpx2.get(url, timeout=httpx2.Timeout(5.0, read=0.3))
+        start = time.monotonic()
+        patient = httpx2.get(url, headers={"Range": "bytes=10-"})
+        waited = time.monotonic() - start
+        log = srv.log
+
+    assert patient.content == data[10:] and waited >= 0.6 and stall.fired == 2
+    assert [r.fault for r in log] == ["stall=0.6@1000"] * 2
+
+
+def test_every_nth_request_fault_is_occasional_and_can_hit_valid_ranges_on_the_bridge(tiny_llama: Path) -> None:
+    with hub_server({REPO: tiny_llama}, mode="xet") as srv:
+        location = get_hf_file_metadata(_resolve_url(srv, SHARD)).location
+        forbidden = srv.add_fault(Fault(origin="bridge", ranged_only=True, status=403, every=3, times=None))
+        statuses = [httpx2.get(location, headers={"Range": f"bytes={i}-{i}"}).status_code for i in range(7)]
+    assert statuses == [206, 206, 403, 206, 206, 403, 206]
+    assert (forbidden.seen, forbidden.fired) == (7, 2)
+
+
+def test_mirror_mode_serves_ranges_itself_each_a_resolve_call_optionally_without_content_range(
+    blob_folder: Path,
+) -> None:
+    data = (blob_folder / "blob.bin").read_bytes()
+    with hub_server({"org/blobs": blob_folder}, content_range=False) as srv:
+        url = _resolve_url(srv, "blob.bin", "org/blobs")
+        answers = [httpx2.get(url, headers={"Range": f"bytes={s}-{s + 9}"}) for s in (0, 100, 200)]
+        calls = srv.resolve_calls("blob.bin")
+    assert [(a.status_code, a.content) for a in answers] == [(206, data[s : s + 10]) for s in (0, 100, 200)]
+    assert all("Content-Range" not in a.headers and a.headers["Content-Length"] == "10" for a in answers)
+    assert calls == 3
+
+
+def test_fault_and_server_arguments_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Fault(stall=1.0, delay=1.0)
+    with pytest.raises(ValueError):
+        Fault(status=403, every=0)
+    with pytest.raises(ValueError):
+        Fault(status=403, origin="cdn")
+    with pytest.raises(ValueError):
+        HubServer(mode="lfs")
+    with pytest.raises(ValueError):
+        HubServer(connection_bandwidth=0)

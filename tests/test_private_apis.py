@@ -1,7 +1,8 @@
 """Fail loudly, naming the API, when a private transformers/torch internal we rely on moves or changes shape.
 
 Private transformers APIs live in hf_weightstream/_transformers_compat.py; the private huggingface_hub helpers
-that write Hub cache entries exactly as hf_hub_download does are imported in one block of hub_stream.py.
+that write Hub cache entries exactly as hf_hub_download does are imported in hf_weightstream/hub/_hf_compat.py
+(all of them are checked, with what they do, in tests/test_hub_private_apis.py).
 """
 
 from __future__ import annotations

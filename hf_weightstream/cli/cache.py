@@ -58,7 +58,7 @@ class PartialShard:
 
 def partial_shards(repo_dir: Path) -> list[PartialShard]:
     """The records of partly fetched shards in a repo's Hub cache folder (``<etag>.ranges.json`` files)."""
-    from ..hub_stream import PARTIAL_FOLDER
+    from ..hub import PARTIAL_FOLDER
 
     found = []
     for path in sorted((repo_dir / PARTIAL_FOLDER).glob("*.ranges.json")):
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    from ..hub_stream import PARTIAL_FOLDER
+    from ..hub import PARTIAL_FOLDER
 
     folder = Path(args.model).expanduser()
     if folder.is_dir():

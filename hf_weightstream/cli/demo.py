@@ -179,7 +179,7 @@ def _streamed_from_hub(folder: Path, generate_args: list[str], bandwidth: int) -
     huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` when it is imported: a child started with them
     set is what a user does after ``export HF_ENDPOINT=...``.
     """
-    from ..hub_server import HubServer
+    from ..testing.hub_server import HubServer
 
     repo_id = f"local/{DEMO_MODEL_NAME}"
     with (

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub_server import HubServer
+    from ..testing.hub_server import HubServer
 
     folder = Path(args.folder).expanduser()
     if not folder.is_dir():

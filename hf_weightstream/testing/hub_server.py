@@ -1,37 +1,45 @@
-"""A local, Hugging-Face-Hub-compatible HTTP server for tests, demos and offline work.
+"""A local, Hugging-Face-Hub-compatible HTTP server for tests, benchmarks, demos and offline work.
 
-Why it exists: streaming weights lazily is all about *how* bytes arrive (range requests, redirects,
-retries, a slow link), and the real Hub can be neither reached from CI nor made to misbehave on
-purpose. This server speaks just enough of the Hub protocol for the real ``huggingface_hub`` client
-(2.x, HTTP client ``httpx2``) and ``transformers`` to work against it unchanged, and it adds what the
-real Hub cannot give us: a shared bandwidth cap, deterministic fault injection and a request log.
+Why it exists: streaming weights lazily is all about *how* bytes arrive (range requests, redirects, signed URLs
+that expire, retries, a slow or distant link), and the real Hub can be neither reached from CI nor made to
+misbehave on purpose. This server speaks enough of the Hub protocol for the real ``huggingface_hub`` client (2.x,
+HTTP client ``httpx2``) and ``transformers`` to work against it unchanged, and it adds what the real Hub cannot
+give us: a latency and bandwidth model, deterministic fault injection and a request log.
 
-Stdlib only, on purpose: it shares no code with the client it imitates, so a client quirk cannot hide
-a server bug. (Importing it through the package still runs ``hf_weightstream/__init__.py``, which
-imports transformers and huggingface_hub; those read ``HF_ENDPOINT`` at import time, so a client in
-the same process must be pointed at :attr:`HubServer.url` with ``endpoint=`` or by patching
-``huggingface_hub.constants``; see ``tests/hubtools.py``.)
+Stdlib only, on purpose: it shares no code with the client it imitates, so a client quirk cannot hide a server
+bug. (Importing it through the package still runs ``hf_weightstream/__init__.py``, which imports transformers and
+huggingface_hub; those read ``HF_ENDPOINT`` at import time, so a client in the same process must be pointed at
+:attr:`HubServer.url` with ``endpoint=`` or by patching ``huggingface_hub.constants``; see ``tests/hubtools.py``.)
 
-What the client needs (read from ``huggingface_hub`` 2.4, see docs/ecosystem-notes.md):
+Two ways to serve LFS files (``mode``), as read from ``huggingface_hub`` 2.4 and ``docs/hub-today.md``:
 
-- ``GET /api/models/{repo}[/revision/{rev}]`` (``repo_info``/``model_info``, ``snapshot_download``):
-  ``id``, ``sha``, ``siblings``; with ``?blobs=true`` also ``size``, ``blobId``, ``lfs``.
-- ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (``list_repo_tree``, ``list_repo_files``,
-  ``snapshot_download``): ``{type, oid, size, path, lfs{oid, size, pointerSize}}``, no ``xetHash``
-  (a ``xetHash`` would send the client to a Xet CAS server we do not have).
-- ``POST /api/models/{repo}/paths-info/{rev}`` (``get_paths_info``): form-encoded ``paths``.
-- ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (``hf_hub_download``, ``get_hf_file_metadata``,
-  ``file_exists``, safetensors header reads): ``X-Repo-Commit`` and ``ETag`` always, LFS files also
-  ``X-Linked-Etag``/``X-Linked-Size`` (the only place the size survives a redirect), ``Range``.
-- Errors are mapped to exceptions from the ``X-Error-Code`` header (``RepoNotFound``,
-  ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``), not from the status code.
+- ``"xet"``, today's Hub. ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` answers **302**, and the 302 itself
+  carries ``X-Repo-Commit``, ``X-Linked-Etag`` (the sha256), ``X-Linked-Size``, ``X-Xet-Hash`` and
+  ``Link: <.../api/models/{repo}/xet-read-token/{commit}>; rel="xet-auth"``. ``Location`` is a signed URL on a
+  second host name and port, the "bridge" (``http://localhost:PORT/xet-bridge-us/<repo>/<xet hash>?Expires=...
+  &Signature=...``), which serves byte ranges and answers 403 once ``url_ttl`` seconds have passed (or when the
+  signature is wrong). The ``xet-auth`` route answers a token and a CAS URL, but this server has no Xet CAS:
+  ``hf_xet`` cannot download from it, so plain ``huggingface_hub`` downloads need ``HF_HUB_DISABLE_XET=1``, with
+  which huggingface_hub follows ``Location`` over HTTP as it does when hf_xet is not installed.
+- ``"mirror"`` (default): ``/resolve/`` serves the bytes itself, with ``X-Linked-Etag``/``X-Linked-Size`` for LFS
+  files and no Xet headers, like a mirror that does not redirect. Every range request is then a resolve call.
+  ``content_range=False`` drops ``Content-Range`` from 206 answers, as some proxies do.
 
-Served folders are treated as immutable commits: hashes are computed once by :meth:`HubServer.add_repo`
-(and cached per file path, size and mtime), bytes are read from disk at request time.
+Plain (non-LFS) files are always served by ``/resolve/`` itself, with their git sha1 as ``ETag``.
 
-Left out on purpose: other repo types, private repos, branches other than ``main``, tree pagination
-(one page holds everything), Xet. Anything else gets a plain 404, e.g. the client's best-effort
-``GET /api/agent-harnesses`` (a 404 there also keeps it from writing its cache file under HF_HOME).
+The link model: ``latency`` seconds before every answer (time to first byte), ``connection_bandwidth``
+bytes/second per connection and ``bandwidth`` bytes/second for all bodies together. Faults (:class:`Fault`)
+fire on matching requests: an error status (e.g. a 403 on a valid range), a cut or reset connection, a delay, or
+a stall in the middle of a body. :meth:`HubServer.resolve_calls` counts ``/resolve/`` requests (the Hub's
+rate-limited bucket).
+
+Other routes the client needs: ``GET /api/models/{repo}[/revision/{rev}]`` (``id``, ``sha``, ``siblings``; with
+``?blobs=true`` also sizes and ``lfs``), ``GET /api/models/{repo}/tree/{rev}[/{path}]``, ``POST
+/api/models/{repo}/paths-info/{rev}`` (form-encoded ``paths``; ``xetHash`` in xet mode). Errors carry the
+``X-Error-Code`` huggingface_hub maps to its exceptions (``RepoNotFound``, ``RevisionNotFound``,
+``EntryNotFound``, ``GatedRepo``). Served folders are immutable commits; bytes are read from disk at request
+time. Left out: other repo types, private repos, branches other than ``main``, tree pagination. Anything else
+gets a plain 404 (e.g. the client's best-effort ``GET /api/agent-harnesses``).
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ import contextlib
 import dataclasses
 import fnmatch
 import hashlib
+import hmac
 import json
+import math
 import os
 import socket
 import socketserver
@@ -51,191 +61,26 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from .hub_repo import HttpError, ServedFile, ServedRepo
+
 __all__ = ["Fault", "HubServer", "RequestRecord"]
 
-#: Suffixes the Hub's default ``.gitattributes`` stores with git-LFS (the subset model repos use).
-LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
-#: Bigger files must be LFS on the Hub whatever their name.
-LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
-
+MODES = ("mirror", "xet")
 _LOOPBACK = "127.0.0.1"
+_BRIDGE_HOST = "localhost"  # another host name than the Hub's: clients must treat it as a foreign origin
 _CHUNK = 256 * 1024  # body chunk without a bandwidth cap
-_HASH_CHUNK = 1024 * 1024
 _IDLE_TIMEOUT_S = 30.0  # an idle keep-alive connection is closed after this
 _MAX_REQUESTS_PER_CONNECTION = 1000  # bounds each connection's request loop
 _MAX_REQUEST_BODY = 1024 * 1024  # paths-info bodies are tiny; refuse anything large
 _STOP_JOIN_TIMEOUT_S = 2.0
-_LAST_MODIFIED = "2024-01-01T00:00:00.000Z"  # fixed: the repo metadata stays deterministic
-_SKIPPED_DIRS = {".git", ".cache"}  # git internals and `local_dir` download metadata are not repo files
-
-
-# --------------------------------------------------------------------------------------------------
-# Repository model
-# --------------------------------------------------------------------------------------------------
-
-_digest_cache: dict[tuple[str, int, int, str], str] = {}
-_digest_cache_lock = threading.Lock()
-
-
-def _file_digest(path: Path, size: int, algo: str) -> str:
-    """sha256 of a file, or its git blob sha1 (``algo="git"``), cached by (path, size, mtime).
-
-    Tests serve the same tiny model from many servers and demos serve GB-sized shards: hashing once per
-    process keeps ``add_repo`` cheap after the first time.
-    """
-    stat = path.stat()
-    key = (str(path.resolve()), size, stat.st_mtime_ns, algo)
-    with _digest_cache_lock:
-        cached = _digest_cache.get(key)
-    if cached is not None:
-        return cached
-    hasher = hashlib.sha256() if algo == "sha256" else hashlib.sha1(b"blob %d\0" % size)
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            hasher.update(chunk)
-    digest = hasher.hexdigest()
-    with _digest_cache_lock:
-        _digest_cache[key] = digest
-    return digest
-
-
-def _git_blob_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass(frozen=True)
-class _RepoFile:
-    """One file of a served repo; ``etag`` is what the Hub would report for it."""
-
-    path: str
-    disk: Path
-    size: int
-    blob_oid: str  # git oid: of the content, or of the LFS pointer file for LFS files
-    sha256: str | None = None  # LFS files only
-    pointer_size: int | None = None  # LFS files only
-
-    @property
-    def is_lfs(self) -> bool:
-        return self.sha256 is not None
-
-    @property
-    def etag(self) -> str:
-        return self.sha256 if self.sha256 is not None else self.blob_oid
-
-    def tree_item(self) -> dict[str, Any]:
-        item: dict[str, Any] = {"type": "file", "oid": self.blob_oid, "size": self.size, "path": self.path}
-        if self.sha256 is not None:
-            item["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": self.pointer_size}
-        return item
-
-    def sibling(self, blobs: bool) -> dict[str, Any]:
-        sibling: dict[str, Any] = {"rfilename": self.path}
-        if blobs:
-            sibling.update(size=self.size, blobId=self.blob_oid)
-            if self.sha256 is not None:
-                sibling["lfs"] = {"sha256": self.sha256, "size": self.size, "pointerSize": self.pointer_size}
-        return sibling
-
-
-def _scan_file(path: str, disk: Path) -> _RepoFile:
-    size = disk.stat().st_size
-    if not (path.endswith(LFS_SUFFIXES) or size > LFS_SIZE_THRESHOLD):
-        return _RepoFile(path=path, disk=disk, size=size, blob_oid=_file_digest(disk, size, "git"))
-    sha256 = _file_digest(disk, size, "sha256")
-    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-    return _RepoFile(
-        path=path,
-        disk=disk,
-        size=size,
-        blob_oid=_git_blob_oid(pointer),
-        sha256=sha256,
-        pointer_size=len(pointer),
-    )
-
-
-def _listing_oid(kind: str, files: dict[str, _RepoFile], prefix: str) -> str:
-    """A deterministic git-like oid over the paths and content hashes of the files under ``prefix``."""
-    listing = "".join(f"{p}\0{f.etag}\n" for p, f in sorted(files.items()) if p.startswith(prefix))
-    return hashlib.sha1(f"{kind}\0{listing}".encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class _Repo:
-    """An immutable snapshot of a folder, served as one commit of a model repo."""
-
-    repo_id: str
-    sha: str
-    files: dict[str, _RepoFile]
-    dirs: dict[str, str]  # directory path -> deterministic tree oid
-    gated: bool
-
-    @classmethod
-    def scan(cls, repo_id: str, folder: Path, gated: bool) -> _Repo:
-        files: dict[str, _RepoFile] = {}
-        for root, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
-            for name in sorted(filenames):
-                disk = Path(root, name)
-                if disk.is_file():  # follows symlinks: HF cache snapshots are symlinks into blobs/
-                    rel = disk.relative_to(folder).as_posix()
-                    files[rel] = _scan_file(rel, disk)
-        dir_paths: set[str] = set()
-        for path in files:
-            dir_paths.update(p.as_posix() for p in PurePosixPath(path).parents if p.as_posix() != ".")
-        dirs = {d: _listing_oid("tree", files, f"{d}/") for d in sorted(dir_paths)}
-        sha = _listing_oid("commit", files, "")
-        return cls(repo_id=repo_id, sha=sha, files=files, dirs=dirs, gated=gated)
-
-    def resolve(self, revision: str) -> str:
-        if revision in ("main", "refs/heads/main", self.sha):
-            return self.sha
-        raise _HttpError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-
-    def tree(self, folder: str, recursive: bool) -> list[dict[str, Any]]:
-        if folder and folder not in self.dirs:
-            raise _HttpError(404, "EntryNotFound", f"{folder} does not exist on branch main", self.sha)
-        prefix = f"{folder}/" if folder else ""
-
-        def wanted(path: str) -> bool:
-            return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
-
-        items = [self._dir_item(d) for d in self.dirs if wanted(d)]
-        items += [f.tree_item() for p, f in self.files.items() if wanted(p)]
-        return items
-
-    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
-        items = []
-        for path in (p.strip("/") for p in paths):
-            if path in self.files:
-                items.append(self.files[path].tree_item())
-            elif path in self.dirs:
-                items.append(self._dir_item(path))
-        return items
-
-    def info(self, blobs: bool) -> dict[str, Any]:
-        return {
-            "_id": self.sha[:24],
-            "id": self.repo_id,
-            "modelId": self.repo_id,
-            "sha": self.sha,
-            "private": False,
-            "gated": "auto" if self.gated else False,
-            "disabled": False,
-            "lastModified": _LAST_MODIFIED,
-            "createdAt": _LAST_MODIFIED,
-            "tags": [],
-            "downloads": 0,
-            "likes": 0,
-            "siblings": [f.sibling(blobs) for _, f in sorted(self.files.items())],
-        }
-
-    def _dir_item(self, path: str) -> dict[str, Any]:
-        return {"type": "directory", "oid": self.dirs[path], "size": 0, "path": path}
+_BRIDGE_PREFIX = "xet-bridge-us"
+_CAS_PREFIX = "xet-cas-unavailable"
+_TOKEN_TTL_S = 3600
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,34 +101,41 @@ class RequestRecord:
     method: str
     path: str  # decoded URL path, without the query
     query: str
-    origin: str  # "hub" (API and /resolve/) or "cdn" (the redirect target)
+    origin: str  # "hub" (API and /resolve/) or "bridge" (the redirect target)
     range: str | None  # the Range header as sent
     authorization: bool  # whether an Authorization header was sent
     status: int | None = None  # None: the connection was reset without a response
-    file: str | None = None  # the repo file a /resolve/ or CDN response is about
+    file: str | None = None  # the repo file a /resolve/ or bridge response is about
     bytes_sent: int = 0  # response body bytes handed to the socket
     fault: str | None = None  # which injected fault(s) fired, e.g. "status=503"
     end: float | None = None  # time.monotonic() when the response was done (None while in flight)
 
+    @property
+    def is_resolve(self) -> bool:
+        """A call to ``/{repo}/resolve/...``: what the Hub's Resolvers rate limit counts."""
+        return self.origin == "hub" and "/resolve/" in self.path
+
 
 @dataclass
 class Fault:
-    """A deterministic misbehaviour, fired by the first ``times`` requests that match it.
+    """A deterministic misbehaviour, fired by matching requests.
 
-    Exactly one action per fault: ``status`` (answer with that status, plus ``Retry-After`` when
-    ``retry_after`` is set), ``truncate_after`` (send that many body bytes, then close the connection),
-    ``reset`` (close the socket without any response) or ``delay`` (wait that many seconds, then answer
-    normally). Matching: ``path`` is an :mod:`fnmatch` glob against the decoded URL path (``*`` spans
-    ``/``; CDN paths look like ``/cdn/<sha256>/<file name>``, so ``"*.safetensors"`` matches both
-    origins), ``method``/``origin`` restrict when set, ``ranged_only`` requires a ``Range`` header.
+    Exactly one action per fault: ``status`` (answer with that status, plus ``Retry-After`` when ``retry_after``
+    is set), ``truncate_after`` (send that many body bytes, then close the connection), ``reset`` (close the
+    socket without any response), ``delay`` (wait that many seconds, then answer normally) or ``stall`` (send
+    ``stall_after`` body bytes, go silent for ``stall`` seconds, then send the rest). Matching: ``path`` is an
+    :mod:`fnmatch` glob against the decoded URL path (``*`` spans ``/``; bridge paths look like
+    ``/xet-bridge-us/<repo>/<xet hash>``, with the file name in the record's ``file``, so ``file`` globs the repo
+    file on both origins), ``method``/``origin`` restrict when set, ``ranged_only`` requires a ``Range`` header.
 
-    A truncate fault is only taken by a response that has a body (never by a ``HEAD``, a redirect or
-    an empty file), so ``Fault(path="*.safetensors", truncate_after=100)`` truncates the download and
-    not the metadata call before it. Delay faults stack with the other kinds on one request; among
-    status/reset faults the first added wins. ``fired`` counts how often the fault fired.
+    ``times`` bounds how often it fires (None: never spent); ``every=N`` fires on every N-th matching request
+    only, for an "occasional" fault. Truncate and stall faults are only taken by a response that has a body
+    (never by a ``HEAD``, a redirect or an empty file). Delay faults stack with the other kinds on one request;
+    among status/reset faults the first added wins. ``fired`` counts how often the fault fired.
     """
 
     path: str = "*"
+    file: str | None = None
     method: str | None = None
     origin: str | None = None
     ranged_only: bool = False
@@ -292,39 +144,61 @@ class Fault:
     truncate_after: int | None = None
     reset: bool = False
     delay: float | None = None
+    stall: float | None = None
+    stall_after: int = 0
     times: int | None = 1  # None: never spent
+    every: int = 1
     fired: int = field(default=0, init=False)
+    seen: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        actions = (self.status, self.truncate_after, self.reset or None, self.delay)
+        actions = (self.status, self.truncate_after, self.reset or None, self.delay, self.stall)
         if sum(a is not None for a in actions) != 1:
-            raise ValueError("a Fault needs exactly one of status, truncate_after, reset, delay")
+            raise ValueError("a Fault needs exactly one of status, truncate_after, reset, delay, stall")
         if self.retry_after is not None and self.status is None:
             raise ValueError("retry_after only goes with a status fault")
         if self.times is not None and self.times < 1:
             raise ValueError("times must be >= 1 (or None for a fault that never runs out)")
-        if self.origin not in (None, "hub", "cdn"):
-            raise ValueError("origin must be None, 'hub' or 'cdn'")
+        if self.every < 1:
+            raise ValueError("every must be >= 1")
+        if self.origin not in (None, "hub", "bridge"):
+            raise ValueError("origin must be None, 'hub' or 'bridge'")
 
     @property
     def spent(self) -> bool:
         return self.times is not None and self.fired >= self.times
+
+    @property
+    def needs_body(self) -> bool:
+        return self.truncate_after is not None or self.stall is not None
 
     def describe(self) -> str:
         if self.status is not None:
             return f"status={self.status}"
         if self.truncate_after is not None:
             return f"truncate_after={self.truncate_after}"
+        if self.stall is not None:
+            return f"stall={self.stall}@{self.stall_after}"
         return "reset" if self.reset else f"delay={self.delay}"
 
-    def _matches(self, method: str, path: str, origin: str, ranged: bool) -> bool:
-        return (
+    def _take(self, ctx: _RequestContext) -> bool:
+        """Whether this fault fires for ``ctx`` (counts the match); call with the server lock held."""
+        matches = (
             not self.spent
-            and (self.method is None or self.method.upper() == method)
-            and (self.origin is None or self.origin == origin)
-            and (ranged or not self.ranged_only)
-            and fnmatch.fnmatchcase(path, self.path)
+            and (self.method is None or self.method.upper() == ctx.method)
+            and (self.origin is None or self.origin == ctx.origin)
+            and (ctx.range is not None or not self.ranged_only)
+            and fnmatch.fnmatchcase(ctx.path, self.path)
+            and (self.file is None or (ctx.file is not None and fnmatch.fnmatchcase(ctx.file, self.file)))
         )
+        if not matches:
+            return False
+        self.seen += 1
+        if self.seen % self.every:
+            return False
+        self.fired += 1
+        ctx.faults.append(self.describe())
+        return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,20 +206,19 @@ class Fault:
 # --------------------------------------------------------------------------------------------------
 
 
-class _HttpError(Exception):
-    """An error answer. ``code`` goes into ``X-Error-Code``: huggingface_hub maps that to its exceptions."""
+def _error_response(error: HttpError) -> _Response:
+    headers = {"X-Error-Message": error.message}
+    if error.code is not None:
+        headers["X-Error-Code"] = error.code
+    if error.commit is not None:  # lets the client cache the file's absence (.no_exist/<commit>/...)
+        headers["X-Repo-Commit"] = error.commit
+    return _Response.json(error.status, {"error": error.message}, headers)
 
-    def __init__(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.commit = status, code, message, commit
 
-    def response(self) -> _Response:
-        headers = {"X-Error-Message": self.message}
-        if self.code is not None:
-            headers["X-Error-Code"] = self.code
-        if self.commit is not None:  # lets the client cache the file's absence (.no_exist/<commit>/...)
-            headers["X-Repo-Commit"] = self.commit
-        return _Response.json(self.status, {"error": self.message}, headers)
+def _storage_error(status: int, code: str, message: str) -> _Response:
+    """An error of the storage behind the bridge: S3/CloudFront style XML, no Hub headers."""
+    body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+    return _Response(status, {"Content-Type": "application/xml"}, body.encode())
 
 
 class _RangeNotSatisfiable(Exception):
@@ -406,7 +279,7 @@ class _Response:
 
 
 class _TokenBucket:
-    """Shared pacing for all response bodies: the aggregate rate stays under ``rate`` bytes/second.
+    """Pacing for response bodies: what goes through it stays under ``rate`` bytes/second.
 
     A virtual clock advances by ``n / rate`` per reservation; idle time earns back at most
     ``burst_s`` seconds of credit, which makes this a token bucket of ``rate * burst_s`` bytes.
@@ -430,11 +303,11 @@ class _TokenBucket:
 
 
 class _OriginServer(ThreadingHTTPServer):
-    """One listening socket ("hub" or "cdn") of a :class:`HubServer`."""
+    """One listening socket ("hub" or "bridge") of a :class:`HubServer`."""
 
     daemon_threads = True
     block_on_close = False  # HubServer.stop() joins handler threads itself, with a deadline
-    request_queue_size = 128  # snapshot_download opens 8+ connections at once
+    request_queue_size = 128  # snapshot_download and streaming open 8+ connections at once
 
     def __init__(self, hub: HubServer, origin: str, port: int) -> None:
         self.hub = hub
@@ -461,6 +334,7 @@ class _RequestContext:
     range: str | None
     authorization: str | None
     start: float
+    file: str | None = None  # set once routing knows which repo file the request is about
     faults: list[str] = field(default_factory=list)
 
 
@@ -516,22 +390,22 @@ class _Handler(BaseHTTPRequestHandler):
         )
         with hub._in_flight():
             body = self._read_request_body()
+            try:
+                response = self._route(split.path, split.query, body) if body is not None else None
+            except HttpError as error:
+                response = _error_response(error)
+            if response is None:
+                response = _error_response(HttpError(400, None, "unsupported request body"))
+                self.close_connection = True  # the unread body would be taken for the next request
+            ctx.file = response.file
             delay, action = hub._take_request_faults(ctx)
-            stopped = bool(delay) and hub._stop_event.wait(delay)
+            stopped = hub._stop_event.wait(delay + hub.latency) if delay + hub.latency > 0 else False
             if stopped or (action is not None and action.reset):
-                hub._finish(hub._log(ctx, status=None, file=None))
+                hub._finish(hub._log(ctx, status=None))
                 self._reset_connection()
                 return
-            try:
-                if action is not None:
-                    response = _fault_response(action)
-                elif body is None:
-                    response = _HttpError(400, None, "unsupported request body").response()
-                    self.close_connection = True  # the unread body would be taken for the next request
-                else:
-                    response = self._route(split.path, split.query, body)
-            except _HttpError as error:
-                response = error.response()
+            if action is not None:
+                response = _fault_response(action, response.file)
             try:
                 self._send(ctx, response, head_only)
             except OSError:
@@ -547,11 +421,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, raw_path: str, query: str, body: bytes) -> _Response:
         # Split before unquoting: revisions and tree paths arrive %2F-quoted inside one segment.
         segments = [unquote(s) for s in raw_path.split("/")[1:]]
-        if self.server.origin == "cdn":
-            return self._route_cdn(segments)
+        if self.server.origin == "bridge":
+            return self._route_bridge(segments, query)
         params = {k.lower(): v[-1].lower() for k, v in parse_qs(query).items()}
         if segments[:2] == ["api", "models"]:
             return self._route_api(segments[2:], params, body)
+        if segments[:1] == [_CAS_PREFIX]:
+            raise HttpError(
+                501,
+                None,
+                "This local Hub has no Xet CAS: hf_xet cannot download from it. Set HF_HUB_DISABLE_XET=1 and "
+                "huggingface_hub downloads over HTTP from the redirect target instead.",
+            )
         if self.command in ("GET", "HEAD") and "resolve" in segments[1:3]:
             candidates = ["/".join(segments[:2])] if segments[2:3] == ["resolve"] else []
             candidates += segments[:1] if segments[1] == "resolve" else []
@@ -559,10 +440,11 @@ class _Handler(BaseHTTPRequestHandler):
             rest = segments[len(repo.repo_id.split("/")) :]  # ["resolve", revision, *path]
             if len(rest) >= 3:
                 return self._resolve(repo, rest[1], "/".join(rest[2:]))
-        raise _HttpError(404, None, "Not Found")
+        raise HttpError(404, None, "Not Found")
 
     def _route_api(self, segments: list[str], params: dict[str, str], body: bytes) -> _Response:
-        repo = self.server.hub._repo(["/".join(segments[:2]), segments[0] if segments else ""])
+        hub = self.server.hub
+        repo = hub._repo(["/".join(segments[:2]), segments[0] if segments else ""])
         rest = segments[len(repo.repo_id.split("/")) :]
         truthy = ("1", "true")
         if self.command in ("GET", "HEAD"):
@@ -574,11 +456,24 @@ class _Handler(BaseHTTPRequestHandler):
             if rest[0] == "tree" and len(rest) >= 2:
                 repo.resolve(rest[1])
                 folder = "/".join(rest[2:]).strip("/")
-                return _Response.json(200, repo.tree(folder, params.get("recursive") in truthy))
+                return _Response.json(200, repo.tree(folder, params.get("recursive") in truthy, hub.mode == "xet"))
+            if rest[0] == "xet-read-token" and len(rest) == 2 and hub.mode == "xet":
+                return self._xet_token(repo, rest[1])
         if self.command == "POST" and rest[:1] == ["paths-info"] and len(rest) == 2:
             repo.resolve(rest[1])
-            return _Response.json(200, repo.paths_info(self._posted_paths(body)))
-        raise _HttpError(404, None, "Not Found")
+            return _Response.json(200, repo.paths_info(self._posted_paths(body), hub.mode == "xet"))
+        raise HttpError(404, None, "Not Found")
+
+    def _xet_token(self, repo: ServedRepo, revision: str) -> _Response:
+        """The ``rel="xet-auth"`` route: a short-lived token for a Xet CAS (which this server does not have)."""
+        if repo.gated:
+            self._check_gate(repo)
+        repo.resolve(revision)
+        expires = int(time.time()) + _TOKEN_TTL_S
+        token = hashlib.sha256(os.urandom(16)).hexdigest()
+        cas = f"{self.server.hub.url}/{_CAS_PREFIX}"
+        headers = {"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(expires)}
+        return _Response.json(200, {"casUrl": cas, "accessToken": token, "exp": expires}, headers)
 
     def _posted_paths(self, body: bytes) -> list[str]:
         """``paths`` of a paths-info call: form-encoded (what huggingface_hub sends) or JSON."""
@@ -588,41 +483,57 @@ class _Handler(BaseHTTPRequestHandler):
             return [paths] if isinstance(paths, str) else list(paths)
         return parse_qs(text, keep_blank_values=True).get("paths", [])
 
-    def _resolve(self, repo: _Repo, revision: str, path: str) -> _Response:
+    def _resolve(self, repo: ServedRepo, revision: str, path: str) -> _Response:
+        hub = self.server.hub
         if repo.gated:
             self._check_gate(repo)
         commit = repo.resolve(revision)
         entry = repo.files.get(path)
         if entry is None:
-            raise _HttpError(404, "EntryNotFound", f"Entry not found: {path}", commit)
+            raise HttpError(404, "EntryNotFound", f"Entry not found: {path}", commit)
         headers = {"X-Repo-Commit": commit, "ETag": f'"{entry.etag}"'}
         if entry.is_lfs:
             headers.update({"X-Linked-Etag": f'"{entry.etag}"', "X-Linked-Size": str(entry.size)})
-        cdn_url = self.server.hub._cdn_base
-        if entry.is_lfs and cdn_url is not None:
-            # Like the real Hub: an absolute redirect to another origin. huggingface_hub's HEAD does not
-            # follow it (metadata comes from this response, `location` is the CDN URL) and it drops the
-            # Authorization header for the download; httpx drops it when a GET follows the redirect.
-            location = f"{cdn_url}/cdn/{entry.sha256}/{quote(Path(path).name)}"
-            return _Response(302, {**headers, "Location": location}, file=path)
+        if entry.is_lfs and hub.mode == "xet":
+            # An absolute redirect to another host: huggingface_hub's HEAD does not follow it (the metadata comes
+            # from this response, `location` is the bridge URL) and no client may send its token there.
+            token_route = f"{hub.url}/api/models/{repo.repo_id}/xet-read-token/{commit}"
+            headers.update(
+                {
+                    "X-Xet-Hash": str(entry.xet_hash),
+                    "Link": f'<{token_route}>; rel="xet-auth"',
+                    "Location": hub._signed_bridge_url(repo, entry),
+                }
+            )
+            return _Response(302, headers, file=path)
         return self._file_response(entry, headers)
 
-    def _check_gate(self, repo: _Repo) -> None:
+    def _check_gate(self, repo: ServedRepo) -> None:
         auth = self.headers.get("Authorization")
         if auth is None:
-            raise _HttpError(401, "GatedRepo", f"Access to {repo.repo_id} is restricted. Please log in.")
+            raise HttpError(401, "GatedRepo", f"Access to {repo.repo_id} is restricted. Please log in.")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _HttpError(403, "GatedRepo", f"Access to {repo.repo_id} is restricted. Use a bearer token.")
+            raise HttpError(403, "GatedRepo", f"Access to {repo.repo_id} is restricted. Use a bearer token.")
 
-    def _route_cdn(self, segments: list[str]) -> _Response:
-        is_cdn_path = len(segments) == 3 and segments[0] == "cdn"
-        entry = self.server.hub._cdn_entry(segments[1]) if is_cdn_path else None
+    def _route_bridge(self, segments: list[str], query: str) -> _Response:
+        hub = self.server.hub
+        entry = hub._bridge_entry(segments[2]) if len(segments) == 3 and segments[0] == _BRIDGE_PREFIX else None
         if entry is None or self.command not in ("GET", "HEAD"):
-            raise _HttpError(404, None, "NoSuchKey")
-        return self._file_response(entry, {"ETag": f'"{entry.etag}"'})
+            return _storage_error(404, "NoSuchKey", "The specified key does not exist.")
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        expires = params.get("Expires", "")
+        expected = hub._signature("/" + "/".join(segments), expires)
+        if not expires.isdigit() or not hmac.compare_digest(params.get("Signature", ""), expected):
+            response = _storage_error(403, "AccessDenied", "Invalid signature")
+        elif time.time() >= int(expires):
+            response = _storage_error(403, "AccessDenied", "Request has expired")
+        else:
+            return self._file_response(entry, {"ETag": f'"{entry.xet_hash}"'})
+        response.file = entry.path
+        return response
 
-    def _file_response(self, entry: _RepoFile, headers: dict[str, str]) -> _Response:
+    def _file_response(self, entry: ServedFile, headers: dict[str, str]) -> _Response:
         headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         try:
             byte_range = _parse_range(self.headers.get("Range"), entry.size)
@@ -632,7 +543,8 @@ class _Handler(BaseHTTPRequestHandler):
         if byte_range is None:
             return _Response(200, headers, _FileSlice(entry.disk, 0, entry.size), entry.path)
         first, last = byte_range
-        headers["Content-Range"] = f"bytes {first}-{last}/{entry.size}"
+        if self.server.hub.content_range:
+            headers["Content-Range"] = f"bytes {first}-{last}/{entry.size}"
         return _Response(206, headers, _FileSlice(entry.disk, first, last - first + 1), entry.path)
 
     # -- response writing -------------------------------------------------------------------------
@@ -640,30 +552,41 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, ctx: _RequestContext, response: _Response, head_only: bool) -> None:
         hub = self.server.hub
         length = response.length
-        limit = hub._take_truncate_fault(ctx) if not head_only and length > 0 else None
+        body_fault = hub._take_body_fault(ctx) if not head_only and length > 0 else None
+        limit = body_fault.truncate_after if body_fault is not None else None
         self.send_response(response.status)
         for key, value in response.headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(length))
         if self._served >= _MAX_REQUESTS_PER_CONNECTION or limit is not None:
             self.send_header("Connection", "close")
-        record = hub._log(ctx, status=response.status, file=response.file)
+        record = hub._log(ctx, status=response.status)
         try:
             self.end_headers()
             count = length if limit is None else min(limit, length)
-            if not head_only and self._write_body(record, response.body, count) < length:
+            stall = (body_fault.stall_after, body_fault.stall) if body_fault and body_fault.stall else None
+            if not head_only and self._write_body(record, response.body, count, stall) < length:
                 self.close_connection = True  # cut short (fault, stop, or the file shrank): client sees EOF
         finally:
             hub._finish(record)
 
-    def _write_body(self, record: RequestRecord, body: bytes | _FileSlice, count: int) -> int:
-        """Write up to ``count`` body bytes, paced by the bandwidth cap; returns how many were written."""
+    def _write_body(
+        self, record: RequestRecord, body: bytes | _FileSlice, count: int, stall: tuple[int, float] | None
+    ) -> int:
+        """Write up to ``count`` body bytes, paced by both bandwidth caps; returns how many were written."""
         hub = self.server.hub
+        total, per_connection = hub._bucket, hub._connection_bucket()
+        chunk_size = min(b.chunk if b is not None else _CHUNK for b in (total, per_connection))
         written = 0
-        for chunk in _body_chunks(body, count, hub._chunk_size()):
-            wait = hub._reserve(len(chunk))
-            if wait > 0 and hub._stop_event.wait(wait):
-                break
+        for chunk in _body_chunks(body, count, chunk_size, stall[0] if stall else None):
+            if stall is not None and written >= stall[0]:
+                if hub._stop_event.wait(stall[1]):
+                    break
+                stall = None
+            for bucket in (per_connection, total):
+                wait = bucket.reserve(len(chunk)) if bucket is not None else 0.0
+                if wait > 0 and hub._stop_event.wait(wait):
+                    return written
             hub._count(record, len(chunk))  # counted first: the log is complete once the client has it
             try:
                 self.wfile.write(chunk)
@@ -681,29 +604,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
 
 
-def _fault_response(fault: Fault) -> _Response:
+def _fault_response(fault: Fault, file: str | None) -> _Response:
     assert fault.status is not None
     headers = {"X-Error-Message": f"injected fault: HTTP {fault.status}"}
     if fault.retry_after is not None:
         headers["Retry-After"] = str(fault.retry_after)
-    return _Response.json(fault.status, {"error": f"injected fault: HTTP {fault.status}"}, headers)
+    response = _Response.json(fault.status, {"error": f"injected fault: HTTP {fault.status}"}, headers)
+    response.file = file
+    return response
 
 
-def _body_chunks(body: bytes | _FileSlice, count: int, chunk_size: int) -> Iterator[bytes]:
-    """At most ``count`` bytes of the body, in chunks; file bodies are read from disk as they go."""
+def _body_chunks(body: bytes | _FileSlice, count: int, chunk_size: int, split_at: int | None) -> Iterator[bytes]:
+    """At most ``count`` bytes of the body, in chunks (one boundary at ``split_at``); file bodies are read from disk
+    as they go."""
+    bounds = [split_at] if split_at is not None and 0 < split_at < count else []
+    position = 0
     if isinstance(body, bytes):
         view = memoryview(body)[:count]
-        for offset in range(0, len(view), chunk_size):
-            yield bytes(view[offset : offset + chunk_size])
+        while position < count:
+            end = min([position + chunk_size, count, *[b for b in bounds if b > position]])
+            yield bytes(view[position:end])
+            position = end
         return
     with body.path.open("rb") as fh:
         fh.seek(body.start)
-        remaining = count
-        while remaining > 0:
-            chunk = fh.read(min(chunk_size, remaining))
+        while position < count:
+            end = min([position + chunk_size, count, *[b for b in bounds if b > position]])
+            chunk = fh.read(end - position)
             if not chunk:
                 return  # the file shrank since add_repo(); the caller closes the connection
-            remaining -= len(chunk)
+            position += len(chunk)
             yield chunk
 
 
@@ -715,39 +645,52 @@ def _body_chunks(body: bytes | _FileSlice, count: int, chunk_size: int) -> Itera
 class HubServer:
     """A local Hub: serves folders as model repos over HTTP/1.1 on 127.0.0.1.
 
-    Use it as a context manager (``with HubServer() as hub:``) or call :meth:`start`/:meth:`stop`.
-    Point ``huggingface_hub`` at :attr:`url` (``HF_ENDPOINT`` before importing it, or ``endpoint=``).
-
-    ``bandwidth`` caps the bytes/second of all response bodies together (both origins), to show how
-    a cold start behaves on a slow link. ``redirect_lfs`` answers ``/resolve/`` of LFS files with a
-    302 to a second origin (:attr:`cdn_url`), like the real Hub's CDN, so the client-side handling of
-    redirects (``location``, Authorization stripping) is exercised.
+    Use it as a context manager (``with HubServer() as hub:``) or call :meth:`start`/:meth:`stop`. Point
+    ``huggingface_hub`` at :attr:`url` (``HF_ENDPOINT`` before importing it, or ``endpoint=``). See the module
+    docstring for ``mode`` ("mirror" or "xet") and the link model (``latency``, ``connection_bandwidth``,
+    ``bandwidth``). ``url_ttl``: seconds a signed bridge URL stays valid (xet mode). ``content_range=False``: 206
+    answers without ``Content-Range``. ``latency``, the bandwidths and ``url_ttl`` can be changed while serving.
     """
 
     def __init__(
         self,
         host: str = _LOOPBACK,
         port: int = 0,
+        *,
+        mode: str = "mirror",
         bandwidth: float | None = None,
-        redirect_lfs: bool = False,
+        connection_bandwidth: float | None = None,
+        latency: float = 0.0,
+        url_ttl: float = 3600.0,
+        content_range: bool = True,
     ) -> None:
         if host not in (_LOOPBACK, "localhost"):
             raise ValueError("HubServer only binds 127.0.0.1: it serves test data without any access control")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if latency < 0 or url_ttl <= 0:
+            raise ValueError("latency must be >= 0 and url_ttl > 0 seconds")
         self._port = port
-        self._redirect_lfs = redirect_lfs
+        self.mode = mode
+        self.latency = latency
+        self.url_ttl = url_ttl
+        self.content_range = content_range
         self._bucket = _TokenBucket(bandwidth) if bandwidth is not None else None
+        self._connection_rate = connection_bandwidth
+        if connection_bandwidth is not None:
+            _TokenBucket(connection_bandwidth)  # validates the rate now rather than at the first request
+        self._secret = os.urandom(32)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stop_event = threading.Event()
-        self._repos: dict[str, _Repo] = {}
-        self._cdn_index: dict[str, _RepoFile] = {}
+        self._repos: dict[str, ServedRepo] = {}
+        self._bridge_index: dict[str, ServedFile] = {}
         self._log_records: list[RequestRecord] = []
         self._faults: list[Fault] = []
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._active = 0
         self._servers: list[_OriginServer] = []
         self._threads: list[threading.Thread] = []
-        self._cdn_base: str | None = None  # set while started with redirect_lfs
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -758,14 +701,13 @@ class HubServer:
         self._stop_event.clear()
         try:
             self._servers.append(_OriginServer(self, "hub", self._port))
-            if self._redirect_lfs:
-                self._servers.append(_OriginServer(self, "cdn", 0))
+            if self.mode == "xet":
+                self._servers.append(_OriginServer(self, "bridge", 0))
         except OSError:
             for srv in self._servers:
                 srv.server_close()
             self._servers = []
             raise
-        self._cdn_base = self.cdn_url
         for srv in self._servers:
             # A short poll interval makes stop() quick: tests start many servers.
             thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -774,10 +716,10 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        """Close both sockets and all connections, and join the threads (bounded: about 2 s at most)."""
+        """Close the sockets and all connections, and join the threads (bounded: about 2 s at most)."""
         if not self._servers:
             return
-        self._stop_event.set()  # wakes handlers sleeping on a delay or the bandwidth cap
+        self._stop_event.set()  # wakes handlers sleeping on a delay, a stall or a bandwidth cap
         for srv in self._servers:
             srv.shutdown()
             srv.server_close()
@@ -789,7 +731,7 @@ class HubServer:
         deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
         for thread in [*connections.values(), *self._threads]:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._servers, self._threads, self._cdn_base = [], [], None
+        self._servers, self._threads = [], []
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -802,22 +744,33 @@ class HubServer:
     @property
     def url(self) -> str:
         """The Hub endpoint, e.g. ``http://127.0.0.1:PORT`` (what ``HF_ENDPOINT`` should be)."""
-        return self._origin_url("hub")
+        return self._origin_url("hub", _LOOPBACK)
 
     @property
-    def cdn_url(self) -> str | None:
-        """The second origin LFS downloads are redirected to, or None without ``redirect_lfs``."""
-        return self._origin_url("cdn") if self._redirect_lfs else None
+    def bridge_url(self) -> str | None:
+        """The second origin LFS files are redirected to (another host name), or None in mirror mode."""
+        return self._origin_url("bridge", _BRIDGE_HOST) if self.mode == "xet" else None
 
     @property
     def bandwidth(self) -> float | None:
-        """The shared cap in bytes/second (None: unlimited); can be changed while serving."""
+        """The cap in bytes/second shared by all response bodies (None: unlimited)."""
         bucket = self._bucket
         return bucket.rate if bucket is not None else None
 
     @bandwidth.setter
     def bandwidth(self, rate: float | None) -> None:
         self._bucket = _TokenBucket(rate) if rate is not None else None
+
+    @property
+    def connection_bandwidth(self) -> float | None:
+        """The cap in bytes/second of each response body (None: unlimited)."""
+        return self._connection_rate
+
+    @connection_bandwidth.setter
+    def connection_bandwidth(self, rate: float | None) -> None:
+        if rate is not None:
+            _TokenBucket(rate)
+        self._connection_rate = rate
 
     # -- repos ------------------------------------------------------------------------------------
 
@@ -835,10 +788,10 @@ class HubServer:
         folder = Path(folder)
         if not folder.is_dir():
             raise NotADirectoryError(folder)
-        repo = _Repo.scan(repo_id, folder, gated)
+        repo = ServedRepo.scan(repo_id, folder, gated)
         with self._lock:
             self._repos[repo_id] = repo
-            self._cdn_index.update({f.sha256: f for f in repo.files.values() if f.sha256 is not None})
+            self._bridge_index.update({str(f.xet_hash): f for f in repo.files.values() if f.is_lfs})
         return repo.sha
 
     # -- request log ------------------------------------------------------------------------------
@@ -862,6 +815,16 @@ class HubServer:
                 if r.file is not None and (path_suffix is None or r.file.endswith(path_suffix))
             )
 
+    def resolve_calls(self, path_suffix: str | None = None) -> int:
+        """``/resolve/`` requests so far (the Hub's Resolvers rate-limit bucket), optionally only for files
+        ending with ``path_suffix``."""
+        with self._lock:
+            return sum(
+                1
+                for r in self._log_records
+                if r.is_resolve and (path_suffix is None or (r.file or r.path).endswith(path_suffix))
+            )
+
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait until no request is being answered; True if that happened within ``timeout``."""
         with self._idle:
@@ -881,22 +844,39 @@ class HubServer:
 
     # -- internals used by the handler --------------------------------------------------------------
 
-    def _origin_url(self, origin: str) -> str:
+    def _origin_url(self, origin: str, host: str) -> str:
         for srv in self._servers:
             if srv.origin == origin:
-                return f"http://{_LOOPBACK}:{srv.server_address[1]}"
+                return f"http://{host}:{srv.server_address[1]}"
         raise RuntimeError("HubServer is not started")
 
-    def _repo(self, candidates: list[str]) -> _Repo:
+    def _signature(self, path: str, expires: str) -> str:
+        return hmac.new(self._secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()[:40]
+
+    def _signed_bridge_url(self, repo: ServedRepo, entry: ServedFile) -> str:
+        """A bridge URL for ``entry`` that stops working ``url_ttl`` seconds from now (whole seconds, rounded up,
+        as ``Expires`` is a Unix time)."""
+        repo_key = hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24]
+        path = f"/{_BRIDGE_PREFIX}/{repo_key}/{entry.xet_hash}"
+        expires = str(math.ceil(time.time() + self.url_ttl))
+        query = f"Expires={expires}&Signature={self._signature(path, expires)}&Key-Pair-Id=LOCALHUB"
+        disposition = quote(f'inline; filename="{Path(entry.path).name}"', safe="")
+        return f"{self.bridge_url}{path}?{query}&response-content-disposition={disposition}"
+
+    def _repo(self, candidates: list[str]) -> ServedRepo:
         with self._lock:
             for repo_id in candidates:
                 if repo_id in self._repos:
                     return self._repos[repo_id]
-        raise _HttpError(404, "RepoNotFound", "Repository not found")
+        raise HttpError(404, "RepoNotFound", "Repository not found")
 
-    def _cdn_entry(self, sha256: str) -> _RepoFile | None:
+    def _bridge_entry(self, xet_hash: str) -> ServedFile | None:
         with self._lock:
-            return self._cdn_index.get(sha256)
+            return self._bridge_index.get(xet_hash)
+
+    def _connection_bucket(self) -> _TokenBucket | None:
+        rate = self._connection_rate
+        return _TokenBucket(rate) if rate is not None else None
 
     def _register_connection(self, conn: socket.socket) -> None:
         with self._lock:
@@ -925,32 +905,22 @@ class HubServer:
         delay, action = 0.0, None
         with self._lock:
             for fault in self._faults:
-                if fault.truncate_after is not None or not self._fault_matches(fault, ctx):
+                if fault.needs_body or (fault.delay is None and action is not None) or not fault._take(ctx):
                     continue
                 if fault.delay is not None:
                     delay += fault.delay
-                elif action is None:
-                    action = fault
                 else:
-                    continue
-                fault.fired += 1
-                ctx.faults.append(fault.describe())
+                    action = fault
         return delay, action
 
-    def _take_truncate_fault(self, ctx: _RequestContext) -> int | None:
+    def _take_body_fault(self, ctx: _RequestContext) -> Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.truncate_after is not None and self._fault_matches(fault, ctx):
-                    fault.fired += 1
-                    ctx.faults.append(fault.describe())
-                    return fault.truncate_after
+                if fault.needs_body and fault._take(ctx):
+                    return fault
         return None
 
-    @staticmethod
-    def _fault_matches(fault: Fault, ctx: _RequestContext) -> bool:
-        return fault._matches(ctx.method, ctx.path, ctx.origin, ctx.range is not None)
-
-    def _log(self, ctx: _RequestContext, status: int | None, file: str | None) -> RequestRecord:
+    def _log(self, ctx: _RequestContext, status: int | None) -> RequestRecord:
         record = RequestRecord(
             time=ctx.start,
             method=ctx.method,
@@ -960,7 +930,7 @@ class HubServer:
             range=ctx.range,
             authorization=ctx.authorization is not None,
             status=status,
-            file=file,
+            file=ctx.file,
             fault=", ".join(ctx.faults) or None,
         )
         with self._lock:
@@ -974,11 +944,3 @@ class HubServer:
     def _finish(self, record: RequestRecord) -> None:
         with self._lock:
             record.end = time.monotonic()
-
-    def _chunk_size(self) -> int:
-        bucket = self._bucket
-        return bucket.chunk if bucket is not None else _CHUNK
-
-    def _reserve(self, n: int) -> float:
-        bucket = self._bucket
-        return bucket.reserve(n) if bucket is not None else 0.0

@@ -1,0 +1,247 @@
+"""Who gets the link: the forward pass first, then the bytes it will read next, then completing the files.
+
+Three kinds of fetch share one model's ``connections``:
+
+1. demand: a read the engine waits for (its unit's ranges, cut into pieces fetched in parallel). Queued, and taken
+   by the next free connection before anything else.
+2. readahead: the ranges the forward pass will read next, in its read order (handed over by `expect_reads`), up
+   to ``READAHEAD_BYTES`` past the last range it read. They go to the partial file, not to memory, so the weight
+   budget is untouched; and the first forward pass, which traces the schedule and has no prefetch of its own,
+   still overlaps downloading with computing.
+3. fill (``complete_download``): the rest of each shard in file order, so that it can be verified and committed;
+   only while no demand or readahead fetch is queued or running: in the gaps the forward pass leaves, so that
+   it never shares the link with the bytes the forward pass waits for or reads next.
+
+Background fetches (2 and 3) are claimed by idle connections when they start, never queued, so a demand read never
+waits behind queued low-priority work. And when a demand read finds every connection busy, that many background
+fetches yield (fill first, then the readahead furthest ahead): they stop at their next body chunk, keep the bytes
+they got, and the rest of their range is claimed again later. So a demand read waits at most one body chunk
+behind background traffic, and fill requests can be large (fewer requests, less time-to-first-byte paid). The
+sizes below and ``StreamConfig.max_connections`` (12) were chosen from ``python -m benchmarks.bench_hub --sweep``
+against the latency-modelled local Hub.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import StreamingRuntimeError
+from .partial import Superseded
+from .remote import Cancelled
+from .stream import Claim, ShardStream
+
+logger = logging.getLogger(__name__)
+
+DEMAND, READAHEAD, FILL = 0, 1, 2
+# Measured (benchmarks/results/hub_sweep_*.md, 0.2 s to first byte, 20 MB/s per connection, 100 MB/s in all): 12
+# connections get 92-93% of the link with 4-8 MiB requests, 96% with 16 MiB, 98% with 32 MiB; 8 connections need
+# 32 MiB for 96%; 4 connections never pass 76%. Readahead and demand pieces stay at 8 MiB because the requests in
+# flight complete together: 12 x 8 MiB is about two decoder blocks of a 600 MB model in flight, so blocks arrive
+# nearly in order and the forward pass can run on the first while the next arrive. Fill is not needed in any
+# order and yields to demand reads, so it uses the large requests.
+DEMAND_PIECE_BYTES = 8 << 20  # a demand read is fetched as parallel pieces of at most this size
+READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
+FILL_CHUNK_BYTES = 32 << 20  # one filler request
+MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this
+READAHEAD_BYTES = 1 << 30  # how far ahead of the forward pass (in its read order) idle connections fetch to disk
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP range to fetch for a claim; ``out`` is the reader's buffer for a demand read.
+
+    ``awaited`` jobs hand their error to the reader waiting for them; the others (background work) report it
+    themselves. ``order`` ranks readahead jobs (how far ahead of the forward pass), for choosing which yields.
+    """
+
+    stream: ShardStream
+    claim: Claim
+    priority: int = DEMAND
+    order: int = 0
+    out: memoryview | None = None
+    awaited: bool = False
+    error: BaseException | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    yield_requested: bool = False
+
+    def run(self) -> None:
+        try:
+            self.stream.fetch(self.claim, self.out, lambda: self.yield_requested)
+        except BaseException as err:  # noqa: BLE001 - handed to the reader, or logged for background work
+            self.error = err
+        finally:
+            self.finished.set()
+
+
+class FetchScheduler:
+    """The HTTP connections of one model: ``connections`` threads, demand jobs first, in the order they came.
+
+    The engine asks for units in execution order, so first come is what the forward pass needs first. When no demand
+    job is queued, an idle connection asks ``background(forward_active)`` for work (module docstring).
+    """
+
+    def __init__(self, connections: int, background: Callable[[bool], Job | None]) -> None:
+        self._connections = connections
+        self._background = background
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: set[Job] = set()
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
+
+    @property
+    def lock(self) -> threading.Condition:
+        """Held by a worker while it picks its next job (reentrant)."""
+        return self._cond
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._cond:
+            if self._stopped:
+                for job in jobs:
+                    job.stream.release(job.claim)
+                raise StreamingRuntimeError("This model's Hub source was closed; load the model again.")
+            self._queue.extend(jobs)
+            self._start_threads()
+            self._make_room()
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        with self._cond:
+            self._start_threads()
+            self._cond.notify_all()
+
+    def stop(self, timeout: float) -> list[threading.Thread]:
+        """Fail queued jobs and tell running ones to stop (within one body chunk); returns the threads to join."""
+        with self._cond:
+            self._stopped = True
+            queued, self._queue = list(self._queue), collections.deque()
+            self._cond.notify_all()
+        for job in queued:
+            job.error = StreamingRuntimeError("This model's Hub source was closed while the read waited.")
+            job.stream.release(job.claim)
+            job.finished.set()
+        return list(self._threads)
+
+    def _make_room(self) -> None:
+        """Ask background jobs to yield to queued demand jobs no free connection will take."""
+        yielding = sum(1 for j in self._running if j.yield_requested)
+        shortfall = len(self._queue) - (self._connections - len(self._running) + yielding)
+        if shortfall <= 0:
+            return
+        background = [j for j in self._running if j.priority != DEMAND and not j.yield_requested]
+        background.sort(key=lambda j: (-j.priority, -j.order))
+        for job in background[:shortfall]:
+            job.yield_requested = True
+
+    def _forward_active(self) -> bool:
+        """Whether the forward pass is using the link: reads it waits for, or the bytes it reads next."""
+        return bool(self._queue) or any(j.priority != FILL for j in self._running)
+
+    def _start_threads(self) -> None:
+        while len(self._threads) < self._connections and not self._stopped:
+            thread = threading.Thread(
+                target=self._work, name=f"hf_weightstream-fetch-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    if self._queue:
+                        job = self._queue.popleft()
+                        break
+                    job = self._background(self._forward_active())
+                    if job is not None:
+                        break
+                    self._cond.wait(timeout=1.0)
+                self._running.add(job)
+            try:
+                job.run()
+                if not job.awaited and job.error is not None:
+                    _background_failed(job)
+            finally:
+                with self._cond:
+                    self._running.discard(job)
+                    self._cond.notify_all()
+
+
+def _background_failed(job: Job) -> None:
+    if isinstance(job.error, (Cancelled, Superseded)):
+        return
+    stream = job.stream
+    if stream.failure is None:
+        logger.warning(
+            "Background download of %s stopped: %s. Reads of this model still fetch what they need; a later run "
+            "(or wait_until_cached) resumes the download.",
+            stream.remote.describe(),
+            job.error,
+        )
+    stream.failure = job.error
+
+
+class Background:
+    """What idle connections fetch while the forward pass is not waiting: readahead, then fill (module docstring).
+
+    Nothing starts before the engine's first read: ``from_pretrained`` returns with only the headers fetched.
+    """
+
+    def __init__(self, streams: dict[str, ShardStream], fill: bool, connections: int) -> None:
+        self.streams = streams
+        self.fill = fill
+        self.connections = connections
+        self.active = False
+        self._order: list[tuple[ShardStream, int, int]] = []
+        self._planned: dict[str, list[tuple[int, int, int]]] = {}  # shard -> sorted (start, end, position)
+        self._position = -1
+
+    def expect_reads(self, reads: list[tuple[str, int, int]]) -> None:
+        self._order = [(self.streams[s], o, o + n) for s, o, n in reads if s in self.streams]
+        planned: dict[str, list[tuple[int, int, int]]] = {}
+        for position, (stream, start, end) in enumerate(self._order):
+            planned.setdefault(stream.remote.shard, []).append((start, end, position))
+        self._planned = {shard: sorted(spans) for shard, spans in planned.items()}
+
+    def planned_range(self, shard: str, offset: int) -> tuple[int, int, int] | None:
+        """The planned read (start, end, position) holding byte ``offset`` of ``shard``, if any."""
+        spans = self._planned.get(shard, [])
+        i = bisect.bisect_right(spans, (offset, float("inf"), 0)) - 1
+        return spans[i] if i >= 0 and spans[i][0] <= offset < spans[i][1] else None
+
+    def note_read(self, shard: str, offset: int) -> None:
+        self.active = True
+        planned = self.planned_range(shard, offset)
+        if planned is not None:
+            self._position = planned[2]
+
+    def next_job(self, forward_active: bool) -> Job | None:
+        if not self.active:
+            return None
+        count = len(self._order)
+        if count:  # from the range after the last one read (from the first before any: embedding rows come first)
+            ahead = 0
+            for step in range(1, count + 1):
+                if ahead >= READAHEAD_BYTES:
+                    break
+                stream, start, end = self._order[(self._position + step) % count]
+                claim = stream.claim_next(start, end, READAHEAD_CHUNK_BYTES)
+                if claim is not None:
+                    return Job(stream, claim, READAHEAD, order=step)
+                ahead += end - start
+        if self.fill and not forward_active:
+            # Large requests, but not so large that the last of the files keeps connections idle.
+            missing = sum(s.missing_bytes() for s in self.streams.values())
+            limit = max(MIN_FILL_BYTES, min(FILL_CHUNK_BYTES, missing // self.connections))
+            for stream in self.streams.values():
+                claim = stream.claim_next(0, stream.size, limit)
+                if claim is not None:
+                    return Job(stream, claim, FILL)
+        return None

@@ -1,0 +1,337 @@
+"""One remote shard being streamed: which of its bytes are present, which are being fetched and by whom.
+
+``present`` is what this process may read from the partial file: what the record names (ours or another
+process's) plus what we wrote and have not recorded yet. A range being fetched is claimed, in memory for the
+threads of this process and with a byte-range lock (`RangeLocks`) for other processes, so a byte is fetched once
+even when a demand read, the readahead, the filler and another process want it at the same time. A lock is held
+until the bytes it covers are recorded; a process that finds a range locked waits for the record to name it
+(`ShardStream.claim_missing` reports such ranges as ``foreign``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CheckpointError
+from . import cache
+from .partial import PartialFile, Superseded
+from .ranges import RangeSet
+from .remote import RangeFetcher, RemoteFile, Yielded
+
+logger = logging.getLogger(__name__)
+
+MAX_MISMATCHES = 2  # complete files whose sha256 did not match before we stop refetching one
+RECORD_EVERY_BYTES = 2 << 20  # a long fetch hands its bytes to the recorder this often: a kill loses less
+
+
+@dataclass(eq=False)
+class Claim:
+    """A byte range one fetch has taken on; others needing it wait for ``done`` instead of fetching it again."""
+
+    start: int
+    end: int
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Claimed:
+    """What `ShardStream.claim_missing` found in a range: new claims to fetch, claims of other threads to wait for,
+    whether other processes are fetching part of it, and the descriptor holding the present bytes (valid even if
+    the partial file is replaced later)."""
+
+    mine: list[Claim]
+    waits: list[threading.Event]
+    foreign: bool
+    fd: int
+
+
+class ShardStream:
+    """One remote shard: present and claimed ranges, fetching claims into the partial file, and its commit."""
+
+    def __init__(
+        self,
+        remote: RemoteFile,
+        partial: PartialFile,
+        recorded: RangeSet,
+        fetcher: RangeFetcher,
+        on_change: Callable[[], None],
+        on_fetched: Callable[[], None],
+    ) -> None:
+        self.remote = remote
+        self.partial = partial
+        self._fetcher = fetcher
+        self._on_change = on_change  # claims or files changed: the connections and the recorder look again
+        self._on_fetched = on_fetched  # bytes landed: the recorder records them
+        self._lock = threading.Lock()
+        self.present = recorded.copy()
+        self.unrecorded = RangeSet()
+        self._recording = RangeSet()  # taken by the recorder, not recorded yet
+        self._claims: list[Claim] = []
+        self.committed: Path | None = None
+        self.verified: str | None = None  # the sha256 we checked when we committed it
+        self.failure: BaseException | None = None  # why the background stopped fetching this shard
+        self._mismatches = 0
+
+    @property
+    def size(self) -> int:
+        return self.remote.size
+
+    def missing_bytes(self) -> int:
+        with self._lock:
+            return 0 if self.committed else self.size - self.present.total
+
+    # -- claims ---------------------------------------------------------------------------------------
+    def claim_missing(
+        self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]], ignore_foreign: bool = False
+    ) -> Claimed:
+        """Claim what nobody holds or fetches in ``[start, end)``, cut by ``pieces(start, end)``; with
+        ``ignore_foreign``, also what another process has locked (it stopped making progress)."""
+        self.refresh()
+        with self._lock:
+            if self.committed is not None:
+                return Claimed([], [], False, self.partial.fd)
+            mine: list[Claim] = []
+            waits: list[threading.Event] = []
+            foreign = False
+            for gap_start, gap_end in self.present.gaps(start, end):
+                busy = [c for c in self._claims if c.start < gap_end and gap_start < c.end]
+                waits.extend(c.done for c in busy)
+                for s, e in RangeSet((c.start, c.end) for c in busy).gaps(gap_start, gap_end):
+                    taken, elsewhere = self._lock_range(s, e)
+                    if ignore_foreign:
+                        taken, elsewhere = taken + elsewhere, []
+                    foreign = foreign or bool(elsewhere)
+                    for ts, te in taken:
+                        mine.extend(Claim(ps, pe) for ps, pe in pieces(ts, te))
+            self._claims.extend(mine)
+        return Claimed(self._drop_recorded(mine), waits, foreign, self.partial.fd)
+
+    def claim_next(self, start: int, end: int, limit: int) -> Claim | None:
+        """Claim the first byte range of ``[start, end)`` (at most ``limit`` bytes) nobody holds or fetches; for
+        background work, which skips what other processes are fetching."""
+        self.refresh()
+        with self._lock:
+            if self.committed is not None or self.failure is not None:
+                return None
+            taken = self.present.copy()
+            taken.update((c.start, c.end) for c in self._claims)
+            claim = None
+            for gap_start, gap_end in taken.gaps(start, end):
+                got, _ = self._lock_range(gap_start, min(gap_end, gap_start + limit))
+                if got:
+                    claim = Claim(*got[0])
+                    self._release_locks(got[1:])
+                    break
+            if claim is None:
+                return None
+            self._claims.append(claim)
+        dropped = self._drop_recorded([claim])
+        return dropped[0] if dropped else None
+
+    def _lock_range(self, start: int, end: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Take byte-range locks on the parts of ``[start, end)`` no other process holds: (taken, held elsewhere)."""
+        locks = self.partial.claims
+        if locks.acquire(start, end):
+            return [(start, end)], []
+        elsewhere = locks.busy(start, end)
+        taken = []
+        for s, e in elsewhere.gaps(start, end):
+            if locks.acquire(s, e):
+                taken.append((s, e))
+            else:
+                elsewhere.add(s, e)  # locked meanwhile
+        return taken, list(elsewhere)
+
+    def _drop_recorded(self, claims: list[Claim]) -> list[Claim]:
+        """Give back new claims that another process recorded just before we locked them (it records, then
+        unlocks; we lock, then look at the record: so nothing it fetched is fetched again)."""
+        if not claims or not self.partial.claims.enabled:
+            return claims
+        self.refresh()
+        with self._lock:
+            kept = [c for c in claims if not self.present.covers(c.start, c.end)]
+        for claim in claims:
+            if claim not in kept:
+                self.release(claim)
+        return kept
+
+    def release(self, claim: Claim) -> None:
+        """Give back a claim that was never fetched."""
+        self._settle(claim, claim.start, self.partial.generation)
+
+    def _settle(self, claim: Claim, upto: int, generation: int) -> None:
+        with self._lock:
+            self._claims.remove(claim)
+            if upto > claim.start and generation == self.partial.generation and self.committed is None:
+                self.present.add(claim.start, upto)
+                self.unrecorded.add(claim.start, upto)
+            else:
+                upto = claim.start
+            self._release_locks([(upto, claim.end)])  # the fetched part stays locked until it is recorded
+        claim.done.set()
+        self._on_change()
+
+    def _release_locks(self, ranges: list[tuple[int, int]]) -> None:
+        for start, end in ranges:
+            self.partial.claims.release(start, end)
+
+    # -- fetching -------------------------------------------------------------------------------------
+    def fetch(self, claim: Claim, out: memoryview | None, should_yield: Callable[[], bool]) -> None:
+        """Fetch a claimed range into the partial file and, for a demand read, into ``out`` (its buffer)."""
+        generation = self.partial.generation
+        written = published = claim.start
+        superseded = False
+
+        def sink(offset: int, chunk: memoryview) -> None:
+            nonlocal written, published, superseded
+            if out is not None:
+                out[offset - claim.start : offset - claim.start + len(chunk)] = chunk
+            if superseded:
+                return
+            try:
+                self.partial.write(offset, chunk, generation)
+            except Superseded:
+                superseded = True
+                if out is None:
+                    raise
+            else:
+                written = offset + len(chunk)
+                if written - published >= RECORD_EVERY_BYTES:
+                    self._publish(published, written, generation)
+                    published = written
+
+        try:
+            self._fetcher.fetch(self.remote, claim.start, claim.end, sink, should_yield)
+        except Yielded:
+            pass  # the bytes up to `written` are kept; the rest is claimed again later
+        finally:
+            self._settle(claim, written, generation)
+            if superseded:
+                self.reconcile()
+
+    def _publish(self, start: int, end: int, generation: int) -> None:
+        """Bytes of a fetch still running are on disk: readable here now, recorded (and unlocked) soon."""
+        with self._lock:
+            if generation == self.partial.generation and self.committed is None:
+                self.present.add(start, end)
+                self.unrecorded.add(start, end)
+        self._on_fetched()
+
+    # -- other processes --------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Take in ranges another process recorded (a ``stat`` when nothing changed)."""
+        if self.committed is not None:
+            return
+        changed, record = self.partial.refresh()
+        if not changed:
+            return
+        if record is None:
+            self.reconcile()  # committed or discarded elsewhere
+            return
+        with self._lock:
+            self.present.update(record)
+
+    def reconcile(self) -> None:
+        """Our partial file was committed or discarded by someone else: follow it."""
+        repo = self.remote.repo
+        blob = repo.blob_path(self.remote.sha256)
+        with self.partial.locked():
+            if self.committed is not None or self.partial.is_current():
+                return
+            if blob.exists():
+                self.partial.adopt(os.open(blob, os.O_RDONLY))
+                with self._lock:
+                    self._mark_committed(blob)
+                cache.link_snapshot(repo, self.remote.shard, self.remote.sha256, new_blob=False)
+            else:
+                recorded = self.partial.open(blob) or RangeSet()
+                with self._lock:
+                    self.present, self.unrecorded = recorded, RangeSet()
+        self._on_change()
+
+    # -- durability and commit ----------------------------------------------------------------------------
+    def take_unrecorded(self) -> tuple[RangeSet, int]:
+        """Ranges written but not yet recorded, and the partial file generation they were written to; until
+        `recorded` or `not_recorded`, the shard is not committed."""
+        with self._lock:
+            pending, self.unrecorded = self.unrecorded, RangeSet()
+            self._recording = pending
+            return pending, self.partial.generation
+
+    def recorded(self, record: RangeSet | None, pending: RangeSet) -> None:
+        """``pending`` is in the record now (merged with others' into ``record``), or will never be (None: the file
+        was committed or replaced meanwhile): either way, other processes no longer wait for it."""
+        with self._lock:
+            if record is not None:
+                self.present.update(record)
+            self._release_locks(list(pending))
+            self._recording = RangeSet()
+
+    def retry_after_failure(self) -> None:
+        """Let the background try again after a network or disk failure (not after repeated sha256 mismatches)."""
+        with self._lock:
+            if self._mismatches < MAX_MISMATCHES:
+                self.failure = None
+
+    def ready_to_commit(self) -> bool:
+        with self._lock:
+            return (
+                self.committed is None
+                and self.failure is None
+                and not self.unrecorded
+                and not self._recording
+                and self.present.covers(0, self.size)
+            )
+
+    def commit(self) -> None:
+        """Verify the complete partial file (sha256 == LFS oid) and move it into the cache; discard it if not.
+
+        ``_on_change`` takes the scheduler's lock, so it is never called with the file lock held: a connection
+        holding the scheduler's lock may be waiting for the file lock (in `refresh`).
+        """
+        remote = self.remote
+        with self.partial.locked():
+            stale = not self.partial.is_current()
+            if not stale:
+                try:
+                    self.verified = cache.install(self.partial, remote)
+                except cache.ChecksumMismatch as mismatch:
+                    self._mismatch(mismatch.digest)
+                    return
+                with self._lock:
+                    self._mark_committed(remote.repo.blob_path(remote.sha256))
+        if stale:  # committed or discarded by another process meanwhile
+            self.reconcile()
+            return
+        logger.info("%s is complete and verified: committed to the Hub cache", remote.describe())
+        self._on_change()
+
+    def _mark_committed(self, blob: Path) -> None:
+        self.committed = blob
+        self.present = RangeSet([(0, self.size)])
+        self.unrecorded = RangeSet()
+
+    def _mismatch(self, digest: str) -> None:
+        self._mismatches += 1
+        logger.warning(
+            "%s: the downloaded file has sha256 %s but the Hub says %s. Discarding the %d bytes fetched and "
+            "fetching the file again.",
+            self.remote.describe(),
+            digest,
+            self.remote.sha256,
+            self.size,
+        )
+        self.partial.discard()
+        recorded = self.partial.open(self.remote.repo.blob_path(self.remote.sha256)) or RangeSet()
+        with self._lock:
+            self.present, self.unrecorded = recorded, RangeSet()
+            if self._mismatches >= MAX_MISMATCHES:
+                self.failure = CheckpointError(
+                    f"{self.remote.describe()} did not match its sha256 {self._mismatches} times in a row: the "
+                    "server or the network corrupts it. Nothing was written to the cache."
+                )
