@@ -71,7 +71,9 @@ class StreamEngine:
         expert_layers: list[ExpertLayer] | None = None,
         reader: Reader | None = None,
         io_reason: str = "",
+        check_budget: bool = True,
     ):
+        """``check_budget=False``: the caller sizes the pool from `minimum_budget` and checks it afterwards."""
         self.model = model
         self.expert_layers = list(expert_layers or [])
         self.units = units + [unit for layer in self.expert_layers for unit in layer.units]
@@ -130,7 +132,8 @@ class StreamEngine:
                     unit.gather_from, unit.gather, unit.rows = None, False, None
                     measure(unit)
         self.model_bytes = sum(full_bytes(unit) for unit in self.units)
-        self._check_budget()
+        if check_budget:
+            self.check_budget()
         placeholders.install(self.units, device)  # weights read outside their module's forward are served, not meta
         pool.register(self)
 
@@ -146,7 +149,7 @@ class StreamEngine:
         biggest = max(self.units, key=needs)
         return needs(biggest), biggest
 
-    def _check_budget(self) -> None:
+    def check_budget(self) -> None:
         needed, biggest = self.required_budget()
         if needed > self.pool.budget:
             chain = " inside ".join(u.name for u in [biggest, *biggest.enclosing])
@@ -190,7 +193,7 @@ class StreamEngine:
         with self.pool.cond:
             unit.gather = False
             measure(unit)
-        self._check_budget()
+        self.check_budget()
 
     # ------------------------------------------------------------------------------------ forward sessions
     def begin_forward(self) -> None:
@@ -1004,7 +1007,7 @@ class StreamEngine:
                             meta = torch.empty(placeholder.shape, dtype=dtype, device="meta")
                             layer.placeholders[attr] = layer.module._parameters[attr] = nn.Parameter(meta)
                 self.model_bytes = sum(full_bytes(unit) for unit in self.units)
-                self._check_budget()
+                self.check_budget()
                 if self.schedule:
                     self._set_schedule(self.schedule, self._cycle_start)
             placeholders.install(self.units, self.device)  # the new device and dtype

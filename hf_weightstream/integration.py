@@ -262,22 +262,13 @@ def load_streamed(
     checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
     model_bytes = sum(full_bytes(u) for u in all_units)
     limits = memory_limits(device)  # what this process may really use: cgroups, RLIMIT_AS, the GPU, the host
+    sized_here = pool is None and stream_config.budget_bytes is None and max_memory is None
     if pool is None:
         budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
-        if budget is None:
-            budget = _default_budget(all_units, model_bytes, limits)
-        pool = WeightPool(budget, device=device, num_workers=stream_config.num_workers)
+        # No budget given: sized below, once the engine knows what the model needs at once.
+        pool = WeightPool(budget or 2 * model_bytes, device=device, num_workers=stream_config.num_workers)
     elif max_memory is not None:
         raise StreamConfigError("Pass either max_memory= or a StreamConfig pool, not both.")
-    reader, io_reason = choose_reader(
-        checkpoint.source,
-        stream_config.io,
-        device=device,
-        budget=pool.budget,
-        model_bytes=model_bytes,
-        limits=limits,
-        max_in_flight=stream_config.num_workers,
-    )
 
     engine = StreamEngine(
         model,
@@ -289,8 +280,19 @@ def load_streamed(
         lookahead=stream_config.lookahead,
         label=f"{name}#{next(_labels)}",
         expert_layers=expert_layers,
-        reader=reader,
-        io_reason=io_reason,
+        check_budget=False,
+    )
+    if sized_here:  # what the model needs at once (an MoE call's experts included) is known from the engine
+        pool.budget = _default_budget(engine.minimum_budget(), model_bytes, limits)
+    engine.check_budget()
+    engine.reader, engine.io_reason = choose_reader(
+        checkpoint.source,
+        stream_config.io,
+        device=device,
+        budget=pool.budget,
+        model_bytes=model_bytes,
+        limits=limits,
+        max_in_flight=stream_config.num_workers,
     )
     engine.checkpoint = checkpoint
     engine.quantization = quantization.describe(hf_quantizer)
@@ -323,19 +325,19 @@ def load_streamed(
     return model
 
 
-def _default_budget(units: list, model_bytes: int, limits: MemoryLimits) -> int:
+def _default_budget(need: int, model_bytes: int, limits: MemoryLimits) -> int:
     """The budget when none was given: a share of the tightest limit's room, at most twice the model.
 
     More than the model leaves room for what loads next to resident weights: a cast unit's raw bytes, the
-    stacked copy of an MoE call's routed experts.
+    stacked copy of an MoE call's routed experts. ``need``, the engine's `minimum_budget`, may exceed twice a
+    small model (a cast unit's raw and cast bytes, a call routed to every expert): it is then the cap.
     """
-    chosen = default_budget(2 * model_bytes, limits)
-    largest = max(units, key=lambda u: u.charge_bytes)
-    if chosen.bytes < largest.charge_bytes:
+    chosen = default_budget(max(2 * model_bytes, need), limits)
+    if chosen.bytes < need:
         raise BudgetError(
-            f"This process may use too little memory to stream this model: {chosen.explain()}, but unit "
-            f"{largest.name!r} needs {largest.charge_bytes:,} bytes while it loads. Free memory or raise the "
-            "limit; a budget given with StreamConfig(budget=...) or max_memory= is used as given."
+            f"This process may use too little memory to stream this model: {chosen.explain()}, but the model needs "
+            f"{need:,} bytes at once (its largest unit while it loads, or an MoE call routed to every expert). Free "
+            "memory or raise the limit; a budget given with StreamConfig(budget=...) or max_memory= is used as given."
         )
     return chosen.bytes
 

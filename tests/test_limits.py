@@ -159,7 +159,8 @@ def test_memory_limits_of_this_process_include_the_host() -> None:
 def test_default_budget_below_the_largest_unit_names_the_limit(checkpoints, monkeypatch) -> None:
     tight = MemoryLimits((Limit("cgroup2", "/sys/fs/cgroup/app", 400 * MB, 399 * MB),))
     monkeypatch.setattr("hf_weightstream.integration.memory_limits", lambda device: tight)
-    with pytest.raises(BudgetError, match=r"cgroup v2 memory.max/memory.high /sys/fs/cgroup/app.*unit '.+' needs"):
+    message = r"cgroup v2 memory.max/memory.high /sys/fs/cgroup/app.*the model needs [\d,]+ bytes at once"
+    with pytest.raises(BudgetError, match=message):
         AutoModelForCausalLM.from_pretrained(checkpoints("llama"), streaming=True)
 
 
@@ -171,6 +172,21 @@ def test_default_budget_comes_from_the_limits(checkpoints, monkeypatch) -> None:
     model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), streaming=True)
     stats = hf_weightstream.stats(model)
     assert stats["budget_bytes"] == 150_000 < stats["model_bytes"]
+
+
+def test_default_budget_holds_what_a_small_model_needs_at_once(tmp_path) -> None:
+    """Twice a tiny model can be less than an MoE call routed to every expert (or a cast unit's raw and cast
+    bytes): the default budget is then what the engine needs at once, where the limits allow it."""
+    import tiny
+    from transformers import Qwen3MoeForCausalLM
+
+    folder = tmp_path / "moe"
+    tiny.qwen3_moe(num_experts=16).save_pretrained(folder)
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, streaming=True, dtype=torch.bfloat16)
+    engine = model._hf_weightstream
+    assert engine.pool.budget >= engine.minimum_budget()
+    with torch.no_grad():
+        model(torch.arange(40).view(1, 40))  # every expert of every layer routed in one call
 
 
 # ------------------------------------------------------------------------------------------------ real cgroup

@@ -132,6 +132,8 @@ def test_zoo_moe_every_experts_implementation(arch_id, implementation, dtype, tm
     try:
         zoo.build_and_save(ARCHS[arch_id], tmp_path / "model")
         outcome = zoo.compare(ARCHS[arch_id], tmp_path / "model", dtype=dtype, experts_implementation=implementation)
+    except zoo.PlainLoadFails as err:  # e.g. a vision tower that refuses experts_implementation= (Aria, Mistral 4)
+        pytest.skip(f"transformers itself cannot load or run it so: {err}")
     finally:
         torch.set_num_threads(threads)
     assert outcome.status in ("identical", "weights"), outcome

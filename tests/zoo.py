@@ -810,7 +810,7 @@ def compare(arch: Arch, folder: Path, **load_kwargs: Any) -> Outcome:
         assert stats["evictions"] > 0, "the budget is below what the forward uses, yet nothing was evicted"
         outcome.checks.append("evictions")
     # The guard reads every unit whole, row-lookup tables included: a values check, run with room for them.
-    streamed._hf_weightstream.pool.budget = 2 * model_bytes
+    streamed._hf_weightstream.pool.budget = max(2 * model_bytes, streamed._hf_weightstream.minimum_budget())
     assert_units_match_plain_load(streamed, reference)
     outcome.checks.append("units")
     return outcome
@@ -826,7 +826,8 @@ def _weights_only(cls: type, folder: Path, reference: Any, why: str, **load_kwar
         probe = cls.from_pretrained(folder, device_map="stream", **load_kwargs)
     except StreamingUnsupportedError as err:
         return Outcome("refused", str(err))
-    budget = 2 * probe._hf_weightstream.model_bytes  # a values check: room for every unit, tables read whole
+    # A values check: room for every unit, tables read whole (a cast unit holds its raw and cast bytes at once).
+    budget = max(2 * probe._hf_weightstream.model_bytes, probe._hf_weightstream.minimum_budget())
     streamed = cls.from_pretrained(
         folder, device_map="stream", stream_config=StreamConfig(budget=budget), **load_kwargs
     )
