@@ -206,7 +206,9 @@ def run_row(contender: str, job: dict[str, Any], args: argparse.Namespace) -> di
     row = {"contender": contender, **decoding.run_row("benchmarks.bench_moe", job, job["limit"], files, args)}
     if row.get("steps") and "needed_bytes" in row["steps"][0]:
         measured = row["steps"][1:] or row["steps"]
-        row["needed_per_token"] = statistics.median(s["needed_bytes"] for s in measured)
+        # Means: a decode step reads a few experts or none, so a median says little about what a token costs.
+        row["needed_per_token"] = statistics.mean(s["needed_bytes"] for s in measured)
+        row["read_per_token"] = statistics.mean(s["bytes_read"] for s in measured)
         row["read_over_needed"] = sum(s["bytes_read"] for s in measured) / max(
             1, sum(s["needed_bytes"] for s in measured)
         )
@@ -251,7 +253,7 @@ def render(report_data: dict[str, Any]) -> str:
         f"code {s['code']['git_head']}. Cold parallel read of the files under the limit: "
         f"{_fmt(report_data['floor'].get('bytes_per_s', 0) / 1e9, '.2f')} GB/s.",
         "",
-        "| contender | ms/token | load s | MB read/token | MB needed/token | read/needed | expert hit rate "
+        "| contender | ms/token | load s | MB read/token (mean) | MB needed/token (mean) | read/needed | expert hit rate "
         "| guess accuracy | prefetch recall | prefetch precision | cgroup peak MB | tokens = whole layers | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -272,7 +274,7 @@ def render(report_data: dict[str, Any]) -> str:
                     CONTENDERS[r["contender"]],
                     _fmt(r.get("median_ms"), ".0f"),
                     _fmt(r.get("load_s"), ".2f"),
-                    _mb(r.get("bytes_per_token")),
+                    _mb(r.get("read_per_token", r.get("bytes_per_token"))),
                     _mb(r.get("needed_per_token")),
                     _fmt(r.get("read_over_needed"), ".2f"),
                     _fmt(engine.get("expert_hit_rate"), ".2f"),
