@@ -253,8 +253,9 @@ def render(report_data: dict[str, Any]) -> str:
         f"code {s['code']['git_head']}. Cold parallel read of the files under the limit: "
         f"{_fmt(report_data['floor'].get('bytes_per_s', 0) / 1e9, '.2f')} GB/s.",
         "",
-        "| contender | ms/token | load s | MB read/token (mean) | MB needed/token (mean) | read/needed | expert hit rate "
-        "| guess accuracy | prefetch recall | prefetch precision | cgroup peak MB | tokens = whole layers | notes |",
+        "| contender | ms/token | load s | MB read/token (mean) | MB needed/token (mean) | read/needed "
+        "| expert hit rate | guess accuracy | prefetch recall | prefetch precision | cgroup peak MB "
+        "| tokens = whole layers | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     rows = {r["contender"]: r for r in report_data["rows"]}
