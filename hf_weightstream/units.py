@@ -311,7 +311,32 @@ def measure(unit: Unit) -> None:
         unit.resident_bytes = unit.charge_bytes = 0
     else:
         unit.resident_bytes = full_bytes(unit)
-        unit.charge_bytes = unit.raw_bytes + (0 if unit.views_only else unit.out_bytes)
+        unit.charge_bytes = unit.raw_bytes + (0 if unit.views_only else unit.out_bytes) + _working_bytes(unit)
+
+
+# transformers' dequantizers compute in float32: the stored values, then their product with the scales, both as
+# large as the output in float32, exist next to it while one tensor converts (Fp8Dequantize._dequantize_one).
+DEQUANTIZE_WORKING_FLOAT32_COPIES = 2
+
+
+def _working_bytes(unit: Unit) -> int:
+    """Memory a unit's converters take while they run, beyond its raw and output bytes.
+
+    Groups convert one at a time, so the largest counts. Only dequantizers are charged: a model's own converters
+    (concatenating, transposing) produce their output and little else. Not charging this once let four readers
+    dequantizing at once take a container past its limit.
+    """
+    specs = {spec.name: spec for spec in unit.specs}
+    most = 0
+    for group in unit.groups:
+        target = specs.get(group.first_target)
+        if target is None or all(
+            group.input_dtype(unit.entries[key].dtype, target.dtype) is not None for key, _ in group.sources
+        ):
+            continue  # no dequantizer: its inputs are cast, then converted as they are
+        numel = _nbytes(target.shape, torch.uint8)
+        most = max(most, DEQUANTIZE_WORKING_FLOAT32_COPIES * 4 * numel)
+    return most
 
 
 def full_bytes(unit: Unit) -> int:
