@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -201,7 +202,11 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     if "_hf_weightstream" in model.__dict__:
         result["engine"] = hf_weightstream.stats(model)
         # A fresh process's first from_pretrained is mostly one-time imports; a second one times the loader.
+        # release() waits for the reads the last step left in flight: without it they keep the first model's
+        # memory in use past `del`, and a default budget taken at once sees too little room.
+        hf_weightstream.release(model)
         del model
+        gc.collect()
         t0 = time.perf_counter()
         _load(job)
         result["reload_s"] = time.perf_counter() - t0

@@ -373,8 +373,14 @@ class StreamEngine:
         self.counters["evictions"] += 1
 
     def release_all(self) -> None:
-        """Evict every unpinned unit of this model (its memory goes back to the pool)."""
+        """Evict every unpinned unit of this model (its memory goes back to the pool).
+
+        Reads still in flight (the prefetches a forward pass leaves for the next one) are waited for first: they
+        would otherwise land after the release, and keep the engine and its memory alive past ``del model``.
+        """
         with self.pool.cond:
+            while any(unit.state == "loading" and not unit.pins for unit in self.units):
+                self.pool.cond.wait(timeout=1.0)
             for unit in self.units:
                 if unit.state == "resident" and not unit.pins:
                     self.evict(unit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -342,3 +343,26 @@ def test_shard_truncated_after_loading_is_a_clear_error(checkpoints, tmp_path):
         shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises((hf_weightstream.StreamingRuntimeError, CheckpointError), match="shrank after it was indexed"):
         model(PROMPT)
+
+
+def test_release_waits_for_reads_in_flight_and_leaves_nothing_resident(checkpoints):
+    """A forward leaves prefetches for the next pass; release() must not let them land after it."""
+    probe = stream(checkpoints("llama"))
+    total, biggest = sizes(probe)
+    model = stream(checkpoints("llama"), budget=max(total // 2, 3 * biggest), policy="lru", lookahead=2)
+    engine = model._hf_weightstream
+    with torch.no_grad():
+        model(PROMPT)  # learn the schedule
+
+    class Slow(RecordingSource):
+        def map(self, shard, offset, length):
+            time.sleep(0.2)  # the next pass's reads are still running when release() is called
+            return super().map(shard, offset, length)
+
+    engine.reader.source = Slow(engine.reader.source)
+    with torch.no_grad():
+        model(PROMPT)  # ends by reading ahead for the next pass
+    assert any(unit.state == "loading" for unit in engine.units)
+    hf_weightstream.release(model)
+    assert [unit.name for unit in engine.units if unit.state != "absent"] == []
+    assert engine.pool.held == 0
