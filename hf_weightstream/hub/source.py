@@ -62,7 +62,6 @@ class ByteProgress:
                     unit_divisor=1024,
                     desc=self._desc,
                     name="hf_weightstream",
-                    disable=None,  # as transformers' bars: nothing drawn into a log file that is not a terminal
                 )
             self._bar.update(n)
 
