@@ -269,16 +269,7 @@ def run_contender(job: dict[str, Any], server: Any, cache: Path, timeout_s: floa
     """One contender in a fresh interpreter with an empty cache; adds what the server saw."""
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    server.clear_log()
-    try:
-        proc = subprocess.run(
-            _command(job), cwd=REPO, env=_env(server, cache), capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        return {"contender": job["contender"], "error": f"timed out after {timeout_s:.0f} s"}
-    server.wait_idle()
-    result = _parse(job["contender"], proc.returncode, proc.stdout, proc.stderr)
-    result.update(_network(server))
+    result = run_contender_keep_cache(job, server, cache, timeout_s)
     shutil.rmtree(cache, ignore_errors=True)
     return result
 
@@ -332,6 +323,7 @@ def run_kill_resume(job: dict[str, Any], server: Any, cache: Path, model_bytes: 
 
 
 def run_contender_keep_cache(job: dict[str, Any], server: Any, cache: Path, timeout_s: float) -> dict[str, Any]:
+    """One contender in a fresh interpreter on the cache as it is; adds what the server saw."""
     server.clear_log()
     try:
         proc = subprocess.run(

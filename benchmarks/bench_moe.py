@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import decoding
-from benchmarks.bench_core import WORK, snapshot_code
+from benchmarks.bench_core import WORK, shard_files, snapshot_code
 from benchmarks.bench_memory import parallel_read
-from benchmarks.decoding import PROMPT_LEN, SEED, greedy_steps, peak_rss
+from benchmarks.decoding import PROMPT_LEN, SEED, fmt, greedy_steps, peak_rss
 from benchmarks.memlimit import NO_CGROUP, drop_from_page_cache, report
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -115,10 +113,6 @@ def ensure_models(spec: MoeSpec) -> dict[str, Path]:
     return folders
 
 
-def shards(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
 # --------------------------------------------------------------------------------------------- worker side
 def _load(job: dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
@@ -182,7 +176,7 @@ def decode(model: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["contender"] == "floor":
-        return parallel_read(shards(Path(job["folder"])))
+        return parallel_read(shard_files(Path(job["folder"])))
     import hf_weightstream
 
     t0 = time.perf_counter()
@@ -202,7 +196,7 @@ def run_row(contender: str, job: dict[str, Any], args: argparse.Namespace) -> di
     job = dict(job, contender=contender)
     if contender == "routed_skewed":
         job["folder"] = job["skewed_folder"]
-    files = shards(Path(job["folder"]))
+    files = shard_files(Path(job["folder"]))
     row = {"contender": contender, **decoding.run_row("benchmarks.bench_moe", job, job["limit"], files, args)}
     if row.get("steps") and "needed_bytes" in row["steps"][0]:
         measured = row["steps"][1:] or row["steps"]
@@ -222,12 +216,8 @@ def run_row(contender: str, job: dict[str, Any], args: argparse.Namespace) -> di
     return row
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _mb(value: float | None, spec: str = ".1f") -> str:
-    return _fmt(None if value is None else value / 1e6, spec)
+    return fmt(None if value is None else value / 1e6, spec)
 
 
 def render(report_data: dict[str, Any]) -> str:
@@ -251,7 +241,7 @@ def render(report_data: dict[str, Any]) -> str:
         "",
         f"Machine: {s['machine']}; torch {s['versions']['torch']}, transformers {s['versions']['transformers']}; "
         f"code {s['code']['git_head']}. Cold parallel read of the files under the limit: "
-        f"{_fmt(report_data['floor'].get('bytes_per_s', 0) / 1e9, '.2f')} GB/s.",
+        f"{fmt(report_data['floor'].get('bytes_per_s', 0) / 1e9, '.2f')} GB/s.",
         "",
         "| contender | ms/token | load s | MB read/token (mean) | MB needed/token (mean) | read/needed "
         "| expert hit rate | guess accuracy | prefetch recall | prefetch precision | cgroup peak MB "
@@ -273,15 +263,15 @@ def render(report_data: dict[str, Any]) -> str:
             + " | ".join(
                 [
                     CONTENDERS[r["contender"]],
-                    _fmt(r.get("median_ms"), ".0f"),
-                    _fmt(r.get("load_s"), ".2f"),
+                    fmt(r.get("median_ms"), ".0f"),
+                    fmt(r.get("load_s"), ".2f"),
                     _mb(r.get("read_per_token", r.get("bytes_per_token"))),
                     _mb(r.get("needed_per_token")),
-                    _fmt(r.get("read_over_needed"), ".2f"),
-                    _fmt(engine.get("expert_hit_rate"), ".2f"),
-                    _fmt(engine.get("prediction_accuracy"), ".2f"),
-                    _fmt(engine.get("prefetch_recall"), ".2f"),
-                    _fmt(engine.get("prefetch_precision"), ".2f"),
+                    fmt(r.get("read_over_needed"), ".2f"),
+                    fmt(engine.get("expert_hit_rate"), ".2f"),
+                    fmt(engine.get("prediction_accuracy"), ".2f"),
+                    fmt(engine.get("prefetch_recall"), ".2f"),
+                    fmt(engine.get("prefetch_precision"), ".2f"),
                     _mb(r.get("cgroup_peak_bytes"), ".0f"),
                     "—" if same is None else "yes" if same else "NO",
                     "; ".join(notes),
@@ -292,7 +282,7 @@ def render(report_data: dict[str, Any]) -> str:
     lines += ["", "| goal | value | target | met |", "|---|---:|---:|---|"]
     for goal in report_data["goals"]:
         met = "—" if goal["met"] is None else "yes" if goal["met"] else "**no**"
-        lines.append(f"| {goal['metric']} | {_fmt(goal['value'], '.2f')} | {goal['target']} | {met} |")
+        lines.append(f"| {goal['metric']} | {fmt(goal['value'], '.2f')} | {goal['target']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     spec = QUICK_SPEC if args.quick else SPEC
     folders = ensure_models(spec)
-    files = shards(folders["random"])
+    files = shard_files(folders["random"])
     model_bytes = sum(p.stat().st_size for p in files)
     expert_bytes = 3 * spec.moe_intermediate_size * spec.hidden_size * 2
     code, code_info = snapshot_code()

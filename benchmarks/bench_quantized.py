@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import decoding
-from benchmarks.bench_core import WORK, snapshot_code
+from benchmarks.bench_core import WORK, shard_files, snapshot_code
 from benchmarks.bench_memory import parallel_read
-from benchmarks.decoding import PROMPT_LEN, SEED, greedy_steps, peak_rss
+from benchmarks.decoding import PROMPT_LEN, SEED, fmt, greedy_steps, peak_rss
 from benchmarks.memlimit import NO_CGROUP, report
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -104,10 +102,6 @@ def ensure_models(spec: DenseSpec) -> dict[str, Path]:
     return folders
 
 
-def shards(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
 # --------------------------------------------------------------------------------------------- worker side
 def _streamed(folder: str, budget: int) -> Any:
     import torch
@@ -148,7 +142,7 @@ def dequantize_alone(job: dict[str, Any]) -> dict[str, Any]:
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     kind = job["row"]
     if kind.startswith("floor"):
-        return parallel_read(shards(Path(job["folder"])))
+        return parallel_read(shard_files(Path(job["folder"])))
     if kind == "dequant":
         return dequantize_alone(job)
     import hf_weightstream
@@ -166,7 +160,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
 def run_row(row_name: str, job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     job = dict(job, row=row_name, folder=job["folders"]["bf16" if row_name.endswith("bf16") else "fp8"])
     limit = None if row_name == "dequant" else job["limit"]
-    files = shards(Path(job["folder"]))
+    files = shard_files(Path(job["folder"]))
     row = {"row": row_name, **decoding.run_row("benchmarks.bench_quantized", job, limit, files, args)}
     if row["error"]:
         print(f"  {ROWS[row_name]:<50} {row['error']}", flush=True)
@@ -177,10 +171,6 @@ def run_row(row_name: str, job: dict[str, Any], args: argparse.Namespace) -> dic
     else:
         print(f"  {ROWS[row_name]:<50} {row['median_ms']:.0f} ms/token", flush=True)
     return row
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
 
 
 def goals(rows: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
@@ -245,24 +235,24 @@ def render(data: dict[str, Any]) -> str:
         if r.get("contended"):
             notes.append("measured while other processes took CPU")
         lines.append(
-            f"| {ROWS[name]} | {_fmt(r.get('median_ms'), '.0f')} | "
-            f"{_fmt(r.get('bytes_per_token') and r['bytes_per_token'] / 1e6, '.0f')} | "
-            f"{_fmt(d.get(f'floor_{name}_ms'), '.0f')} | "
-            f"{_fmt(rows.get(f'floor_{name}', {}).get('bytes_per_s', 0) / 1e9, '.2f')} | "
-            f"{_fmt(r.get('cgroup_peak_bytes') and r['cgroup_peak_bytes'] / 1e6, '.0f')} | {'; '.join(notes)} |"
+            f"| {ROWS[name]} | {fmt(r.get('median_ms'), '.0f')} | "
+            f"{fmt(r.get('bytes_per_token') and r['bytes_per_token'] / 1e6, '.0f')} | "
+            f"{fmt(d.get(f'floor_{name}_ms'), '.0f')} | "
+            f"{fmt(rows.get(f'floor_{name}', {}).get('bytes_per_s', 0) / 1e9, '.2f')} | "
+            f"{fmt(r.get('cgroup_peak_bytes') and r['cgroup_peak_bytes'] / 1e6, '.0f')} | {'; '.join(notes)} |"
         )
     dq = rows.get("dequant", {})
     lines += [
         "",
-        f"Dequantization alone: {_fmt(d.get('dequant_ms'), '.0f')} ms for the {dq.get('units', '—')} FP8 units a "
-        f"token streams ({_fmt(dq.get('raw_bytes') and dq['raw_bytes'] / 1e6, '.0f')} MB read, materialized in bf16).",
+        f"Dequantization alone: {fmt(d.get('dequant_ms'), '.0f')} ms for the {dq.get('units', '—')} FP8 units a "
+        f"token streams ({fmt(dq.get('raw_bytes') and dq['raw_bytes'] / 1e6, '.0f')} MB read, materialized in bf16).",
         "",
         "| goal | value | target | met |",
         "|---|---:|---:|---|",
     ]
     for goal in data["goals"]:
         met = "—" if goal["met"] is None else "yes" if goal["met"] else "**no**"
-        lines.append(f"| {goal['metric']} | {_fmt(goal['value'], '.2f')} | {_fmt(goal['target'], '.2f')} | {met} |")
+        lines.append(f"| {goal['metric']} | {fmt(goal['value'], '.2f')} | {fmt(goal['target'], '.2f')} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     spec = QUICK_SPEC if args.quick else SPEC
     folders = ensure_models(spec)
-    sizes = {name: sum(p.stat().st_size for p in shards(folder)) for name, folder in folders.items()}
+    sizes = {name: sum(p.stat().st_size for p in shard_files(folder)) for name, folder in folders.items()}
     code, code_info = snapshot_code()
     job = {
         "folders": {k: str(v) for k, v in folders.items()},

@@ -93,6 +93,11 @@ def summarize(row: dict[str, Any], max_foreign_cores: float) -> None:
     row["contended"] = 2 * sum(s["foreign_cores"] > max_foreign_cores for s in measured) > len(measured)
 
 
+def fmt(value: Any, spec: str) -> str:
+    """A table cell: the value formatted, or a dash when it was not measured."""
+    return "—" if value is None else format(value, spec)
+
+
 def peak_rss() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
