@@ -69,11 +69,9 @@ class StreamEngine:
         lookahead: int,
         label: str,
         expert_layers: list[ExpertLayer] | None = None,
-        reader: Reader | None = None,
-        io_reason: str = "",
-        check_budget: bool = True,
     ):
-        """``check_budget=False``: the caller sizes the pool from `minimum_budget` and checks it afterwards."""
+        """The budget is not checked here: the caller may size the pool from `minimum_budget` first, then calls
+        `check_budget`; likewise it may replace the default reader with `sources.choose_reader`'s."""
         self.model = model
         self.expert_layers = list(expert_layers or [])
         self.units = units + [unit for layer in self.expert_layers for unit in layer.units]
@@ -85,8 +83,8 @@ class StreamEngine:
         self.label = label
         self.ledger = Ledger()
         # How CPU tensors get their bytes (mapped page cache, O_DIRECT buffers, copies); see sources.choose_reader.
-        self.reader = reader or (MappedReader(source) if hasattr(source, "map") else CopyReader(source))
-        self.io_reason = io_reason
+        self.reader: Reader = MappedReader(source) if hasattr(source, "map") else CopyReader(source)
+        self.io_reason = ""
         self._buffers: dict[int, torch.Tensor] = {}  # unit id -> a recycled buffer its next read lands in
         self._recycled: list[torch.Tensor] | None = None  # buffers of units evicted to make room, while reserving
         # The plan (planner.py): units kept resident, read-ahead depth, predicted cost; re-made as timings move.
@@ -132,8 +130,6 @@ class StreamEngine:
                     unit.gather_from, unit.gather, unit.rows = None, False, None
                     measure(unit)
         self.model_bytes = sum(full_bytes(unit) for unit in self.units)
-        if check_budget:
-            self.check_budget()
         placeholders.install(self.units, device)  # weights read outside their module's forward are served, not meta
         pool.register(self)
 

@@ -280,7 +280,6 @@ def load_streamed(
         lookahead=stream_config.lookahead,
         label=f"{name}#{next(_labels)}",
         expert_layers=expert_layers,
-        check_budget=False,
     )
     if sized_here:  # what the model needs at once (an MoE call's experts included) is known from the engine
         pool.budget = _default_budget(engine.minimum_budget(), model_bytes, limits)

@@ -123,7 +123,8 @@ def test_meter_counts_parallel_reads_once_and_takes_medians() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ in the engine
-def test_engine_plans_from_measurements_and_prefetches_in_time(checkpoints) -> None:
+def _half_budget_model(checkpoints) -> tuple:
+    """The tiny llama streamed at half its size (room for four units at once), reading two units ahead."""
     folder = checkpoints("llama")
     probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
     units = probe._hf_weightstream.units
@@ -131,6 +132,11 @@ def test_engine_plans_from_measurements_and_prefetches_in_time(checkpoints) -> N
     model = AutoModelForCausalLM.from_pretrained(
         folder, device_map="stream", stream_config=StreamConfig(budget=budget, lookahead=2)
     )
+    return model, budget
+
+
+def test_engine_plans_from_measurements_and_prefetches_in_time(checkpoints) -> None:
+    model, budget = _half_budget_model(checkpoints)
     engine = model._hf_weightstream
     # Make reads and compute take as long as a real model's (tiny layers read and compute in microseconds).
     slow = [m.register_forward_hook(lambda *a: time.sleep(0.01)) for m in model.model.layers]
@@ -157,13 +163,7 @@ def test_engine_plans_from_measurements_and_prefetches_in_time(checkpoints) -> N
 
 
 def test_engine_replans_when_timings_move(checkpoints) -> None:
-    folder = checkpoints("llama")
-    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
-    units = probe._hf_weightstream.units
-    budget = max(sum(u.resident_bytes for u in units) // 2, 4 * max(u.charge_bytes for u in units))
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, device_map="stream", stream_config=StreamConfig(budget=budget, lookahead=2)
-    )
+    model, budget = _half_budget_model(checkpoints)
     engine = model._hf_weightstream
     with torch.no_grad():
         model(PROMPT)
