@@ -10,7 +10,8 @@ to the disk's own speed for the bytes it reads?
   dropped from the page cache (``benchmarks/memlimit.py``; without root it says so and only evicts).
 * Rows under the limit: transformers' own load (it maps the files), accelerate offload at the budget,
   streaming with the budget (defaults otherwise), ``streaming=True`` with no budget (also with
-  ``dtype=torch.bfloat16``), and, labelled as a setting, streaming with the budget and ``io="mmap"``.
+  ``dtype=torch.bfloat16``), and, labelled as settings, streaming with the budget and ``io="mmap"``,
+  ``io="direct"`` or ``io="buffered"`` (the two ``"auto"`` times on the first decoding steps).
 * The I/O floor: the same files read cold with 4 parallel 16 MB ``pread``s in a fresh process under the same
   limit, before the rows under the limit and after each streaming row (the median of all, and for each
   streaming row the mean of the reads on its two sides: the disk of a shared machine drifts), and streaming's
@@ -77,6 +78,8 @@ CONTENDERS: dict[str, tuple[str, bool]] = {
     "stream_default": ("hf_weightstream, streaming=True (no budget)", True),
     "stream_default_bf16": ("hf_weightstream, streaming=True, dtype=bfloat16", True),
     "stream_budget_mmap": ("hf_weightstream, budget 30%, io='mmap' (setting)", True),
+    "stream_budget_direct": ("hf_weightstream, budget 30%, io='direct' (setting)", True),
+    "stream_budget_buffered": ("hf_weightstream, budget 30%, io='buffered' (setting)", True),
 }
 BFLOAT16 = {"full_nolimit_bf16", "stream_default_bf16"}
 TARGETS = {
@@ -134,7 +137,7 @@ def _load(job: dict[str, Any]) -> Any:
         return AutoModelForCausalLM.from_pretrained(folder, streaming=True)
     if contender == "stream_default_bf16":
         return AutoModelForCausalLM.from_pretrained(folder, streaming=True, dtype=torch.bfloat16)
-    io = "mmap" if contender == "stream_budget_mmap" else "auto"
+    io = contender.removeprefix("stream_budget_") if contender.startswith("stream_budget_") else "auto"
     config = hf_weightstream.StreamConfig(budget=job["budget"], io=io)
     return AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config)
 

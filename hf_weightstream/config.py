@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 POLICIES = ("schedule", "lru")
 EXPERT_MODES = ("routed", "whole")
-IO_MODES = ("auto", "mmap", "direct")
+IO_MODES = ("auto", "mmap", "direct", "buffered")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -91,8 +91,11 @@ class StreamConfig:
         io: how CPU weights are read from local files. ``"mmap"`` maps page-cache ranges in place (best when the
             files stay cached); ``"direct"`` reads with ``O_DIRECT`` into reused aligned buffers, several reads
             in flight (best when the streamed bytes come from disk every token, e.g. in a container whose
-            limit charges the page cache); ``"auto"`` (default) picks from the memory limits. The choice and
-            its reason are in ``stats()["io"]`` and ``stats()["io_reason"]``.
+            limit charges the page cache); ``"buffered"`` reads the same way through the page cache and drops
+            each piece from it once copied (some disks, virtual ones above all, serve the kernel's read-ahead
+            faster than direct reads); ``"auto"`` (default) picks from the memory limits, and between
+            ``"direct"`` and ``"buffered"`` by timing both on the first reads. The choice and its reason are
+            in ``stats()["io"]`` and ``stats()["io_reason"]``.
     """
 
     budget: int | str | None = None

@@ -31,6 +31,7 @@ from torch import nn
 from . import experts as moe
 from . import log, placeholders, planner
 from .errors import BudgetError, StreamingRuntimeError
+from .limits import MIN_RESERVE, memory_limits
 from .residency import Ledger
 from .sources import CopyReader, MappedReader, read_many
 from .units import Holding, full_bytes, measure
@@ -92,6 +93,11 @@ class StreamEngine:
         self.plan: planner.Plan | None = None
         self.depth = lookahead
         self.keep_resident: set[str] = set()
+        # Streamed units the page cache keeps from one token to the next, in the room a memory limit leaves
+        # beyond the budget (see _choose_page_cached): read through the cache and left there.
+        self.page_cached: set[str] = set()
+        self._page_cache_room: int | None = None  # measured once the read mode is settled
+        self.memory_limits = lambda: memory_limits(device)  # what the process may use, read when asked
         self.schedule: list[Unit] = []
         self._position: dict[int, list[int]] = {}
         self._trace: list[Unit] | None = None
@@ -237,6 +243,10 @@ class StreamEngine:
                 for layer in self.expert_layers:  # the forward raised inside an experts call
                     self.end_experts(layer)
                 self.meter.end_pass(time.perf_counter())
+                if self._page_cache_room is None and getattr(self.reader, "measured", None) is not None:
+                    # Buffered reads pass through the page cache: their pieces in flight take that room.
+                    self._page_cache_room = self._spare_page_cache() if self.reader.io == "direct" else 0
+                    self._choose_page_cached()
                 if self.schedule:
                     self._replan()
                 self.pool.cond.notify_all()
@@ -266,6 +276,8 @@ class StreamEngine:
         self.plan = None
         self._replan()
         self.counters["schedule_length"] = len(trace)
+        if getattr(self.reader, "trial", None) is not None:  # reads now run ahead: time the read modes on them
+            self.reader.trial.start()
 
     def _replan(self) -> None:
         """Choose what stays resident and how deep to read ahead, again when timings moved (pool lock held).
@@ -291,6 +303,34 @@ class StreamEngine:
             self.counters["replans"] += 1
         self.plan = best
         self.keep_resident, self.depth = set(best.keep), best.depth
+        self._choose_page_cached()
+
+    def _spare_page_cache(self) -> int:
+        """Page cache the memory limit has room for beyond a reserve and the budget still to fill (pool lock held).
+
+        Measured once the read mode is settled (a few passes in), so what the forward holds is in the usage.
+        """
+        room = self.memory_limits().page_cache_room()
+        if room is None:
+            return 0
+        return max(0, room - MIN_RESERVE - max(0, self.pool.budget - self.pool.held))
+
+    def _choose_page_cached(self) -> None:
+        """Which streamed units stay in the page cache between tokens (pool lock held).
+
+        Reads into buffers of our own (the "auto" read path under a memory limit below the model) keep streamed
+        bytes out of the page cache, and the room the limit leaves beyond the budget would sit idle. Units read
+        through the cache and left there cost a memory copy on the next token instead of a disk read. The
+        kernel may still reclaim them (they are clean pages) if something else needs the room; they then come
+        from disk again, and the process is never pushed past its limit for them.
+        """
+        room, chosen = self._page_cache_room or 0, set()
+        streamed = {u.name: u for u in self.schedule[self._cycle_start :] if u.name not in self.keep_resident}
+        for unit in sorted(streamed.values(), key=lambda u: -u.raw_bytes):
+            if 0 < unit.raw_bytes <= room:
+                chosen.add(unit.name)
+                room -= unit.raw_bytes
+        self.page_cached = chosen
 
     def _steps(self, p: int) -> int:
         """Steps from the current position to schedule index ``p``.
@@ -868,7 +908,8 @@ class StreamEngine:
 
     def _read_and_materialize(self, unit: Unit) -> dict[str, torch.Tensor]:
         if not self.copy_to_device:  # CPU execution: the bytes read are the weights
-            chunks = self.reader.read(unit.ranges, self._buffers.pop(id(unit), None))
+            cached = unit.name in self.page_cached
+            chunks = self.reader.read(unit.ranges, self._buffers.pop(id(unit), None), cached=cached)
             tensors = self._materialize(unit, chunks)
             if unit.views_only:
                 unit.chunks = chunks
@@ -1030,12 +1071,14 @@ class StreamEngine:
                 "depth": self.depth,
                 "device": str(self.device),
                 "io": self.reader.io if not self.copy_to_device else "staging",
-                "io_reason": self.io_reason,
+                "io_reason": "; ".join(filter(None, [self.io_reason, getattr(self.reader, "measured", None)])),
                 "io_fallback": getattr(self.reader, "fallback", None),
                 "resident_bytes": resident,
                 "resident_units": sum(u.state == "resident" for u in self.units),
                 "kept_resident_units": len(self.keep_resident),
                 "kept_resident_bytes": self.plan.kept_bytes if self.plan else 0,
+                "page_cached_units": len(self.page_cached),
+                "page_cached_bytes": sum(u.raw_bytes for u in self.units if u.name in self.page_cached),
                 "replans": self.counters["replans"],
                 "peak_resident_bytes": self.pool.peak_held,
                 "bytes_read": self.counters["bytes_read"],

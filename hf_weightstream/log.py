@@ -58,8 +58,10 @@ def io_path(engine: StreamEngine) -> str:
     if engine.copy_to_device:
         staging = "pinned host staging buffers" if engine.device.type == "cuda" else "host staging buffers"
         how = f"read into {staging}, then copied to {engine.device}"
-    elif engine.reader.io == "direct":
-        how = "read with O_DIRECT into reused page-aligned buffers, several reads in flight"
+    elif engine.reader.io in ("direct", "buffered"):
+        how = "read into reused page-aligned buffers, several reads in flight, with " + (
+            "O_DIRECT" if engine.reader.io == "direct" else "each piece dropped from the page cache once copied"
+        )
     elif engine.reader.io == "mmap":
         how = "each unit's byte range mapped in place (mmap) and paged in by a reader thread"
     else:

@@ -1,4 +1,5 @@
-"""Read paths: O_DIRECT reads into aligned, recycled buffers (with their fallbacks), and the automatic choice."""
+"""Read paths: O_DIRECT and buffered reads into aligned, recycled buffers (with their fallbacks), the measured
+choice between the two, and the automatic choice of a path."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from transformers import AutoModelForCausalLM
 import hf_weightstream
 from hf_weightstream import StreamConfig, sources
 from hf_weightstream.errors import CheckpointError, StreamConfigError
-from hf_weightstream.limits import Limit, MemoryLimits
-from hf_weightstream.sources import ALIGNMENT, DirectReader, LocalFileSource, MappedReader, choose_reader
+from hf_weightstream.limits import MIN_RESERVE, Limit, MemoryLimits
+from hf_weightstream.sources import (
+    ALIGNMENT,
+    DirectReader,
+    LocalFileSource,
+    MappedReader,
+    ModeTrial,
+    choose_reader,
+)
 
 MB = 10**6
 PROMPT = torch.tensor([[1, 5, 9, 3, 7, 2]])
@@ -39,16 +47,94 @@ def data_file(tmp_path: Path) -> tuple[LocalFileSource, bytes]:
 RANGES = [Range("s", 0, 10), Range("s", 5000, 9000), Range("s", ALIGNMENT * 3 + 7, ALIGNMENT * 10), Range("s", 1, 1)]
 
 
-def test_direct_reads_unaligned_ranges_exactly(data_file) -> None:
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_reads_unaligned_ranges_exactly(data_file, mode) -> None:
     source, data = data_file
     tail = Range("s", len(data) - 77, 77)  # ends at the end of the file, inside an aligned block
-    reader = DirectReader(source, max_in_flight=3, piece_bytes=2 * ALIGNMENT)  # many pieces per range
+    reader = DirectReader(source, max_in_flight=3, piece_bytes=2 * ALIGNMENT, mode=mode)  # many pieces per range
+    assert reader.io == mode
     chunks = reader.read([*RANGES, tail])
     for rng, chunk in zip([*RANGES, tail], chunks, strict=True):
         assert bytes(chunk.numpy()) == data[rng.offset : rng.offset + rng.length]
     base = chunks[0]._base
     assert base.data_ptr() % ALIGNMENT == 0  # what O_DIRECT needs
     assert reader.fallback is None or "O_DIRECT" in reader.fallback  # tmpfs may refuse O_DIRECT
+    reader.close()
+
+
+def test_buffered_reads_never_open_with_o_direct(data_file, monkeypatch) -> None:
+    source, data = data_file
+    real_open = os.open
+    flags_seen = []
+
+    def recording_open(path, flags, *args):
+        flags_seen.append(flags)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(sources.os, "open", recording_open)
+    reader = DirectReader(source, mode="buffered")
+    chunks = reader.read(RANGES)
+    assert [bytes(c.numpy()) for c in chunks] == [data[r.offset : r.offset + r.length] for r in RANGES]
+    assert not any(f & getattr(os, "O_DIRECT", 0) for f in flags_seen) and reader.fallback is None
+    reader.close()
+
+
+def test_an_unknown_read_mode_is_refused(data_file) -> None:
+    with pytest.raises(ValueError, match="not 'odirect'"):
+        DirectReader(data_file[0], mode="odirect")
+
+
+# ------------------------------------------------------------------------------------------------ measured mode
+def test_the_trial_alternates_phases_and_keeps_the_clearly_faster_mode() -> None:
+    trial, clock, modes = ModeTrial(phase_bytes=100, phases=4), 0.0, []
+    trial.record("buffered", 10**9, 0.0, 1.0)  # before start (the traced pass): direct, and not counted
+    assert trial.mode == "direct" and trial.bytes["buffered"] == 0
+    trial.start()
+    seconds_per_read = {"direct": 2.0, "buffered": 1.0}  # buffered twice as fast
+    while trial.outcome is None:
+        mode = trial.mode
+        modes.append(mode)
+        trial.record(mode, 50, clock, clock + seconds_per_read[mode])
+        clock += seconds_per_read[mode]
+    assert modes == ["direct"] * 2 + ["buffered"] * 2 + ["direct"] * 2 + ["buffered"] * 2
+    assert trial.mode == "buffered" and "buffered kept" in trial.outcome
+    assert trial.bandwidth("buffered") == pytest.approx(2 * trial.bandwidth("direct"))
+    trial.record("direct", 10**9, clock, clock + 1e-9)  # decided: later reads do not move it
+    assert trial.mode == "buffered"
+
+
+def test_the_trial_keeps_direct_unless_buffered_is_clearly_faster() -> None:
+    trial, clock = ModeTrial(phase_bytes=100, phases=2), 0.0
+    trial.start()
+    for _ in range(4):
+        mode = trial.mode
+        seconds = 1.0 if mode == "direct" else 0.95  # 5% faster: within the margin
+        trial.record(mode, 50, clock, clock + seconds)
+        clock += seconds
+    assert trial.outcome is not None and trial.mode == "direct"
+
+
+def test_the_trial_counts_parallel_reads_once() -> None:
+    trial = ModeTrial(phase_bytes=10**9)
+    trial.start()
+    trial.record("direct", 100, 0.0, 1.0)
+    trial.record("direct", 100, 0.5, 1.0)  # in flight with the first: no extra time
+    assert trial.bandwidth("direct") == pytest.approx(200)
+    assert trial.bytes["direct"] == 200 and trial.seconds["direct"] == pytest.approx(1.0)
+
+
+def test_an_auto_reader_reads_exactly_in_both_modes_then_settles(data_file) -> None:
+    source, data = data_file
+    reader = DirectReader(source, max_in_flight=2, piece_bytes=2 * ALIGNMENT, mode="auto")
+    reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=4)
+    reader.trial.start()
+    seen = set()
+    while reader.measured is None:
+        seen.add(reader.io)
+        chunks = reader.read(RANGES)
+        assert [bytes(c.numpy()) for c in chunks] == [data[r.offset : r.offset + r.length] for r in RANGES]
+    assert seen == {"direct", "buffered"}
+    assert reader.io in ("direct", "buffered") and "kept" in reader.measured
     reader.close()
 
 
@@ -149,12 +235,13 @@ def limits_with(room: int, page_cache: bool = True) -> MemoryLimits:
 @pytest.mark.parametrize(
     ("io", "budget", "room", "expected", "why"),
     [
-        ("auto", 300 * MB, 1000 * MB, "direct", "cannot keep the model cached"),
+        ("auto", 300 * MB, 1000 * MB, "direct", "cannot keep the model cached"),  # direct first, then measured
         ("auto", 1400 * MB, 1000 * MB, "mmap", "holds the whole model"),
         ("auto", 300 * MB, 1600 * MB, "mmap", "can keep the model cached"),
         ("auto", 950 * MB, 1000 * MB, "mmap", "too little"),  # anonymous buffers would not fit: stay reclaimable
         ("mmap", 300 * MB, 1000 * MB, "mmap", "asked for"),
         ("direct", 300 * MB, 10**6 * MB, "direct", "asked for"),
+        ("buffered", 300 * MB, 10**6 * MB, "buffered", "asked for"),
     ],
 )
 def test_choose_reader(data_file, io, budget, room, expected, why) -> None:
@@ -163,6 +250,7 @@ def test_choose_reader(data_file, io, budget, room, expected, why) -> None:
         source, io, device=torch.device("cpu"), budget=budget, model_bytes=1400 * MB, limits=limits_with(room)
     )
     assert reader.io == expected and why in reason
+    assert (getattr(reader, "trial", None) is not None) == (io == "auto" and expected == "direct")
 
 
 def test_choose_reader_off_the_cpu_and_for_sources_that_cannot_map(data_file) -> None:
@@ -202,9 +290,9 @@ def test_direct_io_outputs_are_identical_and_buffers_are_recycled(checkpoints, d
     reused = []
     real_read = engine.reader.read
 
-    def counting_read(ranges, buffer=None):
+    def counting_read(ranges, buffer=None, cached=False):
         reused.append(buffer is not None)
-        return real_read(ranges, buffer)
+        return real_read(ranges, buffer, cached)
 
     engine.reader.read = counting_read
     with torch.no_grad():
@@ -218,3 +306,65 @@ def test_direct_io_outputs_are_identical_and_buffers_are_recycled(checkpoints, d
         assert any(reused)
     else:  # cast tensors are new memory; the raw buffer goes at once
         assert not any(reused)
+
+
+def test_a_measured_read_mode_starts_after_the_traced_pass_and_keeps_outputs_identical(checkpoints) -> None:
+    folder = checkpoints("llama")
+    ref = AutoModelForCausalLM.from_pretrained(folder)
+    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    units = probe._hf_weightstream.units
+    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    engine = model._hf_weightstream
+    # What "auto" picks under a memory limit below the model, with phases small enough for a tiny model.
+    engine.reader = DirectReader(engine.reader.source, mode="auto")
+    engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=4)
+    engine.memory_limits = lambda: limits_with(0)  # no page cache to spare: every streamed unit is timed
+    with torch.no_grad():
+        model(PROMPT)
+    assert engine.reader.trial.started and engine.reader.measured is None  # the traced pass is not timed
+    expected = ref.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=8, do_sample=False), expected)
+    stats = hf_weightstream.stats(model)
+    assert stats["io"] in ("direct", "buffered") and "kept" in stats["io_reason"]
+    assert stats["peak_resident_bytes"] <= budget and stats["page_cached_units"] == 0
+
+
+def test_units_the_limit_has_page_cache_room_for_are_read_through_it_and_left_there(checkpoints, monkeypatch) -> None:
+    folder = checkpoints("llama")
+    ref = AutoModelForCausalLM.from_pretrained(folder)
+    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    units = probe._hf_weightstream.units
+    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    engine = model._hf_weightstream
+    engine.reader = DirectReader(engine.reader.source, mode="auto")
+    engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=1)  # one direct phase: direct is kept
+    layer = max(u.raw_bytes for u in units if u.name.startswith("model.layers."))
+    # Room beyond the reserve and the budget for two layers and a half, once the budget is full.
+    spare = MIN_RESERVE + 2 * layer + layer // 2
+    engine.memory_limits = lambda: limits_with(spare + max(0, engine.pool.budget - engine.pool.held))
+    reads, dropped = [], []
+    real_read, real_fadvise = engine.reader.read, os.posix_fadvise
+
+    def recording_read(ranges, buffer=None, cached=False):
+        reads.append(cached)
+        return real_read(ranges, buffer, cached)
+
+    def recording_fadvise(fd, offset, length, advice):
+        dropped.append((offset, length))
+        return real_fadvise(fd, offset, length, advice)
+
+    engine.reader.read = recording_read
+    monkeypatch.setattr(sources.os, "posix_fadvise", recording_fadvise)
+    expected = ref.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=6, do_sample=False), expected)
+    stats = hf_weightstream.stats(model)
+    streamed = {u.name for u in engine.schedule} - engine.keep_resident
+    assert engine.page_cached <= streamed
+    assert sum(name.startswith("model.layers.") for name in engine.page_cached) == 2
+    assert 2 * layer <= stats["page_cached_bytes"] <= 2 * layer + layer // 2
+    assert any(reads) and not all(reads)  # cached units through the page cache, the others not
+    kept = [r for u in engine.units if u.name in engine.page_cached for r in u.ranges]
+    assert not any(o < r.offset + r.length and r.offset < o + n for o, n in dropped for r in kept)
+    assert stats["peak_resident_bytes"] <= budget

@@ -172,8 +172,15 @@ def _io_line(plan: Plan) -> str:
         model_bytes=engine.model_bytes,
         limits=memory_limits(engine.device),
     )
-    how = {"direct": "read with O_DIRECT into reused page-aligned buffers", "mmap": "each unit's byte range mapped"}
-    return f"I/O under this budget: local safetensors files; {how.get(reader.io, reader.io)} ({reason})"
+    if getattr(reader, "trial", None) is not None:
+        how = "read into reused page-aligned buffers, O_DIRECT or buffered as the first reads measure faster"
+    else:
+        how = {
+            "direct": "read with O_DIRECT into reused page-aligned buffers",
+            "buffered": "read into reused page-aligned buffers, dropped from the page cache",
+            "mmap": "each unit's byte range mapped",
+        }.get(reader.io, reader.io)
+    return f"I/O under this budget: local safetensors files; {how} ({reason})"
 
 
 def _format_line(plan: Plan) -> str | None:
