@@ -67,7 +67,7 @@ SEED = 0
 KILL_AT = 0.5  # (d) is killed once this share of the model is on disk
 
 CONTENDERS = {
-    "baseline": "runtime baseline (imports, config, prompt; no weights)",
+    "baseline": "runtime baseline (imports, config, prompt, the model's modules on the meta device; no weights)",
     "a": "(a) download every shard (max_connections), then from_pretrained, then compute",
     "b": "(b) stream, complete_download=False",
     "b_default": "(b-default) stream, complete_download=True",
@@ -120,7 +120,9 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     prompt = torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(SEED))
     mask = torch.ones_like(prompt)
     result: dict[str, Any] = {"contender": job["contender"], "torch_threads": torch.get_num_threads()}
-    if job["contender"] == "baseline":
+    if job["contender"] == "baseline":  # what every contender holds before a weight: the model code and its modules
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
         result["peak_rss"] = _status("VmHWM")
         return result
 
@@ -542,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON overrides of hf_weightstream.hub.schedule sizes, e.g. '{\"READAHEAD_CHUNK_BYTES\": 16777216}'",
     )
     parser.add_argument("--only", help="comma-separated contenders to run (default: all)")
+    parser.add_argument("--out", help="results file stem, a name in benchmarks/results/ or a path (default hub_<date>)")
     args = parser.parse_args(argv)
     if args.worker:
         print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
@@ -610,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratios": compute_ratios(rows, model_bytes, shards, budget, link),
     }
-    stem = RESULTS / f"hub{'_quick' if args.quick else ''}_{date}"
+    stem = RESULTS / (args.out or f"hub{'_quick' if args.quick else ''}_{date}")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(render_markdown(report))
     print(render_markdown(report))
