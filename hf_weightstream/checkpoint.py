@@ -10,8 +10,12 @@ the completed files into the Hub cache.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as LateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +25,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from .errors import CheckpointError
 from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes
+from .hub.remote import list_remote_files
 from .index import CheckpointIndex, read_shard_header
 from .sources import ByteSource, LocalFileSource
 
@@ -30,6 +35,10 @@ if TYPE_CHECKING:
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _OTHER_FORMATS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+logger = logging.getLogger(__name__)
+# How long a load waits for the folder listing once the index is read (they normally come together): a listing that
+# is slower (huggingface_hub retrying a 5xx) is left behind for a paths-info call.
+LISTING_GRACE_S = 1.0
 NEEDS_SAFETENSORS = (
     "Streaming needs safetensors weights, but {where} only has {found}. Convert it once with "
     "`hf-weightstream convert {where} OUT_DIR` (or `hf_weightstream.convert.to_safetensors(...)` in Python), which "
@@ -101,12 +110,33 @@ def open_hub_repo(
     *,
     max_connections: int,
     complete_download: bool = True,
+    also_download: tuple[str, ...] = (),
 ) -> Checkpoint:
-    """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring)."""
+    """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring).
+
+    Every request after the commit is pinned costs a round trip, so what does not depend on an earlier answer goes
+    out at once: on a cold cache the listing of the weights' folder (sizes and sha256 of the shards) with the index
+    download, then every shard's header together; ``also_download`` (small files the caller fetches next, such as
+    ``generation_config.json``) alongside all of it, into the cache, so that the caller's own call finds them
+    there. A failure of those is left for the caller's call to report.
+    """
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
     repo = HubRepo.pin(repo_id, download_kwargs)  # once: the index and the shards come from one commit
     pinned = {**download_kwargs, "revision": repo.resolved_revision}
+    index_cached = try_to_load_from_cache(
+        repo_id, repo.path_in_repo(index_name), cache_dir=repo.cache_dir, revision=repo.commit
+    )
+    online = not repo.offline
+    extras = [
+        _in_background(_download_quietly, repo_id, name, pinned)
+        for name in also_download
+        if online and not repo.force_download
+    ]
+    # A cold cache (index state unknown) will need the shards' metadata: ask for it now, not after the index.
+    listing = (
+        _in_background(list_remote_files, repo) if online and (index_cached is None or repo.force_download) else None
+    )
     try:
         index_path = hf_hub_download(repo_id, index_name, **pinned)
         shards = sorted(set(_read_weight_map(Path(index_path)).values()))
@@ -123,7 +153,7 @@ def open_hub_repo(
     remote = {}
     if missing:
         try:
-            resolved = describe_remote_files(repo, missing)
+            resolved = describe_remote_files(repo, missing, _listed(listing))
         except ShardNotInRepoError as err:
             shard = err.shard
             if shard == single_name:
@@ -136,10 +166,51 @@ def open_hub_repo(
                 remote[shard] = remote_file
     source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
     try:
-        return _index(source, source.shard_sizes, repo_id, max_connections, repo_id=repo_id, commit=repo.commit)
+        checkpoint = _index(source, source.shard_sizes, repo_id, max_connections, repo_id=repo_id, commit=repo.commit)
     except BaseException:
         source.close()
         raise
+    for extra in extras:
+        extra.result()
+    return checkpoint
+
+
+def _in_background(function: Callable[..., Any], *args: Any) -> Future:
+    """Run ``function`` in a daemon thread: a call still retrying when the load is done (a listing it gave up
+    waiting for) neither holds the load nor the process's exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever asks for the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="hf_ws-meta", daemon=True).start()
+    return future
+
+
+def _listed(listing: Future | None) -> dict[str, Any] | None:
+    """The folder listing if it was asked for and came; otherwise None (the shards are then described by
+    ``get_paths_info``, which reports its own errors)."""
+    if listing is None:
+        return None
+    try:
+        return listing.result(timeout=LISTING_GRACE_S)
+    except LateError:  # concurrent.futures' own before Python 3.11
+        logger.debug("The listing of the weights' folder is late; asking paths-info instead")
+        return None
+    except Exception as err:  # noqa: BLE001 - only a shortcut: the paths-info call that replaces it raises
+        logger.debug("Listing the weights' folder failed (%r); asking paths-info instead", err)
+        return None
+
+
+def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any]) -> None:
+    """``hf_hub_download`` ahead of the caller's own call for the same file; errors are the caller's to report."""
+    try:
+        hf_hub_download(repo_id, filename, **pinned)
+    except Exception as err:  # noqa: BLE001 - e.g. no generation_config.json: the caller's call handles it
+        logger.debug("Fetching %s ahead failed: %r", filename, err)
 
 
 def _cached_path(repo: HubRepo, shard: str) -> Path | None:

@@ -5,8 +5,9 @@ Round trips are what a cold start pays for, so they are counted:
 - The revision is resolved to a commit once (transformers' ``resolve_revision`` usually did it already: a
   ``ResolvedRevision``); everything after is fetched by commit hash, so the index and the shards cannot come from
   different commits if the branch moves meanwhile.
-- One ``HfApi.get_paths_info`` call answers size, sha256 (the LFS oid) and Xet hash of every shard: no HEAD per
-  shard.
+- One call answers size, sha256 (the LFS oid) and Xet hash of every shard: no HEAD per shard. On a cold cache it
+  is a listing of the weights' folder (``list_repo_tree``) sent together with the index download, so it costs no
+  round trip of its own; otherwise ``get_paths_info`` for the shards the index names.
 - The first request of a shard is the header probe (``HEADER_PROBE_BYTES`` from byte 0, like huggingface_hub's own
   ``parse_safetensors_file_metadata``: one request covers nearly every safetensors header). It goes to
   ``/resolve/<commit>/<file>``. Today's Hub answers 302 to a signed URL on a bridge host, with the file's
@@ -230,12 +231,26 @@ class RemoteFile:
         return where if start is None or end is None else f"bytes {start}-{end - 1} of {where}"
 
 
-def describe_remote_files(repo: HubRepo, shards: list[str]) -> dict[str, RemoteFile | None]:
-    """Size, sha256 and Xet hash of every shard in one ``get_paths_info`` call; None for a file that is not in LFS
-    (no sha256 to verify a stream against: it is downloaded the normal way)."""
+def list_remote_files(repo: HubRepo) -> dict[str, Any]:
+    """Every file of the weights' folder (the subfolder, or the repo root) at the pinned commit, path -> info, from
+    one ``list_repo_tree`` call: the same size, sha256 and Xet hash ``get_paths_info`` gives, asked before the
+    index names the shards, so that it can run while the index downloads."""
+    items = HfApi(token=repo.token).list_repo_tree(repo.repo_id, repo.subfolder or None, revision=repo.commit)
+    return {item.path: item for item in items if hasattr(item, "size")}
+
+
+def describe_remote_files(
+    repo: HubRepo, shards: list[str], listed: dict[str, Any] | None = None
+) -> dict[str, RemoteFile | None]:
+    """Size, sha256 and Xet hash of every shard, from ``listed`` (`list_remote_files`) or else one
+    ``get_paths_info`` call; None for a file that is not in LFS (no sha256 to verify a stream against: it is
+    downloaded the normal way)."""
     paths = {repo.path_in_repo(shard): shard for shard in shards}
-    infos = HfApi(token=repo.token).get_paths_info(repo.repo_id, list(paths), revision=repo.commit)
-    found = {info.path: info for info in infos}
+    found = dict(listed or {})
+    unlisted = [path for path in paths if path not in found]
+    if unlisted:
+        infos = HfApi(token=repo.token).get_paths_info(repo.repo_id, unlisted, revision=repo.commit)
+        found.update((info.path, info) for info in infos)
     out: dict[str, RemoteFile | None] = {}
     for path, shard in paths.items():
         info = found.get(path)
