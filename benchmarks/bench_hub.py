@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON overrides of hf_weightstream.hub.schedule sizes, e.g. '{\"READAHEAD_CHUNK_BYTES\": 16777216}'",
     )
     parser.add_argument("--only", help="comma-separated contenders to run (default: all)")
+    parser.add_argument("--out", help="report to OUT.md and OUT.json (default: benchmarks/results/hub_<date>)")
     args = parser.parse_args(argv)
     if args.worker:
         print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratios": compute_ratios(rows, model_bytes, shards, budget, link),
     }
-    stem = RESULTS / f"hub{'_quick' if args.quick else ''}_{date}"
+    stem = Path(args.out) if args.out else RESULTS / f"hub{'_quick' if args.quick else ''}_{date}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(render_markdown(report))
     print(render_markdown(report))
