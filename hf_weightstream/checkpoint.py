@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,10 +116,12 @@ def open_hub_repo(
     """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring).
 
     Every request after the commit is pinned costs a round trip, so what does not depend on an earlier answer goes
-    out at once: on a cold cache the listing of the weights' folder (sizes and sha256 of the shards) with the index
-    download, then every shard's header together; ``also_download`` (small files the caller fetches next, such as
-    ``generation_config.json``) alongside all of it, into the cache, so that the caller's own call finds them
-    there. A failure of those is left for the caller's call to report.
+    out at once. On a cold cache, the listing of the weights' folder (sizes and sha256 of the shards) goes out with
+    the index download; when it shows the files ``save_pretrained`` writes (``model-00001-of-0000N.safetensors``,
+    all N of them, or a lone ``model.safetensors`` and no index), their headers are fetched at once too, and used
+    if the index names exactly those files. ``also_download`` (small files the caller reads next, such as
+    ``generation_config.json``) is downloaded alongside all of it, into the cache, so that the caller's own call
+    finds it there; a failure of those is left for the caller's call to report.
     """
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
@@ -133,15 +136,53 @@ def open_hub_repo(
         for name in also_download
         if online and not repo.force_download
     ]
+
+    def open_shards(shards: list[str], listed: dict[str, Any] | None) -> Checkpoint:
+        return _open_shards(repo, shards, listed, pinned, (index_name, single_name), max_connections, complete_download)
+
+    def list_and_guess() -> tuple[dict[str, Any], list[str] | None, Future | None]:
+        listed = list_remote_files(repo)
+        guess = _guess_shards(repo, listed, index_name, single_name)
+        return listed, guess, None if guess is None else _in_background(open_shards, guess, listed)
+
     # A cold cache (index state unknown) will need the shards' metadata: ask for it now, not after the index.
-    listing = (
-        _in_background(list_remote_files, repo) if online and (index_cached is None or repo.force_download) else None
-    )
+    listing = _in_background(list_and_guess) if online and (index_cached is None or repo.force_download) else None
     try:
         index_path = hf_hub_download(repo_id, index_name, **pinned)
         shards = sorted(set(_read_weight_map(Path(index_path)).values()))
     except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
         shards = [single_name]
+    except BaseException:
+        _discard_guess(listing)
+        raise
+    listed, guess, opened = _listed(listing)
+    checkpoint = None
+    if opened is not None and guess == shards:
+        try:
+            checkpoint = opened.result()
+        except Exception as err:  # noqa: BLE001 - opened again below, which reports its own errors
+            logger.debug("Opening the shards the listing showed failed (%r); opening them again", err)
+    elif opened is not None:
+        _discard_guess(listing)
+    if checkpoint is None:
+        checkpoint = open_shards(shards, listed)
+    for extra in extras:
+        extra.result()
+    return checkpoint
+
+
+def _open_shards(
+    repo: HubRepo,
+    shards: list[str],
+    listed: dict[str, Any] | None,
+    pinned: dict[str, Any],
+    names: tuple[str, str],
+    max_connections: int,
+    complete_download: bool,
+) -> Checkpoint:
+    """The checkpoint of ``shards``: cached ones read in place, the others described (from ``listed``, else by
+    paths-info), their headers fetched, and streamed. ``names``: the index's and the single file's names."""
+    repo_id, (index_name, single_name) = repo.repo_id, names
     local: dict[str, Path] = {}
     for shard in shards:
         cached = None if repo.force_download else _cached_path(repo, shard)
@@ -153,11 +194,11 @@ def open_hub_repo(
     remote = {}
     if missing:
         try:
-            resolved = describe_remote_files(repo, missing, _listed(listing))
+            resolved = describe_remote_files(repo, missing, listed)
         except ShardNotInRepoError as err:
             shard = err.shard
             if shard == single_name:
-                raise CheckpointError(_no_safetensors_message(repo_id, download_kwargs)) from None
+                raise CheckpointError(_no_safetensors_message(repo_id, pinned)) from None
             raise CheckpointError(f"Shard {shard} of {repo_id} is listed in its index but not in the repo.") from None
         for shard, remote_file in resolved.items():
             if remote_file is None:  # a small file outside LFS: no sha256 to verify a stream against
@@ -166,13 +207,42 @@ def open_hub_repo(
                 remote[shard] = remote_file
     source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
     try:
-        checkpoint = _index(source, source.shard_sizes, repo_id, max_connections, repo_id=repo_id, commit=repo.commit)
+        return _index(source, source.shard_sizes, repo_id, max_connections, repo_id=repo_id, commit=repo.commit)
     except BaseException:
         source.close()
         raise
-    for extra in extras:
-        extra.result()
-    return checkpoint
+
+
+def _guess_shards(repo: HubRepo, listed: dict[str, Any], index_name: str, single_name: str) -> list[str] | None:
+    """The weight files the index will name, from the folder listing, when ``save_pretrained``'s naming leaves no
+    doubt: every one of ``model-00001-of-0000N.safetensors`` to N (next to the index), or ``model.safetensors``
+    alone (no index). None otherwise."""
+    prefix = f"{repo.subfolder}/" if repo.subfolder else ""
+    names = {path.removeprefix(prefix) for path in listed if path.startswith(prefix)}
+    if index_name not in names:
+        return [single_name] if single_name in names else None
+    stem = single_name.removesuffix(".safetensors")
+    pattern = re.compile(re.escape(stem) + r"-(\d{5})-of-(\d{5})\.safetensors")
+    numbered = [(int(m[1]), int(m[2]), name) for name in names if (m := pattern.fullmatch(name))]
+    totals = {total for _, total, _ in numbered}
+    if len(totals) != 1 or sorted(i for i, _, _ in numbered) != list(range(1, totals.pop() + 1)):
+        return None
+    return sorted(name for _, _, name in numbered)
+
+
+def _discard_guess(listing: Future | None) -> None:
+    """Close the checkpoint opened from a guess the index did not confirm, once it is open."""
+
+    def close(opened: Future) -> None:
+        if opened.exception() is None:
+            opened.result().source.close()
+
+    def discard(listing: Future) -> None:
+        if listing.exception() is None and listing.result()[2] is not None:
+            listing.result()[2].add_done_callback(close)
+
+    if listing is not None:
+        listing.add_done_callback(discard)
 
 
 def _in_background(function: Callable[..., Any], *args: Any) -> Future:
@@ -190,19 +260,20 @@ def _in_background(function: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
-def _listed(listing: Future | None) -> dict[str, Any] | None:
-    """The folder listing if it was asked for and came; otherwise None (the shards are then described by
-    ``get_paths_info``, which reports its own errors)."""
+def _listed(listing: Future | None) -> tuple[dict[str, Any] | None, list[str] | None, Future | None]:
+    """What `list_and_guess` gave if it was asked for and came: the folder listing, the guessed shards and their
+    checkpoint being opened; Nones otherwise (the shards are then described by ``get_paths_info``, which reports
+    its own errors)."""
     if listing is None:
-        return None
+        return None, None, None
     try:
         return listing.result(timeout=LISTING_GRACE_S)
     except LateError:  # concurrent.futures' own before Python 3.11
         logger.debug("The listing of the weights' folder is late; asking paths-info instead")
-        return None
+        _discard_guess(listing)
     except Exception as err:  # noqa: BLE001 - only a shortcut: the paths-info call that replaces it raises
         logger.debug("Listing the weights' folder failed (%r); asking paths-info instead", err)
-        return None
+    return None, None, None
 
 
 def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any]) -> None:

@@ -579,3 +579,36 @@ def test_shards_the_index_names_outside_the_listed_folder_are_described_by_paths
         api = [api_route(r) for r in server.log if r.path.startswith("/api/")]
         assert generate(model) == reference_tokens(folder)
     assert api[-2:] == ["tree", "paths-info"]
+
+
+@pytest.mark.parametrize("shard_size", ["50KB", "10MB"], ids=["sharded", "single-file"])
+def test_the_headers_of_the_files_the_listing_shows_are_fetched_before_the_index_answers(
+    tmp_path: Path, shard_size: str
+) -> None:
+    folder = make_tiny_llama(tmp_path / "model", max_shard_size=shard_size)
+    # 0.5 s per answer: a margin for a busy machine between the listing's answer and the probes it starts.
+    with served(folder, tmp_path / "cache", latency=0.5) as server:
+        model = stream(complete_download=False)
+        log = server.log
+        assert generate(model) == reference_tokens(folder)
+    index = [r for r in log if r.path.endswith(SAFE_INDEX)]  # HEAD + GET, or a HEAD answered 404
+    probes = [r for r in log if r.file and r.file.endswith(".safetensors") and r.origin == "hub"]
+    assert len(probes) == len(shard_sizes(folder)) == (1 if shard_size == "10MB" else 3)
+    assert not [r for r in log if "/paths-info/" in r.path], "described by the listing"
+    if shard_size == "50KB":  # (a missing index is one round trip, as long as the listing's)
+        assert max(r.time for r in probes) < max(r.end for r in index), "header probes did not wait for the index"
+
+
+def test_files_the_index_does_not_name_are_not_taken_for_its_shards(tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "model")
+    index = json.loads((folder / SAFE_INDEX).read_text())
+    renamed = {name: f"part-{i}.safetensors" for i, name in enumerate(sorted(set(index["weight_map"].values())))}
+    for old, new in renamed.items():
+        (folder / old).rename(folder / new)
+    index["weight_map"] = {key: renamed[name] for key, name in index["weight_map"].items()}
+    (folder / SAFE_INDEX).write_text(json.dumps(index))
+    shutil.copy(folder / "part-0.safetensors", folder / "model-00001-of-00001.safetensors")  # looks like the shards
+    with served(folder, tmp_path / "cache"):
+        model = stream(complete_download=False)
+        assert generate(model) == reference_tokens(folder)
+        assert set(source_of(model).streamed_shards) == set(renamed.values())
