@@ -34,10 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, ResolvedRevision, constants, hf_hub_url
+from huggingface_hub import HfApi, RepoFile, ResolvedRevision, constants, hf_hub_url
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from ..errors import CheckpointError
@@ -232,11 +232,21 @@ class RemoteFile:
 
 
 def list_remote_files(repo: HubRepo) -> dict[str, Any]:
-    """Every file of the weights' folder (the subfolder, or the repo root) at the pinned commit, path -> info, from
-    one ``list_repo_tree`` call: the same size, sha256 and Xet hash ``get_paths_info`` gives, asked before the
-    index names the shards, so that it can run while the index downloads."""
-    items = HfApi(token=repo.token).list_repo_tree(repo.repo_id, repo.subfolder or None, revision=repo.commit)
-    return {item.path: item for item in items if hasattr(item, "size")}
+    """Every file of the weights' folder (the subfolder, or the repo root) at the pinned commit, path -> info: the
+    same size, sha256 and Xet hash ``get_paths_info`` gives, asked for before the index names the shards, so that
+    it can run while the index downloads.
+
+    Only a shortcut (the caller asks paths-info when this fails or is late), so it is one request of the tree API
+    on a client of our own, with no retry: huggingface_hub's backoff would keep it going after the load moved on,
+    and closes huggingface_hub's shared client on a connect error, under the feet of the user's other downloads.
+    A listing longer than one page gives its first page.
+    """
+    folder = "/" + quote(repo.subfolder, safe="") if repo.subfolder else ""
+    url = f"{constants.ENDPOINT}/api/models/{repo.repo_id}/tree/{repo.commit}{folder}"
+    with compat.new_http_client() as client:
+        response = client.get(url, headers=build_hf_headers(token=repo.token), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        hf_raise_for_status(response)
+        return {item["path"]: RepoFile(**item) for item in response.json() if item.get("type") == "file"}
 
 
 def describe_remote_files(
