@@ -10,8 +10,13 @@ the completed files into the Hub cache.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as LateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from .errors import CheckpointError
 from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes
+from .hub.remote import list_remote_files
 from .index import CheckpointIndex, read_shard_header
 from .sources import ByteSource, LocalFileSource
 
@@ -30,6 +36,10 @@ if TYPE_CHECKING:
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _OTHER_FORMATS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+logger = logging.getLogger(__name__)
+# How long a load waits for the folder listing once the index is read (they normally come together): a listing that
+# is slower (huggingface_hub retrying a 5xx) is left behind for a paths-info call.
+LISTING_GRACE_S = 1.0
 NEEDS_SAFETENSORS = (
     "Streaming needs safetensors weights, but {where} only has {found}. Convert it once with "
     "`hf-weightstream convert {where} OUT_DIR` (or `hf_weightstream.convert.to_safetensors(...)` in Python), which "
@@ -101,17 +111,78 @@ def open_hub_repo(
     *,
     max_connections: int,
     complete_download: bool = True,
+    also_download: tuple[str, ...] = (),
 ) -> Checkpoint:
-    """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring)."""
+    """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring).
+
+    Every request after the commit is pinned costs a round trip, so what does not depend on an earlier answer goes
+    out at once. On a cold cache, the listing of the weights' folder (sizes and sha256 of the shards) goes out with
+    the index download; when it shows the files ``save_pretrained`` writes (``model-00001-of-0000N.safetensors``,
+    all N of them, or a lone ``model.safetensors`` and no index), their headers are fetched at once too, and used
+    if the index names exactly those files. ``also_download`` (small files the caller reads next, such as
+    ``generation_config.json``) is downloaded alongside all of it, into the cache, so that the caller's own call
+    finds it there; a failure of those is left for the caller's call to report.
+    """
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
     repo = HubRepo.pin(repo_id, download_kwargs)  # once: the index and the shards come from one commit
     pinned = {**download_kwargs, "revision": repo.resolved_revision}
+    index_cached = try_to_load_from_cache(
+        repo_id, repo.path_in_repo(index_name), cache_dir=repo.cache_dir, revision=repo.commit
+    )
+    online = not repo.offline
+    extras = [
+        _in_background(_download_quietly, repo_id, name, pinned)
+        for name in also_download
+        if online and not repo.force_download
+    ]
+
+    def open_shards(shards: list[str], listed: dict[str, Any] | None) -> Checkpoint:
+        return _open_shards(repo, shards, listed, pinned, (index_name, single_name), max_connections, complete_download)
+
+    def list_and_guess() -> tuple[dict[str, Any], list[str] | None, Future | None]:
+        listed = list_remote_files(repo)
+        guess = _guess_shards(repo, listed, index_name, single_name)
+        return listed, guess, None if guess is None else _in_background(open_shards, guess, listed)
+
+    # A cold cache (index state unknown) will need the shards' metadata: ask for it now, not after the index.
+    listing = _in_background(list_and_guess) if online and (index_cached is None or repo.force_download) else None
     try:
         index_path = hf_hub_download(repo_id, index_name, **pinned)
         shards = sorted(set(_read_weight_map(Path(index_path)).values()))
     except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
         shards = [single_name]
+    except BaseException:
+        _discard_guess(listing)
+        raise
+    listed, guess, opened = _listed(listing)
+    checkpoint = None
+    if opened is not None and guess == shards:
+        try:
+            checkpoint = opened.result()
+        except Exception as err:  # noqa: BLE001 - opened again below, which reports its own errors
+            logger.debug("Opening the shards the listing showed failed (%r); opening them again", err)
+    elif opened is not None:
+        _discard_guess(listing)
+    if checkpoint is None:
+        checkpoint = open_shards(shards, listed)
+    for extra in extras:
+        extra.result()
+    return checkpoint
+
+
+def _open_shards(
+    repo: HubRepo,
+    shards: list[str],
+    listed: dict[str, Any] | None,
+    pinned: dict[str, Any],
+    names: tuple[str, str],
+    max_connections: int,
+    complete_download: bool,
+) -> Checkpoint:
+    """The checkpoint of ``shards``: cached ones read in place, the others described (from ``listed``, else by
+    paths-info), their headers fetched, and streamed. ``names``: the index's and the single file's names."""
+    repo_id, (index_name, single_name) = repo.repo_id, names
     local: dict[str, Path] = {}
     for shard in shards:
         cached = None if repo.force_download else _cached_path(repo, shard)
@@ -123,11 +194,11 @@ def open_hub_repo(
     remote = {}
     if missing:
         try:
-            resolved = describe_remote_files(repo, missing)
+            resolved = describe_remote_files(repo, missing, listed)
         except ShardNotInRepoError as err:
             shard = err.shard
             if shard == single_name:
-                raise CheckpointError(_no_safetensors_message(repo_id, download_kwargs)) from None
+                raise CheckpointError(_no_safetensors_message(repo_id, pinned)) from None
             raise CheckpointError(f"Shard {shard} of {repo_id} is listed in its index but not in the repo.") from None
         for shard, remote_file in resolved.items():
             if remote_file is None:  # a small file outside LFS: no sha256 to verify a stream against
@@ -140,6 +211,77 @@ def open_hub_repo(
     except BaseException:
         source.close()
         raise
+
+
+def _guess_shards(repo: HubRepo, listed: dict[str, Any], index_name: str, single_name: str) -> list[str] | None:
+    """The weight files the index will name, from the folder listing, when ``save_pretrained``'s naming leaves no
+    doubt: every one of ``model-00001-of-0000N.safetensors`` to N (next to the index), or ``model.safetensors``
+    alone (no index). None otherwise."""
+    prefix = f"{repo.subfolder}/" if repo.subfolder else ""
+    names = {path.removeprefix(prefix) for path in listed if path.startswith(prefix)}
+    if index_name not in names:
+        return [single_name] if single_name in names else None
+    stem = single_name.removesuffix(".safetensors")
+    pattern = re.compile(re.escape(stem) + r"-(\d{5})-of-(\d{5})\.safetensors")
+    numbered = [(int(m[1]), int(m[2]), name) for name in names if (m := pattern.fullmatch(name))]
+    totals = {total for _, total, _ in numbered}
+    if len(totals) != 1 or sorted(i for i, _, _ in numbered) != list(range(1, totals.pop() + 1)):
+        return None
+    return sorted(name for _, _, name in numbered)
+
+
+def _discard_guess(listing: Future | None) -> None:
+    """Close the checkpoint opened from a guess the index did not confirm, once it is open."""
+
+    def close(opened: Future) -> None:
+        if opened.exception() is None:
+            opened.result().source.close()
+
+    def discard(listing: Future) -> None:
+        if listing.exception() is None and listing.result()[2] is not None:
+            listing.result()[2].add_done_callback(close)
+
+    if listing is not None:
+        listing.add_done_callback(discard)
+
+
+def _in_background(function: Callable[..., Any], *args: Any) -> Future:
+    """Run ``function`` in a daemon thread: a call still retrying when the load is done (a listing it gave up
+    waiting for) neither holds the load nor the process's exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever asks for the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="hf_ws-meta", daemon=True).start()
+    return future
+
+
+def _listed(listing: Future | None) -> tuple[dict[str, Any] | None, list[str] | None, Future | None]:
+    """What `list_and_guess` gave if it was asked for and came: the folder listing, the guessed shards and their
+    checkpoint being opened; Nones otherwise (the shards are then described by ``get_paths_info``, which reports
+    its own errors)."""
+    if listing is None:
+        return None, None, None
+    try:
+        return listing.result(timeout=LISTING_GRACE_S)
+    except LateError:  # concurrent.futures' own before Python 3.11
+        logger.debug("The listing of the weights' folder is late; asking paths-info instead")
+        _discard_guess(listing)
+    except Exception as err:  # noqa: BLE001 - only a shortcut: the paths-info call that replaces it raises
+        logger.debug("Listing the weights' folder failed (%r); asking paths-info instead", err)
+    return None, None, None
+
+
+def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any]) -> None:
+    """``hf_hub_download`` ahead of the caller's own call for the same file; errors are the caller's to report."""
+    try:
+        hf_hub_download(repo_id, filename, **pinned)
+    except Exception as err:  # noqa: BLE001 - e.g. no generation_config.json: the caller's call handles it
+        logger.debug("Fetching %s ahead failed: %r", filename, err)
 
 
 def _cached_path(repo: HubRepo, shard: str) -> Path | None:

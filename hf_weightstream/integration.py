@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_utils import ModuleUtilsMixin
+from transformers.utils import GENERATION_CONFIG_NAME
 from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
@@ -227,6 +228,8 @@ def load_streamed(
             variant,
             max_connections=stream_config.max_connections,
             complete_download=stream_config.complete_download,
+            # adjust_generation_fn below reads it: fetched with the index and headers, not a round trip after them
+            also_download=(GENERATION_CONFIG_NAME,) if generation_config is None and cls.can_generate() else (),
         )
 
     try:

@@ -8,8 +8,10 @@ Faults of today's Hub (expiring URLs, 403s, stalls, mirrors) are in test_hub_tod
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -49,8 +51,9 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from transformers import AutoModelForCausalLM
 
 from hf_weightstream import CheckpointError, hub, wait_until_cached
+from hf_weightstream.checkpoint import SAFE_INDEX
 from hf_weightstream.testing.hub_repo import xet_hash_stand_in
-from hf_weightstream.testing.hub_server import HubServer
+from hf_weightstream.testing.hub_server import Fault, HubServer, RequestRecord
 
 # About 13.6 MB in 2 MB shards: big enough for a bandwidth cap to make a download last a few seconds.
 BIG = {"max_shard_size": "2MB", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
@@ -86,10 +89,10 @@ def test_load_costs_one_metadata_call_and_one_request_per_header_then_weights_in
         model = stream(complete_download=False, max_connections=1, budget=60_000)
         log = server.log
 
-        # Revision resolved once, one paths-info call for every shard, no HEAD on a shard: one resolve call per
-        # shard (302 to the bridge), then its header probe from the bridge.
+        # Revision resolved once, one listing of the folder for every shard, no HEAD on a shard: one resolve call
+        # per shard (302 to the bridge), then its header probe from the bridge.
         api = [r.path for r in log if r.path.startswith("/api/")]
-        assert api == [f"/api/models/{REPO}", f"/api/models/{REPO}/paths-info/{server.add_repo(REPO, tiny)}"]
+        assert api == [f"/api/models/{REPO}", f"/api/models/{REPO}/tree/{server.add_repo(REPO, tiny)}"]
         shard_requests = [r for r in log if r.file and r.file.endswith(".safetensors")]
         assert not [r for r in shard_requests if r.method == "HEAD"]
         assert sorted((r.origin, r.status, r.file) for r in shard_requests) == sorted(
@@ -127,11 +130,14 @@ def test_a_header_is_one_request_with_the_probe_huggingface_hub_uses(big: Path, 
     assert sorted(loaded) == sorted((name, 0, 100_001) for name in sizes)
 
 
-def test_large_reads_are_split_over_several_connections(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("connections", [12, 3])
+def test_large_reads_are_split_over_several_connections(
+    tiny: Path, tmp_path: Path, monkeypatch, connections: int
+) -> None:
     monkeypatch.setattr(hub.schedule, "DEMAND_PIECE_BYTES", 4096)
-    monkeypatch.setattr(hub.schedule, "READAHEAD_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what the forward pass reads
     with served(tiny, tmp_path, bandwidth=400_000) as server:
-        model = stream(complete_download=False, max_connections=3)
+        model = stream(complete_download=False, max_connections=connections)
         server.clear_log()
         (rng,) = next(u for u in units_of(model) if u.name == "model.layers.1").ranges
         with torch.no_grad():
@@ -140,10 +146,14 @@ def test_large_reads_are_split_over_several_connections(tiny: Path, tmp_path: Pa
         log = [r for r in server.log if r.method == "GET"]
     end = rng.offset + rng.length
     pieces = sorted((s, e) for name, s, e in fetched_from(log) if name == rng.shard and rng.offset <= s < end)
-    assert all(e - s <= 4096 for s, e in pieces) and len(pieces) >= rng.length // 4096
     assert [p[0] for p in pieces[1:]] == [p[1] for p in pieces[:-1]], "contiguous pieces of one read"
+    assert max(e - s for s, e in pieces) - min(e - s for s, e in pieces) < len(pieces), "equal pieces end together"
+    if rng.length <= connections * 4096:  # pieces of at most DEMAND_PIECE_BYTES
+        assert len(pieces) == -(-rng.length // 4096)
+    else:  # more than a piece per connection: one piece per connection, all in flight at once
+        assert len(pieces) == connections
     overlapping = max(sum(1 for o in log if o.time <= r.time < o.end) for r in log)
-    assert 2 <= overlapping <= 3, "several requests at once, never more than max_connections"
+    assert 2 <= overlapping <= connections, "several requests at once, never more than max_connections"
 
 
 def test_a_read_the_forward_pass_waits_for_makes_background_fetches_yield(
@@ -516,3 +526,96 @@ def test_two_processes_streaming_at_once_share_in_flight_ranges_and_end_with_one
     assert_each_byte_once(both, shard_sizes(big))
     assert_cache_verified(tmp_path, big)
     assert len([b for b in (repo_cache(tmp_path) / "blobs").iterdir() if len(b.name) == 64]) == len(digests)
+
+
+def test_a_cold_load_asks_for_the_metadata_and_the_generation_config_while_the_index_downloads(
+    tiny: Path, tmp_path: Path
+) -> None:
+    # Every answer waits 0.2 s: a request sent only after another's answer shows as a later start.
+    with served(tiny, tmp_path, latency=0.2) as server:
+        model = stream(complete_download=False)
+        log = sorted(server.log, key=lambda r: r.time)
+        assert generate(model) == reference_tokens(tiny)
+    index = [r for r in log if r.path.endswith(SAFE_INDEX)]
+    listing = [r for r in log if "/tree/" in r.path]
+    generation = [r for r in log if r.path.endswith("generation_config.json")]
+    headers = [r for r in log if r.file and r.file.endswith(".safetensors")]
+    assert len(listing) == 1 and not [r for r in log if "/paths-info/" in r.path], "one metadata call"
+    assert listing[0].time < min(r.end for r in index), "the listing went out with the index, not after it"
+    assert max(r.time for r in generation) < max(r.end for r in headers), "generation config: not after the load"
+
+
+def test_without_a_generation_config_a_load_makes_no_more_requests_for_it(tiny: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    (folder / "generation_config.json").unlink()
+    with served(folder, tmp_path / "cache") as server:
+        model = stream(complete_download=False)
+        asked = [(r.method, r.status) for r in server.log if r.path.endswith("generation_config.json")]
+        assert generate(model) == reference_tokens(folder)
+    assert asked == [("HEAD", 404)], "one HEAD, whose answer huggingface_hub records for transformers' own call"
+
+
+def api_route(record: RequestRecord) -> str:
+    """``tree``, ``paths-info``... of an ``/api/models/{repo}/...`` request ("" for the repo's info)."""
+    return record.path.removeprefix(f"/api/models/{REPO}").strip("/").split("/")[0]
+
+
+@pytest.mark.parametrize("status", [403, 500], ids=["refused", "retried"])
+def test_a_failed_or_late_folder_listing_falls_back_to_paths_info(tiny: Path, tmp_path: Path, status: int) -> None:
+    with served(tiny, tmp_path) as server:
+        server.add_fault(Fault(path="*/tree/*", status=status, times=None))  # huggingface_hub retries a 500 for 23 s
+        start = time.monotonic()
+        model = stream(complete_download=False)
+        assert time.monotonic() - start < 10, "the load did not wait for the listing's retries"
+        api = [api_route(r) for r in server.log if r.path.startswith("/api/") and r.status == 200]
+        assert generate(model) == reference_tokens(tiny)
+    assert api[-1] == "paths-info"
+
+
+def test_shards_the_index_names_outside_the_listed_folder_are_described_by_paths_info(tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "model")
+    index = json.loads((folder / SAFE_INDEX).read_text())
+    (folder / "weights").mkdir()
+    for name in set(index["weight_map"].values()):
+        (folder / name).rename(folder / "weights" / name)
+    index["weight_map"] = {key: f"weights/{name}" for key, name in index["weight_map"].items()}
+    (folder / SAFE_INDEX).write_text(json.dumps(index))
+    with served(folder, tmp_path / "cache") as server:
+        model = stream(complete_download=False)
+        api = [api_route(r) for r in server.log if r.path.startswith("/api/")]
+        assert generate(model) == reference_tokens(folder)
+    assert api[-2:] == ["tree", "paths-info"]
+
+
+@pytest.mark.parametrize("shard_size", ["50KB", "10MB"], ids=["sharded", "single-file"])
+def test_the_headers_of_the_files_the_listing_shows_are_fetched_before_the_index_answers(
+    tmp_path: Path, shard_size: str
+) -> None:
+    folder = make_tiny_llama(tmp_path / "model", max_shard_size=shard_size)
+    # 0.5 s per answer: a margin for a busy machine between the listing's answer and the probes it starts.
+    with served(folder, tmp_path / "cache", latency=0.5) as server:
+        model = stream(complete_download=False)
+        log = server.log
+        assert generate(model) == reference_tokens(folder)
+    index = [r for r in log if r.path.endswith(SAFE_INDEX)]  # HEAD + GET, or a HEAD answered 404
+    probes = [r for r in log if r.file and r.file.endswith(".safetensors") and r.origin == "hub"]
+    assert len(probes) == len(shard_sizes(folder)) == (1 if shard_size == "10MB" else 3)
+    assert not [r for r in log if "/paths-info/" in r.path], "described by the listing"
+    if shard_size == "50KB":  # (a missing index is one round trip, as long as the listing's)
+        assert max(r.time for r in probes) < max(r.end for r in index), "header probes did not wait for the index"
+
+
+def test_files_the_index_does_not_name_are_not_taken_for_its_shards(tmp_path: Path) -> None:
+    folder = make_tiny_llama(tmp_path / "model")
+    index = json.loads((folder / SAFE_INDEX).read_text())
+    renamed = {name: f"part-{i}.safetensors" for i, name in enumerate(sorted(set(index["weight_map"].values())))}
+    for old, new in renamed.items():
+        (folder / old).rename(folder / new)
+    index["weight_map"] = {key: renamed[name] for key, name in index["weight_map"].items()}
+    (folder / SAFE_INDEX).write_text(json.dumps(index))
+    shutil.copy(folder / "part-0.safetensors", folder / "model-00001-of-00001.safetensors")  # looks like the shards
+    with served(folder, tmp_path / "cache"):
+        model = stream(complete_download=False)
+        assert generate(model) == reference_tokens(folder)
+        assert set(source_of(model).streamed_shards) == set(renamed.values())

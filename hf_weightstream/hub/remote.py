@@ -5,8 +5,9 @@ Round trips are what a cold start pays for, so they are counted:
 - The revision is resolved to a commit once (transformers' ``resolve_revision`` usually did it already: a
   ``ResolvedRevision``); everything after is fetched by commit hash, so the index and the shards cannot come from
   different commits if the branch moves meanwhile.
-- One ``HfApi.get_paths_info`` call answers size, sha256 (the LFS oid) and Xet hash of every shard: no HEAD per
-  shard.
+- One call answers size, sha256 (the LFS oid) and Xet hash of every shard: no HEAD per shard. On a cold cache it
+  is a listing of the weights' folder (``list_repo_tree``) sent together with the index download, so it costs no
+  round trip of its own; otherwise ``get_paths_info`` for the shards the index names.
 - The first request of a shard is the header probe (``HEADER_PROBE_BYTES`` from byte 0, like huggingface_hub's own
   ``parse_safetensors_file_metadata``: one request covers nearly every safetensors header). It goes to
   ``/resolve/<commit>/<file>``. Today's Hub answers 302 to a signed URL on a bridge host, with the file's
@@ -33,10 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, ResolvedRevision, constants, hf_hub_url
+from huggingface_hub import HfApi, RepoFile, ResolvedRevision, constants, hf_hub_url
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from ..errors import CheckpointError
@@ -230,12 +231,36 @@ class RemoteFile:
         return where if start is None or end is None else f"bytes {start}-{end - 1} of {where}"
 
 
-def describe_remote_files(repo: HubRepo, shards: list[str]) -> dict[str, RemoteFile | None]:
-    """Size, sha256 and Xet hash of every shard in one ``get_paths_info`` call; None for a file that is not in LFS
-    (no sha256 to verify a stream against: it is downloaded the normal way)."""
+def list_remote_files(repo: HubRepo) -> dict[str, Any]:
+    """Every file of the weights' folder (the subfolder, or the repo root) at the pinned commit, path -> info: the
+    same size, sha256 and Xet hash ``get_paths_info`` gives, asked for before the index names the shards, so that
+    it can run while the index downloads.
+
+    Only a shortcut (the caller asks paths-info when this fails or is late), so it is one request of the tree API
+    on a client of our own, with no retry: huggingface_hub's backoff would keep it going after the load moved on,
+    and closes huggingface_hub's shared client on a connect error, under the feet of the user's other downloads.
+    A listing longer than one page gives its first page.
+    """
+    folder = "/" + quote(repo.subfolder, safe="") if repo.subfolder else ""
+    url = f"{constants.ENDPOINT}/api/models/{repo.repo_id}/tree/{repo.commit}{folder}"
+    with compat.new_http_client() as client:
+        response = client.get(url, headers=build_hf_headers(token=repo.token), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        hf_raise_for_status(response)
+        return {item["path"]: RepoFile(**item) for item in response.json() if item.get("type") == "file"}
+
+
+def describe_remote_files(
+    repo: HubRepo, shards: list[str], listed: dict[str, Any] | None = None
+) -> dict[str, RemoteFile | None]:
+    """Size, sha256 and Xet hash of every shard, from ``listed`` (`list_remote_files`) or else one
+    ``get_paths_info`` call; None for a file that is not in LFS (no sha256 to verify a stream against: it is
+    downloaded the normal way)."""
     paths = {repo.path_in_repo(shard): shard for shard in shards}
-    infos = HfApi(token=repo.token).get_paths_info(repo.repo_id, list(paths), revision=repo.commit)
-    found = {info.path: info for info in infos}
+    found = dict(listed or {})
+    unlisted = [path for path in paths if path not in found]
+    if unlisted:
+        infos = HfApi(token=repo.token).get_paths_info(repo.repo_id, unlisted, revision=repo.commit)
+        found.update((info.path, info) for info in infos)
     out: dict[str, RemoteFile | None] = {}
     for path, shard in paths.items():
         info = found.get(path)

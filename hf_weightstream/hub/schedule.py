@@ -42,9 +42,11 @@ DEMAND, READAHEAD, FILL = 0, 1, 2
 # connections get 92-93% of the link with 4-8 MiB requests, 96% with 16 MiB, 98% with 32 MiB; 8 connections need
 # 32 MiB for 96%; 4 connections never pass 76%. Readahead and demand pieces stay at 8 MiB because the requests in
 # flight complete together: 12 x 8 MiB is about two decoder blocks of a 600 MB model in flight, so blocks arrive
-# nearly in order and the forward pass can run on the first while the next arrive. Fill is not needed in any
-# order and yields to demand reads, so it uses the large requests.
-DEMAND_PIECE_BYTES = 8 << 20  # a demand read is fetched as parallel pieces of at most this size
+# nearly in order and the forward pass can run on the first while the next arrive. A demand read larger than a
+# piece per connection (a long prompt's embedding rows: the whole table) is cut into one piece per connection
+# instead, so it takes one wave of requests. Fill is not needed in any order and yields to demand reads, so it uses
+# the large requests.
+DEMAND_PIECE_BYTES = 8 << 20  # a demand read is fetched as parallel pieces of at most this size (or 1/connections)
 READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
 FILL_CHUNK_BYTES = 32 << 20  # one filler request
 MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this
@@ -93,6 +95,10 @@ class FetchScheduler:
         self._running: set[Job] = set()
         self._threads: list[threading.Thread] = []
         self._stopped = False
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     @property
     def lock(self) -> threading.Condition:

@@ -112,6 +112,9 @@ class _Session:
 
         filled = RangeSet()
         base = spans[0][0]
+        # One wave: a read larger than a piece per connection is cut into one piece per connection, so it ends
+        # when the link has moved it, not a wave of pieces later, sharing the link with the readahead by then.
+        piece = max(schedule.DEMAND_PIECE_BYTES, -(-sum(e - s for s, e in spans) // self.scheduler.connections))
         patience = time.monotonic() + FOREIGN_PATIENCE_S
         seen = -1
         while True:
@@ -125,7 +128,7 @@ class _Session:
                 impatient = time.monotonic() > patience  # another process holds ranges and records nothing
                 for start, end in spans:
                     got = stream.claim_missing(
-                        start, end, lambda s, e: even_pieces(s, e, schedule.DEMAND_PIECE_BYTES), impatient
+                        start, end, lambda s, e: even_pieces(s, e, piece), impatient
                     )
                     fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
                     jobs += [
