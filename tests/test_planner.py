@@ -142,9 +142,9 @@ def test_engine_plans_from_measurements_and_prefetches_in_time(checkpoints) -> N
     slow = [m.register_forward_hook(lambda *a: time.sleep(0.01)) for m in model.model.layers]
     real_read = engine.reader.read
 
-    def slow_read(ranges, buffer=None):
+    def slow_read(ranges, buffer=None, cached=False):
         time.sleep(0.01)
-        return real_read(ranges, buffer)
+        return real_read(ranges, buffer, cached)
 
     engine.reader.read = slow_read
     try:
