@@ -215,9 +215,10 @@ class ModeTrial:
 
     Which wins depends on the device and not on anything a process can ask it: on a local NVMe drive
     ``O_DIRECT`` saves a copy and the kernel's bookkeeping, but a virtual disk may serve the kernel's large
-    read-ahead requests far faster than the same bytes in direct pieces (1.33 against 0.63 GB/s measured on
-    this project's CI machine). So both are timed on the model's own reads, in alternating phases so that a
-    disk whose speed drifts favours neither, and the faster is kept. Bandwidth counts the time *some* read of a
+    read-ahead requests far faster than the same bytes in direct pieces (1.33 against 0.63 GB/s, cold, on the
+    virtual disk this project is developed on), and the order can flip from one minute to the next. So both
+    are timed on the model's own reads, in alternating phases so that a disk whose speed drifts favours
+    neither, and the faster is kept. Bandwidth counts the time *some* read of a
     mode was in flight, so parallel reads are not counted twice.
 
     Timing starts at `start`: the engine calls it once the schedule is known and reads run ahead of compute,
