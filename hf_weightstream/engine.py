@@ -308,12 +308,17 @@ class StreamEngine:
     def _spare_page_cache(self) -> int:
         """Page cache the memory limit has room for beyond a reserve and the budget still to fill (pool lock held).
 
-        Measured once the read mode is settled (a few passes in), so what the forward holds is in the usage.
+        Measured once the read mode is settled (a few passes in), so what the forward holds is in the usage. The
+        limit counts page cache as reclaimable room, so what other models of the pool keep there is taken off.
         """
         room = self.memory_limits().page_cache_room()
         if room is None:
             return 0
-        return max(0, room - MIN_RESERVE - max(0, self.pool.budget - self.pool.held))
+        others = sum(engine.page_cached_bytes() for engine in self.pool.engines() if engine is not self)
+        return max(0, room - MIN_RESERVE - max(0, self.pool.budget - self.pool.held) - others)
+
+    def page_cached_bytes(self) -> int:
+        return sum(u.raw_bytes for u in self.units if u.name in self.page_cached)
 
     def _choose_page_cached(self) -> None:
         """Which streamed units stay in the page cache between tokens (pool lock held).
@@ -1078,7 +1083,7 @@ class StreamEngine:
                 "kept_resident_units": len(self.keep_resident),
                 "kept_resident_bytes": self.plan.kept_bytes if self.plan else 0,
                 "page_cached_units": len(self.page_cached),
-                "page_cached_bytes": sum(u.raw_bytes for u in self.units if u.name in self.page_cached),
+                "page_cached_bytes": self.page_cached_bytes(),
                 "replans": self.counters["replans"],
                 "peak_resident_bytes": self.pool.peak_held,
                 "bytes_read": self.counters["bytes_read"],

@@ -368,3 +368,27 @@ def test_units_the_limit_has_page_cache_room_for_are_read_through_it_and_left_th
     kept = [r for u in engine.units if u.name in engine.page_cached for r in u.ranges]
     assert not any(o < r.offset + r.length and r.offset < o + n for o, n in dropped for r in kept)
     assert stats["peak_resident_bytes"] <= budget
+
+
+def test_models_of_one_pool_share_the_page_cache_room(checkpoints) -> None:
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    units = probe._hf_weightstream.units
+    layer = max(u.raw_bytes for u in units if u.name.startswith("model.layers."))
+    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    pool = hf_weightstream.WeightPool(budget)  # below either model: each streams
+    spare = 2 * layer + layer // 2
+    models = []
+    for _ in range(2):
+        config = StreamConfig(pool=pool)
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config)
+        engine = model._hf_weightstream
+        engine.reader = DirectReader(engine.reader.source, mode="auto")
+        engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=1)  # direct is kept
+        engine.memory_limits = lambda p=pool: limits_with(MIN_RESERVE + spare + max(0, p.budget - p.held))
+        models.append(model)
+    for model in models:
+        assert torch.equal(model.generate(PROMPT, max_new_tokens=4, do_sample=False), expected)
+    first, second = (m._hf_weightstream.page_cached_bytes() for m in models)
+    assert first >= 2 * layer and first + second <= spare  # the second model gets only what the first left
