@@ -276,14 +276,32 @@ def test_unknown_io_is_a_clear_error() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+def units_and_half_budget(folder: Path, **kwargs) -> tuple[list, int]:
+    """The units of a streamed model, and a budget for half of them (never below three of the largest)."""
+    units = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", **kwargs)._hf_weightstream.units
+    return units, max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+
+
+def reading_as_auto(model, phases: int):
+    """The model's engine, reading as io="auto" does under a memory limit below the model, with trial phases small
+    enough for a tiny model (one phase: only direct reads are timed, so direct is kept)."""
+    engine = model._hf_weightstream
+    engine.reader = DirectReader(engine.reader.source, mode="auto")
+    engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=phases)
+    return engine
+
+
+def spare_once_full(pool, spare: int):
+    """A memory limit that leaves ``spare`` bytes of page cache beyond the reserve and the pool's budget once full."""
+    return lambda: limits_with(MIN_RESERVE + spare + max(0, pool.budget - pool.held))
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_direct_io_outputs_are_identical_and_buffers_are_recycled(checkpoints, dtype) -> None:
     folder = checkpoints("llama")
     kwargs = {} if dtype is None else {"dtype": dtype}
     ref = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", **kwargs)
-    units = probe._hf_weightstream.units
-    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    _units, budget = units_and_half_budget(folder, **kwargs)
     config = StreamConfig(budget=budget, io="direct")
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config, **kwargs)
     engine = model._hf_weightstream
@@ -311,14 +329,9 @@ def test_direct_io_outputs_are_identical_and_buffers_are_recycled(checkpoints, d
 def test_a_measured_read_mode_starts_after_the_traced_pass_and_keeps_outputs_identical(checkpoints) -> None:
     folder = checkpoints("llama")
     ref = AutoModelForCausalLM.from_pretrained(folder)
-    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
-    units = probe._hf_weightstream.units
-    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    _units, budget = units_and_half_budget(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
-    engine = model._hf_weightstream
-    # What "auto" picks under a memory limit below the model, with phases small enough for a tiny model.
-    engine.reader = DirectReader(engine.reader.source, mode="auto")
-    engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=4)
+    engine = reading_as_auto(model, phases=4)
     engine.memory_limits = lambda: limits_with(0)  # no page cache to spare: every streamed unit is timed
     with torch.no_grad():
         model(PROMPT)
@@ -333,17 +346,11 @@ def test_a_measured_read_mode_starts_after_the_traced_pass_and_keeps_outputs_ide
 def test_units_the_limit_has_page_cache_room_for_are_read_through_it_and_left_there(checkpoints, monkeypatch) -> None:
     folder = checkpoints("llama")
     ref = AutoModelForCausalLM.from_pretrained(folder)
-    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
-    units = probe._hf_weightstream.units
-    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
+    units, budget = units_and_half_budget(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
-    engine = model._hf_weightstream
-    engine.reader = DirectReader(engine.reader.source, mode="auto")
-    engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=1)  # one direct phase: direct is kept
+    engine = reading_as_auto(model, phases=1)
     layer = max(u.raw_bytes for u in units if u.name.startswith("model.layers."))
-    # Room beyond the reserve and the budget for two layers and a half, once the budget is full.
-    spare = MIN_RESERVE + 2 * layer + layer // 2
-    engine.memory_limits = lambda: limits_with(spare + max(0, engine.pool.budget - engine.pool.held))
+    engine.memory_limits = spare_once_full(engine.pool, 2 * layer + layer // 2)
     reads, dropped = [], []
     real_read, real_fadvise = engine.reader.read, os.posix_fadvise
 
@@ -373,20 +380,16 @@ def test_units_the_limit_has_page_cache_room_for_are_read_through_it_and_left_th
 def test_models_of_one_pool_share_the_page_cache_room(checkpoints) -> None:
     folder = checkpoints("llama")
     expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
-    probe = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
-    units = probe._hf_weightstream.units
+    units, budget = units_and_half_budget(folder)
     layer = max(u.raw_bytes for u in units if u.name.startswith("model.layers."))
-    budget = max(sum(u.resident_bytes for u in units) // 2, 3 * max(u.charge_bytes for u in units))
     pool = hf_weightstream.WeightPool(budget)  # below either model: each streams
     spare = 2 * layer + layer // 2
     models = []
     for _ in range(2):
         config = StreamConfig(pool=pool)
         model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config)
-        engine = model._hf_weightstream
-        engine.reader = DirectReader(engine.reader.source, mode="auto")
-        engine.reader.trial = ModeTrial(phase_bytes=ALIGNMENT, phases=1)  # direct is kept
-        engine.memory_limits = lambda p=pool: limits_with(MIN_RESERVE + spare + max(0, p.budget - p.held))
+        engine = reading_as_auto(model, phases=1)
+        engine.memory_limits = spare_once_full(pool, spare)
         models.append(model)
     for model in models:
         assert torch.equal(model.generate(PROMPT, max_new_tokens=4, do_sample=False), expected)
