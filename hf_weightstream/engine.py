@@ -243,9 +243,9 @@ class StreamEngine:
                 for layer in self.expert_layers:  # the forward raised inside an experts call
                     self.end_experts(layer)
                 self.meter.end_pass(time.perf_counter())
-                if self._page_cache_room is None and getattr(self.reader, "measured", None) is not None:
-                    # Buffered reads pass through the page cache: their pieces in flight take that room.
-                    self._page_cache_room = self._spare_page_cache() if self.reader.io == "direct" else 0
+                if self._page_cache_room is None and self.schedule and getattr(self.reader, "settled", False):
+                    # Buffered reads pass through the page cache: their pieces in flight take some of that room.
+                    self._page_cache_room = max(0, self._spare_page_cache() - self.reader.cache_in_flight)
                     self._choose_page_cached()
                 if self.schedule:
                     self._replan()
@@ -323,7 +323,7 @@ class StreamEngine:
     def _choose_page_cached(self) -> None:
         """Which streamed units stay in the page cache between tokens (pool lock held).
 
-        Reads into buffers of our own (the "auto" read path under a memory limit below the model) keep streamed
+        Reads into buffers of our own (direct or buffered, under a memory limit below the model) keep streamed
         bytes out of the page cache, and the room the limit leaves beyond the budget would sit idle. Units read
         through the cache and left there cost a memory copy on the next token instead of a disk read. The
         kernel may still reclaim them (they are clean pages) if something else needs the room; they then come

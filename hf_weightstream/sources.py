@@ -305,6 +305,7 @@ class DirectReader:
         self.source = source
         self.trial = ModeTrial() if mode == "auto" else None
         self._mode = mode
+        self.max_in_flight = max_in_flight
         self.piece_bytes = max(ALIGNMENT, piece_bytes - piece_bytes % ALIGNMENT)
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="hf_weightstream_io")
         self._fds: dict[str, int | None] = {}
@@ -352,6 +353,16 @@ class DirectReader:
     def io(self) -> str:
         """The read mode in use now (``auto`` tries both first)."""
         return self.trial.mode if self.trial is not None else self._mode
+
+    @property
+    def cache_in_flight(self) -> int:
+        """Page cache this reader's own reads take at once: buffered pieces stay cached until copied."""
+        return self.max_in_flight * self.piece_bytes if self.io == "buffered" else 0
+
+    @property
+    def settled(self) -> bool:
+        """Whether the read mode is fixed (asked for, or measured): the page cache it leaves can then be shared."""
+        return self.trial is None or self.trial.outcome is not None
 
     @property
     def measured(self) -> str | None:

@@ -377,6 +377,28 @@ def test_units_the_limit_has_page_cache_room_for_are_read_through_it_and_left_th
     assert stats["peak_resident_bytes"] <= budget
 
 
+@pytest.mark.parametrize(
+    ("io", "in_flight_layers", "cached_layers"), [("buffered", 0, 2), ("buffered", 1, 1), ("direct", 1, 2)]
+)
+def test_a_forced_read_mode_shares_the_page_cache_room_less_its_pieces_in_flight(
+    checkpoints, io, in_flight_layers, cached_layers
+) -> None:
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=6, do_sample=False)
+    units, budget = units_and_half_budget(folder)
+    layer = max(u.raw_bytes for u in units if u.name.startswith("model.layers."))
+    config = StreamConfig(budget=budget, io=io)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config)
+    engine = model._hf_weightstream
+    piece = ALIGNMENT * -(-layer // (2 * ALIGNMENT)) if in_flight_layers else ALIGNMENT  # two pieces: a layer
+    engine.reader = DirectReader(engine.reader.source, max_in_flight=2, piece_bytes=piece, mode=io)
+    engine.memory_limits = spare_once_full(engine.pool, 2 * layer + layer // 2)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=6, do_sample=False), expected)
+    assert engine.reader.cache_in_flight == (2 * piece if io == "buffered" else 0)
+    assert sum(name.startswith("model.layers.") for name in engine.page_cached) == cached_layers
+    assert hf_weightstream.stats(model)["peak_resident_bytes"] <= budget
+
+
 def test_models_of_one_pool_share_the_page_cache_room(checkpoints) -> None:
     folder = checkpoints("llama")
     expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
