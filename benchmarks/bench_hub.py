@@ -30,8 +30,8 @@ Setup, all local and reproducible:
   the network in total against the model size.
 * Resolve calls: (b)'s ``/resolve/`` requests for the weights (the index and the shards; transformers' own
   config files cost two more each, as for any load) and in total.
-* This machine is shared and has 2 cores: each contender runs ``--repeat`` times and the run with the shortest TTFT
-  is kept; every run's TTFT is in the JSON.
+* This machine is shared and has 2 cores: the contenders run in ``--repeat`` rounds (each once per round, so that
+  the machine's drift favours none) and each keeps its run with the shortest TTFT; every run's TTFT is shown.
 
 ``--sweep``: the measurements the request sizes and connection count of ``hf_weightstream.hub.schedule`` were
 chosen from: throughput of back-to-back range requests of each size over each number of connections, against the
@@ -433,8 +433,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Model: {setup['model']} ({setup['model_bytes'] / 1e6:.0f} MB in {setup['shards']} shards), served by the "
         f"local Hub in xet mode (302 to a signed bridge URL): {link['latency'] * 1000:.0f} ms to first byte, "
         f"{link['connection_bandwidth'] / 1e6:.0f} MB/s per connection, {link['bandwidth'] / 1e6:.0f} MB/s in all; "
-        f"{setup['batch']} prompts of {setup['prompt_len']} tokens for (a), (b); best of {setup['repeat']} runs each; "
-        f"streaming budget {setup['budget'] / 1e6:.0f} MB. Machine: {setup['machine']}. Code: git "
+        f"{setup['batch']} prompts of {setup['prompt_len']} tokens for (a), (b); best of {setup['repeat']} "
+        f"interleaved rounds; streaming budget {setup['budget'] / 1e6:.0f} MB. Machine: {setup['machine']}. Code: git "
         f"{setup['git_head']}{' + uncommitted changes' if setup['uncommitted'] else ''}.",
         "",
         "| contender | load s | generate s | TTFT s | peak RSS MB | network MB | range requests | resolve calls "
@@ -463,6 +463,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "first_tokens" in r and key in ("b", "b_default", "local") and "first_tokens" in report["rows"].get("a", {}):
             same = r["first_tokens"] == report["rows"]["a"]["first_tokens"]
             notes.append("same first tokens as (a)" if same else "FIRST TOKENS DIFFER FROM (a)")
+        runs = [t for t in r.get("ttft_runs") or [] if t is not None]
+        if len(runs) > 1:
+            notes.append("TTFT of the runs " + ", ".join(f"{t:.2f}" for t in runs) + " s")
         resolves = "" if "resolve_calls" not in r else f"{r['resolve_calls_weights']} ({r['resolve_calls']} in all)"
         lines.append(
             f"| {label} | {cell('load_s')} | {cell('generate_s')} | {cell('ttft_s')} | {cell('peak_rss', 1e6, '.0f')} "
@@ -536,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt of (a), (b) (default 512)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the batch of (a), (b) (default 8)")
     parser.add_argument("--budget-fraction", type=float, default=0.5, help="streaming budget / model size")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of runs; each contender's fastest is kept")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per contender run")
     parser.add_argument(
         "--schedule",
@@ -581,16 +584,19 @@ def main(argv: list[str] | None = None) -> int:
 
         job = {"prompt_len": args.prompt_len, "batch": args.batch, "budget": budget, "folder": str(folder),
                "schedule": json.loads(args.schedule)}  # fmt: skip
-        rows: dict[str, dict[str, Any]] = {}
         wanted = args.only.split(",") if args.only else None
-        for contender, label in [*CONTENDERS.items(), ("kill", "(d) kill -9 at half, then resume")]:
-            if wanted is not None and contender not in wanted:
-                continue
-            load = wait_for_quiet(60)
-            print(f"{label} ... (other processes used {load:.2f} cores)", flush=True)
-            overrides = SMALL_JOB if contender in ("c", "local_small", "kill") else {}
-            runs = []
-            for _ in range(1 if contender in ("baseline", "kill") else args.repeat):
+        chosen = [(c, label) for c, label in [*CONTENDERS.items(), ("kill", "(d) kill -9 at half, then resume")]
+                  if wanted is None or c in wanted]  # fmt: skip
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c, _ in chosen}
+        # Rounds: every contender once per round, so that the machine's speed, which drifts by tens of percent
+        # from one minute to the next here, favours none of the rows a ratio compares.
+        for round_ in range(args.repeat):
+            for contender, label in chosen:
+                if round_ and contender in ("baseline", "kill"):
+                    continue
+                load = wait_for_quiet(60)
+                print(f"{label}, round {round_ + 1} ... (other processes used {load:.2f} cores)", flush=True)
+                overrides = SMALL_JOB if contender in ("c", "local_small", "kill") else {}
                 if contender == "kill":
                     run = run_kill_resume({**job, **overrides}, server, WORK / "cache-kill", model_bytes, args.timeout)
                 else:
@@ -598,12 +604,13 @@ def main(argv: list[str] | None = None) -> int:
                         {**job, **overrides, "contender": contender}, server, WORK / f"cache-{contender}", args.timeout
                     )
                 run["background_cores_before"] = load
-                runs.append(run)
-                load = wait_for_quiet(60)
-            row = min(runs, key=lambda r: r.get("ttft_s", float("inf")))
-            row["ttft_runs"] = [r.get("ttft_s") for r in runs]
+                runs[contender].append(run)
+                print(f"  {json.dumps(run)}", flush=True)
+        rows: dict[str, dict[str, Any]] = {}
+        for contender, _ in chosen:
+            row = min(runs[contender], key=lambda r: r.get("ttft_s", float("inf")))
+            row["ttft_runs"] = [r.get("ttft_s") for r in runs[contender]]
             rows[contender] = row
-            print(f"  {json.dumps(row)}", flush=True)
     setup.update(
         prompt_len=args.prompt_len, batch=args.batch, repeat=args.repeat, budget=budget, schedule=job["schedule"]
     )
