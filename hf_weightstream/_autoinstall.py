@@ -12,8 +12,13 @@ and the ``hf-weightstream`` command must answer ``--help`` and ``--version`` wit
   be imported by one of our own modules (``engine`` -> ``units`` -> ... -> transformers), and installing
   there would import that module again while it is half done.
 
-This relies on where ``PreTrainedModel`` is defined (``TRIGGER``); ``tests/test_autoinstall.py`` fails loudly if
-that moves.
+The auto classes' ``from_pretrained`` (the classes are defined in ``AUTO_TRIGGER``, imported before any model
+code) is wrapped the same way, at once or when that module is imported: a streamed load from the Hub starts its
+round trips there (`checkpoint.open_hub_repo_ahead`), so that they run while the auto class imports the model's
+code.
+
+This relies on where ``PreTrainedModel`` and the auto classes are defined (``TRIGGER``, ``AUTO_TRIGGER``, next to
+``auto_factory._BaseAutoModelClass``); ``tests/test_autoinstall.py`` fails loudly if either moves.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
 TRIGGER = "transformers.modeling_utils"
+AUTO_TRIGGER = "transformers.models.auto.modeling_auto"
 _lock = threading.RLock()
+logger = logging.getLogger(__name__)
 
 
 def _install() -> None:
@@ -60,35 +68,102 @@ def _install_on_first_call(modeling_utils: ModuleType) -> None:
     models.from_pretrained = stand_in
 
 
+def _open_ahead_on_call(modeling_auto: ModuleType) -> None:
+    """Wrap the auto classes' ``from_pretrained``: a streamed load from the Hub starts its round trips first.
+
+    Each auto class holds its own copy of ``_BaseAutoModelClass.from_pretrained`` (transformers' ``auto_class_update``
+    copies it to give it its own docstring), so each is wrapped, and the base for classes made later.
+    """
+    base = sys.modules[modeling_auto.__name__.rpartition(".")[0] + ".auto_factory"]._BaseAutoModelClass
+    classes = [base, *(c for c in vars(modeling_auto).values() if isinstance(c, type) and issubclass(c, base))]
+    for cls in classes:
+        if "from_pretrained" in vars(cls):
+            _wrap_auto_from_pretrained(cls)
+
+
+def _wrap_auto_from_pretrained(cls: type) -> None:
+    original = inspect.getattr_static(cls, "from_pretrained")
+    if getattr(original.__func__, "_hf_weightstream", False):
+        return
+
+    @functools.wraps(original.__func__)
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        discard = _open_ahead(args, kwargs)
+        try:
+            return original.__func__(cls, *args, **kwargs)
+        finally:
+            if discard is not None:
+                discard()
+
+    from_pretrained._hf_weightstream = True  # type: ignore[attr-defined]
+    cls.from_pretrained = classmethod(from_pretrained)
+
+
+def _open_ahead(args: tuple, kwargs: dict[str, Any]) -> Callable[[], None] | None:
+    streaming = kwargs.get("streaming") or kwargs.get("stream_config") is not None
+    if not (streaming or (isinstance(kwargs.get("device_map"), str) and kwargs["device_map"] == "stream")):
+        return None
+    name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    if name is None:
+        return None
+    try:
+        from .checkpoint import open_hub_repo_ahead
+
+        return open_hub_repo_ahead(name, kwargs)
+    except Exception as err:  # noqa: BLE001 - only a head start: the load itself reports what is wrong
+        logger.debug("Could not start indexing %s ahead of its load: %r", name, err)
+        return None
+
+
 class _InstallAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: lets the other finders find ``TRIGGER``, and prepares the install once it has run."""
+    """Finds nothing itself: lets the other finders find each watched module, and runs its hook once it has run."""
+
+    def __init__(self, hooks: dict[str, Callable[[ModuleType], None]]) -> None:
+        self._hooks = hooks
+        self._finding = threading.local()  # our own find_spec call below must not come back here
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TRIGGER:
+        if fullname not in self._hooks or getattr(self._finding, "active", False):
             return None
         with _lock:
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)  # one shot; and the real finders must not find us again
-        spec = importlib.util.find_spec(fullname)
+            hook = self._hooks.pop(fullname, None)
+            if not self._hooks and self in sys.meta_path:
+                sys.meta_path.remove(self)  # every hook is placed
+        if hook is None:
+            return None
+        self._finding.active = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding.active = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run_module = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             run_module(module)
-            _install_on_first_call(module)
+            hook(module)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]  # this spec's own loader instance
         return spec
 
 
 def install_with_transformers() -> None:
-    """Install the integration now if transformers' model code is loaded, else as soon as a model loads."""
+    """Install the integration now if transformers' model code is loaded, else as soon as a model loads; the same
+    for the auto classes' head start."""
+    hooks: dict[str, Callable[[ModuleType], None]] = {}
     if TRIGGER in sys.modules:
         _install()
+    else:
+        hooks[TRIGGER] = _install_on_first_call
+    if AUTO_TRIGGER in sys.modules:
+        _open_ahead_on_call(sys.modules[AUTO_TRIGGER])
+    else:
+        hooks[AUTO_TRIGGER] = _open_ahead_on_call
+    if not hooks:
         return
     with _lock:
         if not any(isinstance(finder, _InstallAfterImport) for finder in sys.meta_path):
-            sys.meta_path.insert(0, _InstallAfterImport())
+            sys.meta_path.insert(0, _InstallAfterImport(hooks))

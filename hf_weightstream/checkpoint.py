@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import HfApi, ResolvedRevision, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 
-from .errors import CheckpointError
+from .errors import CheckpointError, StreamConfigError
 from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes
 from .hub.remote import list_remote_files
 from .index import CheckpointIndex, read_shard_header
@@ -40,6 +40,19 @@ logger = logging.getLogger(__name__)
 # How long a load waits for the folder listing once the index is read (they normally come together): a listing that
 # is slower (huggingface_hub retrying a 5xx) is left behind for a paths-info call.
 LISTING_GRACE_S = 1.0
+_DOWNLOAD_OPTIONS = (
+    ("cache_dir", None),
+    ("force_download", False),
+    ("proxies", None),
+    ("local_files_only", False),
+    ("token", None),
+    ("revision", "main"),
+    ("subfolder", ""),
+)
+GENERATION_CONFIG = "generation_config.json"  # transformers' GENERATION_CONFIG_NAME, read by generating models
+# Checkpoints being opened ahead of their load (`open_hub_repo_ahead`), by `_ahead_key`.
+_ahead: dict[tuple, Future] = {}
+_ahead_lock = threading.Lock()
 NEEDS_SAFETENSORS = (
     "Streaming needs safetensors weights, but {where} only has {found}. Convert it once with "
     "`hf-weightstream convert {where} OUT_DIR` (or `hf_weightstream.convert.to_safetensors(...)` in Python), which "
@@ -104,6 +117,101 @@ def open_local_folder(folder: Path, variant: str | None) -> Checkpoint:
     return _index_local(paths, str(folder))
 
 
+def download_kwargs_of(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of ``from_pretrained`` that say where and how files are downloaded, with their defaults."""
+    return {name: kwargs.pop(name, default) for name, default in _DOWNLOAD_OPTIONS}
+
+
+def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None] | None:
+    """Start indexing the Hub repo a streamed ``from_pretrained(name, **kwargs)`` will read, in the background.
+
+    An auto class's ``from_pretrained`` imports the model's code before it calls the model class's own, and the
+    first load of a process spends seconds there (``transformers.modeling_utils`` alone takes about 2 s), while our
+    round trips to the Hub (index and listing, resolves, headers) would only start after it. Started here, they run
+    meanwhile; `open_hub_repo` of the same thread, with the same options, takes the result.
+
+    The revision is resolved here, once, as the auto class would do first (transformers' ``resolve_revision``), and
+    ``kwargs["revision"]`` becomes the result: the auto class then resolves nothing, and the config, the index and
+    the shards all come from that commit. Returns the function to call when the load is over, which closes a
+    checkpoint nobody took; None when nothing was started (not streaming, a local folder, offline, a revision that
+    did not resolve, or options the load itself will reject).
+    """
+    from transformers.utils.hub import resolve_revision
+
+    from .config import stream_request
+
+    rest = dict(kwargs)
+    try:
+        config = stream_request(rest)
+    except StreamConfigError:
+        return None  # the load reports it
+    name = str(name)
+    if config is None or os.path.isdir(name) or rest.get("gguf_file") or rest.get("use_safetensors") is False:
+        return None
+    download_kwargs = download_kwargs_of(rest)
+    if download_kwargs["local_files_only"] or constants.is_offline_mode():
+        return None
+    revision = resolve_revision(
+        name, kwargs.get("revision"), token=download_kwargs["token"], cache_dir=download_kwargs["cache_dir"]
+    )
+    if not isinstance(revision, ResolvedRevision):
+        return None  # unknown repo, no network...: the load's own calls report it
+    kwargs["revision"] = download_kwargs["revision"] = revision
+    also = () if rest.get("generation_config") is not None else (GENERATION_CONFIG,)
+    options = (rest.get("variant"), config.max_connections, config.complete_download)
+    key = _ahead_key(name, download_kwargs, options)
+    variant, max_connections, complete_download = options
+    future = _in_background(
+        open_hub_repo,
+        name,
+        download_kwargs,
+        variant,
+        max_connections=max_connections,
+        complete_download=complete_download,
+        also_download=also,
+    )
+    with _ahead_lock:
+        _ahead[key] = future
+
+    def discard() -> None:
+        with _ahead_lock:
+            if _ahead.get(key) is not future:
+                return  # taken
+            del _ahead[key]
+        future.add_done_callback(_close_checkpoint)
+
+    return discard
+
+
+def _ahead_key(repo_id: str, download_kwargs: dict[str, Any], options: tuple) -> tuple:
+    """What makes a checkpoint opened ahead the one a load asks for: the thread, the repo and every option."""
+    values = tuple(str(download_kwargs.get(name) or "") for name, _ in _DOWNLOAD_OPTIONS if name != "revision")
+    revision = str(download_kwargs.get("revision") or constants.DEFAULT_REVISION)  # a ResolvedRevision: the asked
+    return (threading.get_ident(), repo_id, revision, values, options)
+
+
+def _take_ahead(repo_id: str, download_kwargs: dict[str, Any], options: tuple) -> Checkpoint | None:
+    """The checkpoint `open_hub_repo_ahead` opened for this load, if it did and it pinned the commit asked for."""
+    with _ahead_lock:
+        future = _ahead.pop(_ahead_key(repo_id, download_kwargs, options), None)
+    if future is None:
+        return None
+    try:
+        checkpoint = future.result()
+    except Exception as err:  # noqa: BLE001 - opened again by the caller, which reports its own errors
+        logger.debug("Opening %s ahead failed (%r); opening it again", repo_id, err)
+        return None
+    if checkpoint.commit != HubRepo.pin(repo_id, download_kwargs).commit:  # the branch moved in between
+        checkpoint.source.close()
+        return None
+    return checkpoint
+
+
+def _close_checkpoint(opened: Future) -> None:
+    if opened.exception() is None:
+        opened.result().source.close()
+
+
 def open_hub_repo(
     repo_id: str,
     download_kwargs: dict[str, Any],
@@ -123,6 +231,10 @@ def open_hub_repo(
     ``generation_config.json``) is downloaded alongside all of it, into the cache, so that the caller's own call
     finds it there; a failure of those is left for the caller's call to report.
     """
+    download_kwargs = {k: v for k, v in download_kwargs.items() if k != "proxies" or v is not None}
+    ahead = _take_ahead(repo_id, download_kwargs, (variant, max_connections, complete_download))
+    if ahead is not None:
+        return ahead
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
     repo = HubRepo.pin(repo_id, download_kwargs)  # once: the index and the shards come from one commit
@@ -233,26 +345,22 @@ def _guess_shards(repo: HubRepo, listed: dict[str, Any], index_name: str, single
 def _discard_guess(listing: Future | None) -> None:
     """Close the checkpoint opened from a guess the index did not confirm, once it is open."""
 
-    def close(opened: Future) -> None:
-        if opened.exception() is None:
-            opened.result().source.close()
-
     def discard(listing: Future) -> None:
         if listing.exception() is None and listing.result()[2] is not None:
-            listing.result()[2].add_done_callback(close)
+            listing.result()[2].add_done_callback(_close_checkpoint)
 
     if listing is not None:
         listing.add_done_callback(discard)
 
 
-def _in_background(function: Callable[..., Any], *args: Any) -> Future:
+def _in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
     """Run ``function`` in a daemon thread: a call still retrying when the load is done (a listing it gave up
     waiting for) neither holds the load nor the process's exit."""
     future: Future = Future()
 
     def run() -> None:
         try:
-            future.set_result(function(*args))
+            future.set_result(function(*args, **kwargs))
         except BaseException as err:  # noqa: BLE001 - handed to whoever asks for the result
             future.set_exception(err)
 

@@ -165,3 +165,30 @@ def _checked_init(self: StreamConfig, *args: Any, **kwargs: Any) -> None:
 
 
 StreamConfig.__init__ = _checked_init  # type: ignore[method-assign]
+
+
+def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
+    """Pop our options from ``from_pretrained`` kwargs; a StreamConfig if streaming was asked for."""
+    device_map = kwargs.get("device_map")
+    streaming = kwargs.pop("streaming", None)
+    config = kwargs.pop("stream_config", None)
+    if streaming is False:  # an explicit no wins over a stream_config (e.g. a flag that turns streaming off)
+        if isinstance(device_map, str) and device_map == "stream":
+            raise StreamConfigError("streaming=False contradicts device_map='stream': drop one of the two.")
+        return None
+    if isinstance(device_map, str) and device_map == "stream":
+        kwargs.pop("device_map")
+    elif not streaming and config is None:
+        return None
+    elif device_map is not None:
+        raise StreamConfigError(
+            f"device_map={device_map!r} cannot be combined with streaming: use device_map='stream' "
+            "(and StreamConfig(device=...) to pick the execution device)."
+        )
+    if config is None:
+        config = StreamConfig()
+    elif isinstance(config, dict):
+        config = StreamConfig(**config)
+    elif not isinstance(config, StreamConfig):
+        raise StreamConfigError(f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}.")
+    return config

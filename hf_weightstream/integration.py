@@ -25,8 +25,8 @@ from transformers.utils.hub import resolve_revision
 
 from . import _transformers_compat as compat
 from . import log, quantization, saving
-from .checkpoint import open_hub_repo, open_local_folder
-from .config import StreamConfig, parse_size
+from .checkpoint import download_kwargs_of, open_hub_repo, open_local_folder
+from .config import StreamConfig, parse_size, stream_request
 from .engine import StreamEngine
 from .errors import BudgetError, StreamConfigError, StreamingRuntimeError
 from .experts import build_expert_layers, held_out_names
@@ -50,33 +50,6 @@ _UNSUPPORTED = {
     "offload_folder": "streaming reads the original files and writes no offload copy",
     "use_kernels": "hub kernels are not supported with streaming",
 }
-
-
-def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
-    """Pop our options from ``from_pretrained`` kwargs; a StreamConfig if streaming was asked for."""
-    device_map = kwargs.get("device_map")
-    streaming = kwargs.pop("streaming", None)
-    config = kwargs.pop("stream_config", None)
-    if streaming is False:  # an explicit no wins over a stream_config (e.g. a flag that turns streaming off)
-        if isinstance(device_map, str) and device_map == "stream":
-            raise StreamConfigError("streaming=False contradicts device_map='stream': drop one of the two.")
-        return None
-    if isinstance(device_map, str) and device_map == "stream":
-        kwargs.pop("device_map")
-    elif not streaming and config is None:
-        return None
-    elif device_map is not None:
-        raise StreamConfigError(
-            f"device_map={device_map!r} cannot be combined with streaming: use device_map='stream' "
-            "(and StreamConfig(device=...) to pick the execution device)."
-        )
-    if config is None:
-        config = StreamConfig()
-    elif isinstance(config, dict):
-        config = StreamConfig(**config)
-    elif not isinstance(config, StreamConfig):
-        raise StreamConfigError(f"stream_config must be a StreamConfig or a dict, not {type(config).__name__}.")
-    return config
 
 
 def install() -> None:
@@ -178,18 +151,7 @@ def load_streamed(
         "_commit_hash",
     ):
         kwargs.pop(name, None)
-    download_kwargs = {
-        name: kwargs.pop(name, default)
-        for name, default in (
-            ("cache_dir", None),
-            ("force_download", False),
-            ("proxies", None),
-            ("local_files_only", False),
-            ("token", None),
-            ("revision", "main"),
-            ("subfolder", ""),
-        )
-    }
+    download_kwargs = download_kwargs_of(kwargs)
     name = str(pretrained_model_name_or_path)
     local = os.path.isdir(name)
     if not local:
@@ -221,10 +183,9 @@ def load_streamed(
     if local:
         checkpoint = open_local_folder(Path(name) / download_kwargs["subfolder"], variant)
     else:
-        hub_kwargs = {k: v for k, v in download_kwargs.items() if k != "proxies" or v is not None}
         checkpoint = open_hub_repo(
             name,
-            hub_kwargs,
+            download_kwargs,
             variant,
             max_connections=stream_config.max_connections,
             complete_download=stream_config.complete_download,

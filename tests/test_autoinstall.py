@@ -5,6 +5,7 @@ Each import order runs in a fresh interpreter: in this one transformers' model c
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,64 @@ def test_the_stand_in_installs_on_the_first_call_and_hands_it_on(checkpoints) ->
         assert hasattr(model, "_hf_weightstream") and calls == []
     finally:
         PreTrainedModel.from_pretrained = installed
+
+
+def test_auto_classes_are_where_transformers_defines_them_and_wrapped() -> None:
+    """Fails loudly if transformers moves its auto classes: a streamed Hub load would lose its head start."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto import auto_factory
+
+    assert AutoModelForCausalLM.__module__ == _autoinstall.AUTO_TRIGGER and issubclass(
+        AutoModelForCausalLM, auto_factory._BaseAutoModelClass
+    )
+    for cls in (AutoModel, AutoModelForCausalLM, auto_factory._BaseAutoModelClass):
+        assert getattr(cls.from_pretrained, "_hf_weightstream", False), cls
+
+
+AHEAD = """
+import json, sys, time
+import hf_weightstream
+from transformers import AutoModelForCausalLM
+from transformers.models.auto import auto_factory
+
+assert "transformers.modeling_utils" not in sys.modules  # the auto class imports the model's code below
+marks = {}
+find_model_class = auto_factory._get_model_class
+
+def timed(*args, **kwargs):  # the first call imports the model's code
+    marks.setdefault("model_code_from", time.monotonic())
+    try:
+        return find_model_class(*args, **kwargs)
+    finally:
+        marks.setdefault("model_code_to", time.monotonic())
+
+auto_factory._get_model_class = timed
+config = {"complete_download": False}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="stream", stream_config=config)
+assert hf_weightstream.stats(model)["bytes_read"] == 0
+print(json.dumps(marks))
+"""
+
+
+def test_a_streamed_auto_load_asks_the_hub_while_transformers_imports_the_model_code(
+    checkpoints, tmp_path: Path
+) -> None:
+    from hubtools import REPO, hub_server, stream_env
+
+    with hub_server({REPO: checkpoints("llama")}, mode="xet") as server:
+        env = stream_env(server.url, tmp_path / "cache")
+        result = subprocess.run(
+            [sys.executable, "-c", AHEAD, REPO], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.returncode == 0, result.stderr
+        marks = json.loads(result.stdout.strip().splitlines()[-1])
+        log = server.log
+    index = [r.time for r in log if r.file == "model.safetensors.index.json"]
+    headers = [r.time for r in log if r.origin == "bridge" and r.file.endswith(".safetensors")]
+    assert marks["model_code_to"] - marks["model_code_from"] > 0.3  # a fresh interpreter's import takes seconds
+    assert index and min(index) < marks["model_code_to"], "the index was asked for during the import"
+    assert headers and min(headers) < marks["model_code_to"], "and the shards' headers"
+    assert len([r for r in log if r.path.startswith("/api/models/") and "/tree/" not in r.path]) == 1
 
 
 def test_public_names_load_on_first_use() -> None:

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from hubtools import (
     PROMPT,
     REPO,
     TEST_PROBE_BYTES,
+    _opened,
     assert_cache_verified,
     assert_each_byte_once,
     fetched,
@@ -45,12 +47,12 @@ from hubtools import (
     streaming_defaults,
     units_of,
 )
-from huggingface_hub import constants, hf_hub_download, scan_cache_dir
+from huggingface_hub import ResolvedRevision, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from transformers import AutoModelForCausalLM
 
-from hf_weightstream import CheckpointError, hub, wait_until_cached
+from hf_weightstream import CheckpointError, StreamConfig, checkpoint, hub, wait_until_cached
 from hf_weightstream.checkpoint import SAFE_INDEX
 from hf_weightstream.testing.hub_repo import xet_hash_stand_in
 from hf_weightstream.testing.hub_server import Fault, HubServer, RequestRecord
@@ -119,6 +121,78 @@ def test_load_costs_one_metadata_call_and_one_request_per_header_then_weights_in
         assert len(server.log) == before
     if not are_progress_bars_disabled("hf_weightstream"):
         assert "Streaming org/tiny" in capsys.readouterr().err
+
+
+def _ahead(kwargs: dict) -> tuple:
+    """Open REPO ahead with ``from_pretrained`` kwargs; (discard, the checkpoint's future)."""
+    discard = checkpoint.open_hub_repo_ahead(REPO, kwargs)
+    assert discard is not None
+    (future,) = [f for key, f in checkpoint._ahead.items() if key[0] == threading.get_ident()]
+    return discard, future
+
+
+def _open_as_the_load(kwargs: dict, **options) -> Any:
+    """What load_streamed does with the kwargs the auto class hands on."""
+    return checkpoint.open_hub_repo(
+        REPO, checkpoint.download_kwargs_of(dict(kwargs)), None, **{"max_connections": 12, **options}
+    )
+
+
+def test_a_repo_opened_ahead_is_taken_by_the_load_and_its_revision_resolved_once(tiny: Path, tmp_path: Path) -> None:
+    with served(tiny, tmp_path) as server:
+        commit = server.add_repo(REPO, tiny)
+        kwargs = {"device_map": "stream", "stream_config": StreamConfig(complete_download=False)}
+        discard, future = _ahead(kwargs)
+        assert isinstance(kwargs["revision"], ResolvedRevision) and kwargs["revision"].resolved == commit
+        opened = _open_as_the_load(kwargs, complete_download=False)
+        discard()  # taken: nothing to close
+        assert opened is future.result() and opened.commit == commit
+        _opened.append(opened.source)
+        api = [r.path for r in server.log if r.path.startswith("/api/")]
+        assert api == [f"/api/models/{REPO}", f"/api/models/{REPO}/tree/{commit}"], "the revision resolved once"
+        assert [r.method for r in server.log if r.file == SAFE_INDEX] == ["HEAD", "GET"]
+        assert server.resolve_calls(".safetensors") == len(shard_sizes(tiny))
+        assert opened.source._finalizer.alive
+
+
+@pytest.mark.parametrize("change", ["options", "branch moved", "not loaded"])
+def test_a_repo_opened_ahead_that_the_load_does_not_take_is_closed(
+    tiny: Path, big: Path, tmp_path: Path, change: str
+) -> None:
+    with served(tiny, tmp_path) as server:
+        kwargs = {"device_map": "stream", "stream_config": {"complete_download": False}}
+        discard, future = _ahead(kwargs)
+        ahead = future.result()
+        if change == "options":
+            opened = _open_as_the_load(kwargs, complete_download=True)
+        elif change == "branch moved":  # main moved after the auto class resolved it: the load's own resolution
+            moved = ResolvedRevision(server.add_repo(REPO, big), initial=None, repo_id=REPO)
+            opened = _open_as_the_load({**kwargs, "revision": moved}, complete_download=False)
+            assert opened.commit == moved.resolved != ahead.commit
+            assert not ahead.source._finalizer.alive
+        else:
+            opened = None
+        discard()
+        assert not ahead.source._finalizer.alive
+        if opened is not None:
+            _opened.append(opened.source)
+            assert opened is not ahead and opened.source._finalizer.alive
+
+
+def test_nothing_is_opened_ahead_where_the_load_would_not_stream_from_the_hub(tiny: Path, tmp_path: Path) -> None:
+    stream_kwargs = {"device_map": "stream"}
+    with served(tiny, tmp_path) as server:
+        cases = [
+            (REPO, {}),  # not streaming
+            (REPO, {"streaming": True, "device_map": "auto"}),  # rejected by the load, which says why
+            (str(tiny), stream_kwargs),  # a local folder
+            (REPO, {**stream_kwargs, "local_files_only": True}),
+            ("org/missing", stream_kwargs),  # the load reports the missing repo
+        ]
+        for name, kwargs in cases:
+            assert checkpoint.open_hub_repo_ahead(name, dict(kwargs)) is None, (name, kwargs)
+        assert not checkpoint._ahead
+        assert not [r for r in server.log if r.file], "no file requested"
 
 
 def test_a_header_is_one_request_with_the_probe_huggingface_hub_uses(big: Path, tmp_path: Path, monkeypatch) -> None:
@@ -480,6 +554,7 @@ def test_kill_9_mid_download_then_the_next_run_resumes(big: Path, tmp_path: Path
         for blob in (storage / "blobs").iterdir():  # nothing unverified ever reaches blobs/
             if len(blob.name) == 64:
                 assert sha256_of(blob) == blob.name
+
         def part(name: str) -> Path:
             return storage / ".weightstream" / "partial" / f"{digests[name]}.part"
 
