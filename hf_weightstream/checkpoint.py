@@ -25,7 +25,7 @@ from huggingface_hub import HfApi, ResolvedRevision, constants, hf_hub_download,
 from huggingface_hub.errors import EntryNotFoundError
 
 from .errors import CheckpointError, StreamConfigError
-from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes
+from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes, schedule
 from .hub.remote import list_remote_files
 from .index import CheckpointIndex, read_shard_header
 from .sources import ByteSource, LocalFileSource
@@ -278,9 +278,26 @@ def open_hub_repo(
         _discard_guess(listing)
     if checkpoint is None:
         checkpoint = open_shards(shards, listed)
+    if isinstance(checkpoint.source, HubSource):
+        checkpoint.source.start_ahead(_file_order_head(checkpoint.index, schedule.HEAD_START_BYTES))
     for extra in extras:
         extra.result()
     return checkpoint
+
+
+def _file_order_head(index: CheckpointIndex, limit: int) -> list[tuple[str, int, int]]:
+    """The first ``limit`` bytes of the tensors in file order (shards by name, then offset): save_pretrained
+    writes them in the model's module order, so the forward pass reads most of them first."""
+    head, total = [], 0
+    for entry in sorted(index.entries.values(), key=lambda e: (e.shard, e.offset)):
+        if total >= limit:
+            break
+        if not entry.nbytes:
+            continue
+        length = min(entry.nbytes, limit - total)
+        head.append((entry.shard, entry.offset, length))
+        total += length
+    return head
 
 
 def _open_shards(

@@ -124,13 +124,16 @@ _opened: list[Any] = []
 
 def streaming_defaults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A fixture for streaming test modules (``pytest.fixture(autouse=True)(streaming_defaults)``): backoff waits
-    of tens of milliseconds, a header probe sized for the tiny shards, and each test's sources closed when it ends (as a
-    process exit would), before its server stops."""
+    of tens of milliseconds, a header probe sized for the tiny shards, no head start (its 128 MiB would be the
+    whole of a tiny model: the tests of what a load and a forward pass fetch would see every byte fetched at load;
+    tests of the head start set it), and each test's sources closed when it ends (as a process exit would), before
+    its server stops."""
     from hf_weightstream import hub
 
     quick = hub.RetryPolicy(attempts=4, http_retries=5, forbidden_retries=2, base_wait=0.05, max_wait=0.2)
     monkeypatch.setattr(hub.remote, "RETRY", quick)
     monkeypatch.setattr(hub.source, "HEADER_PROBE_BYTES", TEST_PROBE_BYTES)
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 0)
     yield
     while _opened:
         _opened.pop().close()

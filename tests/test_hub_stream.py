@@ -75,6 +75,17 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("big"), **BIG)
 
 
+def merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """(name, start, end) ranges, sorted, with touching or overlapping ones joined."""
+    out: list[tuple[str, int, int]] = []
+    for name, start, end in sorted(ranges):
+        if out and out[-1][0] == name and start <= out[-1][2]:
+            out[-1] = (name, out[-1][1], max(out[-1][2], end))
+        else:
+            out.append((name, start, end))
+    return out
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -193,6 +204,44 @@ def test_nothing_is_opened_ahead_where_the_load_would_not_stream_from_the_hub(ti
             assert checkpoint.open_hub_repo_ahead(name, dict(kwargs)) is None, (name, kwargs)
         assert not checkpoint._ahead
         assert not [r for r in server.log if r.file], "no file requested"
+
+
+@pytest.mark.parametrize("complete_download", [False, True])
+def test_the_first_bytes_in_file_order_are_fetched_once_the_headers_are_known_and_nothing_else_before_a_read(
+    tiny: Path, tmp_path: Path, monkeypatch, complete_download: bool
+) -> None:
+    head = 30_000  # of a ~105 KB model
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", head)
+    with served(tiny, tmp_path) as server:
+        opened = checkpoint.open_hub_repo(
+            REPO, checkpoint.download_kwargs_of({}), None, max_connections=4, complete_download=complete_download
+        )  # as from_pretrained does before it builds the model (whose read order would replace the head start)
+        _opened.append(opened.source)
+        head_reads = checkpoint._file_order_head(opened.index, head)
+        assert sum(n for _, _, n in head_reads) == head
+        wanted = [(n, max(o, TEST_PROBE_BYTES), o + k) for n, o, k in head_reads if o + k > TEST_PROBE_BYTES]
+        deadline = time.monotonic() + 10
+        while True:
+            beyond_probes = [(n, max(s, TEST_PROBE_BYTES), e) for n, s, e in fetched(server) if e > TEST_PROBE_BYTES]
+            if merged(beyond_probes) == merged(wanted):
+                break
+            assert time.monotonic() < deadline, f"the head start did not come: {merged(beyond_probes)}"
+            time.sleep(0.02)
+        time.sleep(0.2)  # and nothing more comes: the fill waits for the first read
+        server.wait_idle()
+        assert merged([(n, max(s, TEST_PROBE_BYTES), e) for n, s, e in fetched(server) if e > TEST_PROBE_BYTES]) == (
+            merged(wanted)
+        )
+
+
+def test_a_model_with_a_head_start_streams_the_same_tokens(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 30_000)
+    expected = reference_tokens(tiny)
+    with served(tiny, tmp_path) as server:
+        model = stream(complete_download=False, budget=60_000)
+        assert generate(model) == expected
+        server.wait_idle()
+        assert_each_byte_once(fetched(server), shard_sizes(tiny), complete=False)
 
 
 def test_a_header_is_one_request_with_the_probe_huggingface_hub_uses(big: Path, tmp_path: Path, monkeypatch) -> None:

@@ -7,7 +7,8 @@ Three kinds of fetch share one model's ``connections``:
 2. readahead: the ranges the forward pass will read next, in its read order (handed over by `expect_reads`), up
    to ``READAHEAD_BYTES`` past the last range it read. They go to the partial file, not to memory, so the weight
    budget is untouched; and the first forward pass, which traces the schedule and has no prefetch of its own,
-   still overlaps downloading with computing.
+   still overlaps downloading with computing. Before the read order is known (from the headers until the model
+   is built), the head start: the first ``HEAD_START_BYTES`` of the tensors in file order.
 3. fill (``complete_download``): the rest of each shard in file order, so that it can be verified and committed;
    only while no demand or readahead fetch is queued or running: in the gaps the forward pass leaves, so that
    it never shares the link with the bytes the forward pass waits for or reads next.
@@ -51,6 +52,10 @@ READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
 FILL_CHUNK_BYTES = 32 << 20  # one filler request
 MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this
 READAHEAD_BYTES = 1 << 30  # how far ahead of the forward pass (in its read order) idle connections fetch to disk
+# Fetched as soon as the headers are known, before any forward pass (`Background.start_ahead`): the first bytes of
+# the shards in file order, which save_pretrained writes in module order. The link is otherwise idle while
+# from_pretrained builds the model (and, on a process's first load, imports its code: seconds).
+HEAD_START_BYTES = 128 << 20
 
 
 @dataclass(eq=False)
@@ -197,7 +202,7 @@ def _background_failed(job: Job) -> None:
 class Background:
     """What idle connections fetch while the forward pass is not waiting: readahead, then fill (module docstring).
 
-    Nothing starts before the engine's first read: ``from_pretrained`` returns with only the headers fetched.
+    Before the engine's first read only `start_ahead`'s head start is fetched; the fill waits for that read.
     """
 
     def __init__(self, streams: dict[str, ShardStream], fill: bool, connections: int) -> None:
@@ -205,16 +210,23 @@ class Background:
         self.fill = fill
         self.connections = connections
         self.active = False
+        self.early = False  # a head start is being fetched before the first read
         self._order: list[tuple[ShardStream, int, int]] = []
         self._planned: dict[str, list[tuple[int, int, int]]] = {}  # shard -> sorted (start, end, position)
         self._position = -1
 
     def expect_reads(self, reads: list[tuple[str, int, int]]) -> None:
+        self.early = False  # the engine's order, which starts with the first forward pass's first read
         self._order = [(self.streams[s], o, o + n) for s, o, n in reads if s in self.streams]
         planned: dict[str, list[tuple[int, int, int]]] = {}
         for position, (stream, start, end) in enumerate(self._order):
             planned.setdefault(stream.remote.shard, []).append((start, end, position))
         self._planned = {shard: sorted(spans) for shard, spans in planned.items()}
+
+    def start_ahead(self, reads: list[tuple[str, int, int]]) -> None:
+        """Read ``reads`` ahead until the engine's own order replaces them (`expect_reads`, once the model is built)."""
+        self.expect_reads(reads)
+        self.early = True
 
     def planned_range(self, shard: str, offset: int) -> tuple[int, int, int] | None:
         """The planned read (start, end, position) holding byte ``offset`` of ``shard``, if any."""
@@ -229,7 +241,7 @@ class Background:
             self._position = planned[2]
 
     def next_job(self, forward_active: bool) -> Job | None:
-        if not self.active:
+        if not self.active and not self.early:
             return None
         count = len(self._order)
         if count:  # from the range after the last one read (from the first before any: embedding rows come first)
@@ -242,7 +254,7 @@ class Background:
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step)
                 ahead += end - start
-        if self.fill and not forward_active:
+        if self.fill and self.active and not forward_active:
             # Large requests, but not so large that the last of the files keeps connections idle.
             missing = sum(s.missing_bytes() for s in self.streams.values())
             limit = max(MIN_FILL_BYTES, min(FILL_CHUNK_BYTES, missing // self.connections))
