@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -232,6 +233,42 @@ def test_the_first_bytes_in_file_order_are_fetched_once_the_headers_are_known_an
         assert merged([(n, max(s, TEST_PROBE_BYTES), e) for n, s, e in fetched(server) if e > TEST_PROBE_BYTES]) == (
             merged(wanted)
         )
+
+
+def test_connections_reading_ahead_survive_the_read_order_being_replaced() -> None:
+    """The engine's order replaces the head start's while idle connections walk it (it killed a fetch thread)."""
+
+    class NothingToClaim:  # every range already claimed: next_job walks the whole order each time
+        remote = type("Remote", (), {"shard": "s"})()
+
+        def claim_next(self, start: int, end: int, limit: int) -> None:
+            return None
+
+    background = hub.schedule.Background({"s": NothingToClaim()}, fill=False, connections=1)
+    background.active = True
+    long, short = [("s", i, 1) for i in range(5000)], [("s", 0, 1)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def connection() -> None:
+        try:
+            while not stop.is_set():
+                background.next_job(forward_active=False)
+        except BaseException as err:  # noqa: BLE001 - the failure this test looks for
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        thread = threading.Thread(target=connection, daemon=True)
+        thread.start()
+        for i in range(400):
+            background.expect_reads(long if i % 2 else short)
+        stop.set()
+        thread.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
 
 
 def test_a_model_with_a_head_start_streams_the_same_tokens(tiny: Path, tmp_path: Path, monkeypatch) -> None:

@@ -217,6 +217,7 @@ class Background:
 
     def expect_reads(self, reads: list[tuple[str, int, int]]) -> None:
         self.early = False  # the engine's order, which starts with the first forward pass's first read
+        self._position = -1
         self._order = [(self.streams[s], o, o + n) for s, o, n in reads if s in self.streams]
         planned: dict[str, list[tuple[int, int, int]]] = {}
         for position, (stream, start, end) in enumerate(self._order):
@@ -243,13 +244,14 @@ class Background:
     def next_job(self, forward_active: bool) -> Job | None:
         if not self.active and not self.early:
             return None
-        count = len(self._order)
+        order, position = self._order, self._position  # expect_reads may replace them meanwhile
+        count = len(order)
         if count:  # from the range after the last one read (from the first before any: embedding rows come first)
             ahead = 0
             for step in range(1, count + 1):
                 if ahead >= READAHEAD_BYTES:
                     break
-                stream, start, end = self._order[(self._position + step) % count]
+                stream, start, end = order[(position + step) % count]
                 claim = stream.claim_next(start, end, READAHEAD_CHUNK_BYTES)
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step)

@@ -316,13 +316,15 @@ class HubSource:
 
     def expect_reads(self, reads: list[tuple[str, int, int]]) -> None:
         """The (shard, offset, length) reads of one forward pass, in execution order: the readahead order."""
-        self._session.background.expect_reads(reads)
+        with self._session.scheduler.lock:  # idle connections may be reading the head start's order
+            self._session.background.expect_reads(reads)
 
     def start_ahead(self, reads: list[tuple[str, int, int]]) -> None:
         """Fetch ``reads`` now, on idle connections, before any forward pass (a head start; `expect_reads` and the
         engine's reads take over)."""
         session = self._session
-        session.background.start_ahead([(s, o, n) for s, o, n in reads if s in session.streams])
+        with session.scheduler.lock:
+            session.background.start_ahead([(s, o, n) for s, o, n in reads if s in session.streams])
         session.scheduler.poke()
 
     def wait_until_cached(self, timeout: float | None = None) -> dict[str, CachedShard]:
