@@ -100,13 +100,14 @@ def _wrap_auto_from_pretrained(cls: type) -> None:
 
 
 def _open_ahead(args: tuple, kwargs: dict[str, Any]) -> Callable[[], None] | None:
-    streaming = kwargs.get("streaming") or kwargs.get("stream_config") is not None
-    if not (streaming or (isinstance(kwargs.get("device_map"), str) and kwargs["device_map"] == "stream")):
-        return None
     name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
     if name is None:
         return None
     try:
+        from .config import stream_request
+
+        if stream_request(dict(kwargs)) is None:
+            return None  # not streamed: none of our loading code is imported for it
         from .checkpoint import open_hub_repo_ahead
 
         return open_hub_repo_ahead(name, kwargs)

@@ -49,7 +49,6 @@ _DOWNLOAD_OPTIONS = (
     ("revision", "main"),
     ("subfolder", ""),
 )
-GENERATION_CONFIG = "generation_config.json"  # transformers' GENERATION_CONFIG_NAME, read by generating models
 # Checkpoints being opened ahead of their load (`open_hub_repo_ahead`), by `_ahead_key`.
 _ahead: dict[tuple, Future] = {}
 _ahead_lock = threading.Lock()
@@ -136,6 +135,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
     checkpoint nobody took; None when nothing was started (not streaming, a local folder, offline, a revision that
     did not resolve, or options the load itself will reject).
     """
+    from transformers.utils import GENERATION_CONFIG_NAME
     from transformers.utils.hub import resolve_revision
 
     from .config import stream_request
@@ -157,7 +157,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
     if not isinstance(revision, ResolvedRevision):
         return None  # unknown repo, no network...: the load's own calls report it
     kwargs["revision"] = download_kwargs["revision"] = revision
-    also = () if rest.get("generation_config") is not None else (GENERATION_CONFIG,)
+    also = () if rest.get("generation_config") is not None else (GENERATION_CONFIG_NAME,)
     options = (rest.get("variant"), config.max_connections, config.complete_download)
     key = _ahead_key(name, download_kwargs, options)
     variant, max_connections, complete_download = options
