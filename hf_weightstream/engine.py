@@ -31,7 +31,7 @@ from torch import nn
 from . import experts as moe
 from . import log, placeholders, planner
 from .errors import BudgetError, StreamingRuntimeError
-from .limits import MIN_RESERVE, memory_limits
+from .limits import PAGE_CACHE_SLACK, memory_limits
 from .residency import Ledger
 from .sources import CopyReader, MappedReader, read_many
 from .units import Holding, full_bytes, measure
@@ -306,7 +306,7 @@ class StreamEngine:
         self._choose_page_cached()
 
     def _spare_page_cache(self) -> int:
-        """Page cache the memory limit has room for beyond a reserve and the budget still to fill (pool lock held).
+        """Page cache the memory limit has room for beyond some slack and the budget still to fill (pool lock held).
 
         Measured once the read mode is settled (a few passes in), so what the forward holds is in the usage. The
         limit counts page cache as reclaimable room, so what other models of the pool keep there is taken off.
@@ -315,7 +315,7 @@ class StreamEngine:
         if room is None:
             return 0
         others = sum(engine.page_cached_bytes() for engine in self.pool.engines() if engine is not self)
-        return max(0, room - MIN_RESERVE - max(0, self.pool.budget - self.pool.held) - others)
+        return max(0, room - PAGE_CACHE_SLACK - max(0, self.pool.budget - self.pool.held) - others)
 
     def page_cached_bytes(self) -> int:
         return sum(u.raw_bytes for u in self.units if u.name in self.page_cached)

@@ -31,6 +31,10 @@ _UNLIMITED = 1 << 60
 WEIGHT_SHARE = 0.6
 # ... but never leave less than this much room for them.
 MIN_RESERVE = 128 << 20
+# What the streamed units kept in the page cache leave free of the room a limit has left after a few passes
+# (activations and the KV cache of those passes are then in its usage). Smaller than MIN_RESERVE: past the limit
+# the kernel takes clean page cache back, so an overshoot costs reads again, never the process.
+PAGE_CACHE_SLACK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Limit:
     where: str  # the cgroup folder, the device, or the file it came from
     limit: int  # the bound itself, in bytes
     used: int  # what already counts against it and cannot be dropped at once
+    mapped: int = 0  # of the rest, file pages mapped into processes: mostly the code running
 
     @property
     def available(self) -> int:
@@ -80,8 +85,14 @@ class MemoryLimits:
         return self.tightest.available
 
     def page_cache_room(self) -> int | None:
-        """Bytes of page cache that can stay cached next to the process, or None when nothing bounds it here."""
-        bounded = [lim.available for lim in self.limits if lim.counts_page_cache or lim.kind == "host"]
+        """Bytes of page cache that can stay cached next to the process, or None when nothing bounds it here.
+
+        Mapped file pages count as reclaimable in ``available`` (see `_reclaimable`), but the cache kept next to
+        the process must not push out the pages of the code it runs.
+        """
+        bounded = [
+            max(0, lim.available - lim.mapped) for lim in self.limits if lim.counts_page_cache or lim.kind == "host"
+        ]
         return min(bounded) if bounded else None
 
     def describe(self) -> str:
@@ -240,8 +251,10 @@ def _level_limit(folder: Path, version: int) -> Limit | None:
         usage = _read_int(folder / "memory.usage_in_bytes")
     if limit is None:
         return None
-    used = max(0, (usage or 0) - _reclaimable(_stat(folder / "memory.stat"), version))
-    return Limit(f"cgroup{version}", str(folder), limit, used)
+    stat = _stat(folder / "memory.stat")
+    used = max(0, (usage or 0) - _reclaimable(stat, version))
+    mapped = stat.get("file_mapped", 0) if version == 2 else stat.get("total_mapped_file", 0)
+    return Limit(f"cgroup{version}", str(folder), limit, used, mapped)
 
 
 # ------------------------------------------------------------------------------------------------- the rest

@@ -64,6 +64,9 @@ def test_cgroup_v2_limit_of_the_process_and_its_ancestors(tmp_path: Path) -> Non
     # 600 MB charged, of which 300-10-40 = 250 MB is clean page cache (mapped or not) the kernel can drop.
     assert by_where["ctr"].used == 350 * MB and by_where["ctr"].available == 650 * MB
     assert by_where["kubepods"].available == 500 * MB
+    # The code's mapped pages are reclaimable, but page cache kept next to the process must leave them be.
+    assert by_where["ctr"].mapped == 50 * MB
+    assert limits.MemoryLimits((by_where["ctr"],)).page_cache_room() == 600 * MB
     assert all(lim.kind == "cgroup2" and lim.counts_page_cache for lim in found)
 
 
@@ -97,6 +100,7 @@ def test_cgroup_v1_limit_with_a_container_mount_root_and_hierarchy(tmp_path: Pat
     (found,) = limits.cgroup_limits(proc)
     assert found.kind == "cgroup1" and Path(found.where) == mount
     assert found.limit == 965_000_000 and found.used == 200 * MB  # 700 charged, 500 clean page cache
+    assert found.mapped == 100 * MB and limits.MemoryLimits((found,)).page_cache_room() == 665 * MB
 
 
 def test_cgroup_v1_without_hierarchy_stops_at_the_process_cgroup(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import hf_weightstream
 from hf_weightstream import StreamConfig, sources
 from hf_weightstream.errors import CheckpointError, StreamConfigError
-from hf_weightstream.limits import MIN_RESERVE, Limit, MemoryLimits
+from hf_weightstream.limits import PAGE_CACHE_SLACK, Limit, MemoryLimits
 from hf_weightstream.sources import (
     ALIGNMENT,
     DirectReader,
@@ -292,8 +292,8 @@ def reading_as_auto(model, phases: int):
 
 
 def spare_once_full(pool, spare: int):
-    """A memory limit that leaves ``spare`` bytes of page cache beyond the reserve and the pool's budget once full."""
-    return lambda: limits_with(MIN_RESERVE + spare + max(0, pool.budget - pool.held))
+    """A memory limit that leaves ``spare`` bytes of page cache beyond the slack and the pool's budget once full."""
+    return lambda: limits_with(PAGE_CACHE_SLACK + spare + max(0, pool.budget - pool.held))
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
