@@ -19,7 +19,7 @@ to the disk's own speed for the bytes it reads?
 * Without a limit, files in the page cache: transformers' own load against ``streaming=True`` whose default
   budget then holds the whole model. Its tokens are the reference every row is checked against (a bfloat16 full
   load's for the bfloat16 row).
-* The rows the headline ratios compare (transformers, accelerate, streaming with the budget) run in 3 processes
+* The rows the headline ratios compare (transformers, accelerate, streaming with the budget) run in 5 processes
   each, interleaved, and keep the median: the disk's speed drifts by 2x from minute to minute on a shared machine.
 * Decoding is a manual greedy loop: a 32-token prefill, then ``--tokens`` steps of one token, each timed;
   ms/token is the median of the decode steps after the first. Each step records the CPU other processes used
@@ -84,11 +84,11 @@ CONTENDERS: dict[str, tuple[str, bool]] = {
     "stream_budget_buffered": ("hf_weightstream, budget 30%, io='buffered' (setting)", True),
 }
 NOLIMIT_STEPS = 3  # the rows without a limit decode this many times --tokens ...
-NOLIMIT_RUNS = 3  # ... in this many processes each (their ms/token: the median of the runs' medians)
+NOLIMIT_RUNS = 5  # ... in this many processes each (their ms/token: the median of the runs' medians)
 # The rows the headline ratios compare under the limit also run in this many processes each, interleaved: the
 # disk's speed drifts by 2x from one minute to the next here, and one process per row measures that drift.
 HEADLINE = ("transformers", "accelerate", "stream_budget")
-HEADLINE_RUNS = 3
+HEADLINE_RUNS = 5
 BFLOAT16 = {"full_nolimit_bf16", "stream_default_bf16"}
 TARGETS = {
     "stream_vs_io_floor": 1.15,
