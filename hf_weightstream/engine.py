@@ -96,7 +96,8 @@ class StreamEngine:
         # Streamed units the page cache keeps from one token to the next, in the room a memory limit leaves
         # beyond the budget (see _choose_page_cached): read through the cache and left there.
         self.page_cached: set[str] = set()
-        self._page_cache_room: int | None = None  # measured once the read mode is settled
+        self._page_cache_room: int | None = None  # measured once the read mode is settled...
+        self._page_cache_mode: str | None = None  # ... for this mode (measured again if a re-check changes it)
         self.memory_limits = lambda: memory_limits(device)  # what the process may use, read when asked
         self.schedule: list[Unit] = []
         self._position: dict[int, list[int]] = {}
@@ -243,9 +244,10 @@ class StreamEngine:
                 for layer in self.expert_layers:  # the forward raised inside an experts call
                     self.end_experts(layer)
                 self.meter.end_pass(time.perf_counter())
-                if self._page_cache_room is None and self.schedule and getattr(self.reader, "settled", False):
+                if self.schedule and getattr(self.reader, "settled", False) and self.reader.io != self._page_cache_mode:
                     # Buffered reads pass through the page cache: their pieces in flight take some of that room.
                     self._page_cache_room = max(0, self._spare_page_cache() - self.reader.cache_in_flight)
+                    self._page_cache_mode = self.reader.io
                     self._choose_page_cached()
                 if self.schedule:
                     self._replan()

@@ -206,6 +206,22 @@ def make_plan(schedule: Sequence[Unit], keep: frozenset[str], depth: int, timing
     )
 
 
+class BusyClock:
+    """Time some read was in flight: reads that overlap count once, so bytes over it is what they got together.
+
+    Reads are reported as they end, not in start order; an overlap with an earlier-ending read is what it leaves.
+    """
+
+    def __init__(self) -> None:
+        self.until = 0.0
+
+    def add(self, start: float, end: float) -> float:
+        """The seconds a read from ``start`` to ``end`` adds to the busy time."""
+        busy = max(0.0, end - max(start, self.until))
+        self.until = max(self.until, end)
+        return busy
+
+
 class Meter:
     """Read bandwidth and compute per unit, over the last ``WINDOW`` passes.
 
@@ -218,7 +234,7 @@ class Meter:
         self._passes: deque[tuple[float | None, dict[str, float], float | None]] = deque(maxlen=WINDOW)
         self._bytes = 0
         self._busy = 0.0
-        self._busy_until = 0.0
+        self._clock = BusyClock()
         self._compute: dict[str, list[float]] = {}
         self._compute_sum = 0.0
         self._stall = 0.0
@@ -229,10 +245,8 @@ class Meter:
         self.stall_seconds = 0.0  # time the compute waited for a read
 
     def read(self, nbytes: int, start: float, end: float) -> None:
-        busy = max(0.0, end - max(start, self._busy_until))
-        self._busy_until = max(self._busy_until, end)
         self._bytes += nbytes
-        self._busy += busy
+        self._busy += self._clock.add(start, end)
 
     def compute(self, name: str, seconds: float) -> None:
         self._compute.setdefault(name, []).append(seconds)

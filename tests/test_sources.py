@@ -103,6 +103,54 @@ def test_the_trial_alternates_phases_and_keeps_the_clearly_faster_mode() -> None
     assert trial.mode == "buffered"
 
 
+def settle(trial: ModeTrial, seconds_per_read: dict[str, float], clock: float = 0.0, nbytes: int = 50) -> float:
+    """Feed reads of ``nbytes`` at the given speeds until the trial settles; the clock after them."""
+    while trial.outcome is None:
+        mode = trial.mode
+        trial.record(mode, nbytes, clock, clock + seconds_per_read[mode])
+        clock += seconds_per_read[mode]
+    return clock
+
+
+def test_a_kept_mode_that_slows_below_the_other_is_measured_again() -> None:
+    trial = ModeTrial(phase_bytes=100, phases=4, recheck_bytes=200)
+    trial.start()
+    clock = settle(trial, {"direct": 1.0, "buffered": 2.0})  # direct twice as fast
+    assert trial.mode == "direct" and trial.rechecks == 0
+    for _ in range(8):  # direct holds its speed (and a little less): kept, stretch after stretch
+        trial.record("direct", 50, clock, clock + 1.2)
+        clock += 1.2
+    assert trial.outcome is not None and trial.rechecks == 0
+    trial.record("buffered", 50, clock, clock + 0.1)  # begun before the choice: not the kept mode's speed
+    for _ in range(4):  # then direct reads at a quarter of its speed: slower than buffered was
+        assert trial.outcome is not None
+        trial.record("direct", 50, clock, clock + 4.0)
+        clock += 4.0
+    assert trial.outcome is None and trial.rechecks == 1
+    modes = []
+    while trial.outcome is None:  # the trial again, from direct, alternating
+        mode = trial.mode
+        modes.append(mode)
+        seconds = {"direct": 4.0, "buffered": 2.0}[mode]
+        trial.record(mode, 50, clock, clock + seconds)
+        clock += seconds
+    assert modes == ["direct"] * 2 + ["buffered"] * 2 + ["direct"] * 2 + ["buffered"] * 2
+    assert trial.mode == "buffered"
+    assert "buffered kept (measured again: direct slowed to" in trial.outcome
+
+
+def test_an_auto_reader_says_while_it_measures_again(data_file) -> None:
+    source, _data = data_file
+    reader = DirectReader(source, max_in_flight=2, piece_bytes=2 * ALIGNMENT, mode="auto")
+    reader.trial = ModeTrial(phase_bytes=100, phases=2, recheck_bytes=100)
+    reader.trial.start()
+    settle(reader.trial, {"direct": 1.0, "buffered": 2.0})
+    assert reader.settled and "direct kept" in reader.measured
+    reader.trial.record("direct", 100, 100.0, 110.0)
+    assert not reader.settled and reader.measured.startswith("measuring again: direct slowed to")
+    reader.close()
+
+
 def test_the_trial_keeps_direct_unless_buffered_is_clearly_faster() -> None:
     trial, clock = ModeTrial(phase_bytes=100, phases=2), 0.0
     trial.start()
@@ -397,6 +445,23 @@ def test_a_forced_read_mode_shares_the_page_cache_room_less_its_pieces_in_flight
     assert engine.reader.cache_in_flight == (2 * piece if io == "buffered" else 0)
     assert sum(name.startswith("model.layers.") for name in engine.page_cached) == cached_layers
     assert hf_weightstream.stats(model)["peak_resident_bytes"] <= budget
+
+
+def test_the_page_cache_room_is_measured_again_when_the_read_mode_changes(checkpoints) -> None:
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    units, budget = units_and_half_budget(folder)
+    layer = max(u.raw_bytes for u in units if u.name.startswith("model.layers."))
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=budget))
+    engine = reading_as_auto(model, phases=1)  # settles on direct: no pieces in the page cache
+    engine.memory_limits = spare_once_full(engine.pool, 2 * layer + layer // 2)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=4, do_sample=False), expected)
+    assert sum(name.startswith("model.layers.") for name in engine.page_cached) == 2
+    # A re-check keeps buffered reads instead (here: a reader that reads buffered, a layer's pieces in flight).
+    piece = ALIGNMENT * -(-layer // (2 * ALIGNMENT))
+    engine.reader = DirectReader(engine.reader.source, max_in_flight=2, piece_bytes=piece, mode="buffered")
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=4, do_sample=False), expected)
+    assert sum(name.startswith("model.layers.") for name in engine.page_cached) == 1
 
 
 def test_models_of_one_pool_share_the_page_cache_room(checkpoints) -> None:
