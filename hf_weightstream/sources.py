@@ -325,7 +325,11 @@ class DirectReader:
     limit, in the middle of the read. ``O_DIRECT`` skips the cache: the disk writes straight into our buffer.
 
     * Each range is widened to ``ALIGNMENT`` and read in pieces of ``piece_bytes`` by ``max_in_flight`` threads,
-      so the disk's queue holds several requests even for one unit.
+      so the disk's queue holds several requests even for one unit. Buffered reads instead walk each range's
+      pieces in order in one thread (ranges, and units read ahead, still run in parallel): pieces of one file read
+      at once by several threads look random to the kernel, which then stops reading ahead, and a sequential
+      stream is what its read-ahead serves fastest (1.6 against 0.9 GB/s on this project's virtual disk, whose
+      ``read_ahead_kb`` is 8 MiB, for 48 MiB ranges in 16 MiB pieces).
     * The buffer is the unit's storage while it is resident (its tensors view it), charged to the budget like
       any unit; when the unit is evicted to make room for the next read, its buffer is handed to that read
       (`reclaim`/`reuse`) instead of unmapping one and faulting in a new one.
@@ -423,15 +427,19 @@ class DirectReader:
             buffer = aligned_buffer(total)
             self._made[id(buffer)] = buffer
         view = memoryview(buffer.numpy())
-        pieces = []
+        jobs = []
         for span in spans:
+            pieces = []
             for at in range(0, span.length, self.piece_bytes):
                 n = min(self.piece_bytes, span.length - at)
                 needed = min(n, max(0, span.skip + span.size - at))  # the rest is alignment past the range
-                out = view[span.position + at : span.position + at + n]
-                pieces.append(self._executor.submit(self._read_piece, span.shard, span.start + at, out, needed, mode))
-        wait(pieces)
-        for future in pieces:
+                pieces.append((span.shard, span.start + at, view[span.position + at : span.position + at + n], needed))
+            if mode == "buffered":  # one sequential stream per range: the kernel reads ahead of it
+                jobs.append(self._executor.submit(self._read_in_order, pieces, mode))
+            else:
+                jobs += [self._executor.submit(self._read_piece, *piece, mode) for piece in pieces]
+        wait(jobs)
+        for future in jobs:
             future.result()  # the first failure, once every piece has stopped writing into the buffer
         if self.trial is not None and not cached:
             with self._lock:
@@ -449,6 +457,10 @@ class DirectReader:
                     self._fds[shard] = None
                     self.fallback = f"O_DIRECT refused by the filesystem of {self.source.paths[shard]}"
             return self._fds[shard]
+
+    def _read_in_order(self, pieces: list[tuple[str, int, memoryview, int]], mode: str) -> None:
+        for piece in pieces:
+            self._read_piece(*piece, mode)
 
     def _read_piece(self, shard: str, offset: int, out: memoryview, needed: int, mode: str) -> None:
         fd = self._direct_fd(shard) if mode == "direct" else None

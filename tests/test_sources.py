@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,35 @@ def test_reads_unaligned_ranges_exactly(data_file, mode) -> None:
     base = chunks[0]._base
     assert base.data_ptr() % ALIGNMENT == 0  # what O_DIRECT needs
     assert reader.fallback is None or "O_DIRECT" in reader.fallback  # tmpfs may refuse O_DIRECT
+    reader.close()
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_buffered_reads_walk_each_range_in_order_in_one_thread(data_file, mode) -> None:
+    source, data = data_file
+    reader = DirectReader(source, max_in_flight=4, piece_bytes=ALIGNMENT, mode=mode)
+    seen: list[tuple[int, int]] = []  # (thread, offset) per piece, as read
+    real_read_piece = reader._read_piece
+
+    def recording(shard, offset, out, needed, piece_mode):
+        seen.append((threading.get_ident(), offset))
+        time.sleep(0.01)  # long enough that idle workers would take the next pieces
+        return real_read_piece(shard, offset, out, needed, piece_mode)
+
+    reader._read_piece = recording
+    ranges = [Range("s", 0, 6 * ALIGNMENT), Range("s", 8 * ALIGNMENT, 6 * ALIGNMENT)]
+    chunks = reader.read(ranges)
+    assert [bytes(c.numpy()) for c in chunks] == [data[r.offset : r.offset + r.length] for r in ranges]
+    by_range = [[(t, o) for t, o in seen if r.offset <= o < r.offset + r.length] for r in ranges]
+    assert all(len(pieces) == 6 for pieces in by_range)
+    for pieces in by_range:
+        threads, offsets = {t for t, _ in pieces}, [o for _, o in pieces]
+        if mode == "buffered":  # one sequential stream per range, the two ranges side by side
+            assert len(threads) == 1 and offsets == sorted(offsets)
+        else:  # pieces spread over the workers, so the disk's queue holds several
+            assert len(threads) > 1
+    if mode == "buffered":
+        assert {t for t, _ in by_range[0]} != {t for t, _ in by_range[1]}
     reader.close()
 
 
