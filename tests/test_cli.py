@@ -540,9 +540,13 @@ def test_serve_hub_bad_input_exits_2(capsys: pytest.CaptureFixture[str], tiny: P
 
 @pytest.mark.slow
 def test_serve_hub_until_ctrl_c_then_generate_from_it(tiny: Path, tmp_path: Path) -> None:
-    """What a user does in two shells: serve a folder, export HF_ENDPOINT, stream the repo id cold."""
+    """What a user does in two shells: serve a folder, export HF_ENDPOINT, stream the repo id cold.
+
+    Started as a non-interactive shell starts a background command (``cmd &``): with SIGINT ignored, which Python
+    keeps unless the command installs its own handler."""
+    serve = [sys.executable, "-m", "hf_weightstream", "serve-hub", str(tiny), "--repo-id", "org/tiny"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "hf_weightstream", "serve-hub", str(tiny), "--repo-id", "org/tiny"],
+        ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *serve],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import time
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         print("Point clients at it (huggingface_hub reads this when it is imported):\n")
         print(f"export HF_ENDPOINT={hub.url}")
         print(f"\nthen e.g.: {PROG} generate {repo_id} 'Hello'\nPress Ctrl-C to stop.", flush=True)
+        # A shell without job control starts background commands with SIGINT ignored, and Python keeps it
+        # ignored: the Ctrl-C (or `kill -INT`) this command is stopped with would never arrive.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
