@@ -304,12 +304,10 @@ class ModeTrial:
         now = self._stretch_bytes / self._stretch_seconds
         self._stretch_bytes, self._stretch_seconds = 0, 0.0
         other = next(m for m in READ_MODES if m != kept)
-        speeds = {kept: now, other: self.bandwidth(other)}
-        if _faster(*(speeds[m] for m in READ_MODES)) != kept:
+        had = self.bandwidth(other)
+        if _faster(**{kept: now, other: had}) != kept:
             self.rechecks += 1
-            self._restart(
-                f"{kept} slowed to {now / 1e9:.2f} GB/s, below the {speeds[other] / 1e9:.2f} GB/s {other} had"
-            )
+            self._restart(f"{kept} slowed to {now / 1e9:.2f} GB/s, below the {had / 1e9:.2f} GB/s {other} had")
 
 
 def _faster(direct: float, buffered: float) -> str:
