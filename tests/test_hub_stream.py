@@ -294,7 +294,7 @@ def test_a_header_is_one_request_with_the_probe_huggingface_hub_uses(big: Path, 
 def test_large_reads_are_split_over_several_connections(
     tiny: Path, tmp_path: Path, monkeypatch, connections: int
 ) -> None:
-    monkeypatch.setattr(hub.schedule, "DEMAND_PIECE_BYTES", 4096)
+    monkeypatch.setattr(hub.schedule, "MIN_DEMAND_PIECE_BYTES", 4096)
     monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what the forward pass reads
     with served(tiny, tmp_path, bandwidth=400_000) as server:
         model = stream(complete_download=False, max_connections=connections)
@@ -308,7 +308,7 @@ def test_large_reads_are_split_over_several_connections(
     pieces = sorted((s, e) for name, s, e in fetched_from(log) if name == rng.shard and rng.offset <= s < end)
     assert [p[0] for p in pieces[1:]] == [p[1] for p in pieces[:-1]], "contiguous pieces of one read"
     assert max(e - s for s, e in pieces) - min(e - s for s, e in pieces) < len(pieces), "equal pieces end together"
-    if rng.length <= connections * 4096:  # pieces of at most DEMAND_PIECE_BYTES
+    if rng.length <= connections * 4096:  # pieces of MIN_DEMAND_PIECE_BYTES
         assert len(pieces) == -(-rng.length // 4096)
     else:  # more than a piece per connection: one piece per connection, all in flight at once
         assert len(pieces) == connections
@@ -355,6 +355,44 @@ def test_a_read_the_forward_pass_waits_for_makes_background_fetches_yield(
     assert cut, "the background request running when the read came stopped early (its bytes were kept)"
     # What the server had sent into the socket of the request that yielded, and was not read, is sent again.
     assert server.bytes_sent(".safetensors") <= sum(sizes.values()) + 16_384
+
+
+def test_a_background_fetch_of_bytes_a_read_waits_for_does_not_yield_to_that_read(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The head start holds the embedding when the first read comes: yielding would put its rest behind the read's
+    other pieces."""
+    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 2048)  # a background fetch looks up every 2 KB
+    for name in ("READAHEAD_CHUNK_BYTES", "FILL_CHUNK_BYTES", "MIN_FILL_BYTES"):  # requests of 16 KB: a second each
+        monkeypatch.setattr(hub.schedule, name, 16_384)
+    with served(tiny, tmp_path, bandwidth=16_000) as server:
+        source = source_of(stream(max_connections=1))
+        filler = threading.Thread(target=source.wait_until_cached, kwargs={"timeout": 120}, daemon=True)
+        filler.start()
+        deadline = time.monotonic() + 10
+
+        def running() -> RequestRecord | None:  # a background request that has sent less than half its bytes
+            for r in server.log:
+                if r.status == 206 and not r.end and r.range:
+                    a, b = (int(x) for x in r.range.removeprefix("bytes=").split("-"))
+                    if b - a + 1 == 16_384 and r.bytes_sent < 8192:
+                        return r
+            return None
+
+        while (fill := running()) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        first, last = (int(x) for x in fill.range.removeprefix("bytes=").split("-"))
+        out = bytearray(4096)  # the last 2 KB of that request's range and 2 KB after it: a new demand piece
+        source.read_into(fill.file, last + 1 - 2048, memoryview(out))
+        log = server.log
+        filler.join(120)
+    assert bytes(out) == (tiny / fill.file).read_bytes()[last + 1 - 2048 : last + 1 + 2048]
+    same = next(r for r in log if r.time == fill.time and r.range == fill.range)
+    assert same.bytes_sent == last + 1 - first, "the background request the read waited for ran to its end"
+    again = [r for r in log if r.file == fill.file and r.range and r.time > fill.time
+             and first < int(r.range.removeprefix("bytes=").split("-")[0]) <= last]  # fmt: skip
+    assert not again, "no byte of that range was asked for again"
 
 
 def test_embedding_rows_of_one_lookup_are_fetched_in_one_request(tiny: Path, tmp_path: Path, monkeypatch) -> None:

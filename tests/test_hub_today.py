@@ -42,7 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def many_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small pieces, so each shard is fetched by several requests at once."""
-    monkeypatch.setattr(hub.schedule, "DEMAND_PIECE_BYTES", 2048)
+    monkeypatch.setattr(hub.schedule, "MIN_DEMAND_PIECE_BYTES", 2048)
     monkeypatch.setattr(hub.schedule, "READAHEAD_CHUNK_BYTES", 2048)
 
 

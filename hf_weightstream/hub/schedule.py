@@ -17,7 +17,9 @@ Background fetches (2 and 3) are claimed by idle connections when they start, ne
 waits behind queued low-priority work. And when a demand read finds every connection busy, that many background
 fetches yield (fill first, then the readahead furthest ahead): they stop at their next body chunk, keep the bytes
 they got, and the rest of their range is claimed again later. So a demand read waits at most one body chunk
-behind background traffic, and fill requests can be large (fewer requests, less time-to-first-byte paid). The
+behind background traffic, and fill requests can be large (fewer requests, less time-to-first-byte paid). A
+background fetch of bytes a demand read waits for (the readahead had them first: the head start holds the
+embedding when the first read comes) never yields: that read would wait for its rest behind its other pieces. The
 sizes below and ``StreamConfig.max_connections`` (12) were chosen from ``python -m benchmarks.bench_hub --sweep``
 against the latency-modelled local Hub.
 """
@@ -41,13 +43,14 @@ logger = logging.getLogger(__name__)
 DEMAND, READAHEAD, FILL = 0, 1, 2
 # Measured (benchmarks/results/hub_sweep_*.md, 0.2 s to first byte, 20 MB/s per connection, 100 MB/s in all): 12
 # connections get 92-93% of the link with 4-8 MiB requests, 96% with 16 MiB, 98% with 32 MiB; 8 connections need
-# 32 MiB for 96%; 4 connections never pass 76%. Readahead and demand pieces stay at 8 MiB because the requests in
-# flight complete together: 12 x 8 MiB is about two decoder blocks of a 600 MB model in flight, so blocks arrive
-# nearly in order and the forward pass can run on the first while the next arrive. A demand read larger than a
-# piece per connection (a long prompt's embedding rows: the whole table) is cut into one piece per connection
-# instead, so it takes one wave of requests. Fill is not needed in any order and yields to demand reads, so it uses
-# the large requests.
-DEMAND_PIECE_BYTES = 8 << 20  # a demand read is fetched as parallel pieces of at most this size (or 1/connections)
+# 32 MiB for 96%; 4 connections never pass 76%. Readahead requests stay at 8 MiB because the requests in flight
+# complete together: 12 x 8 MiB is about two decoder blocks of a 600 MB model in flight, so blocks arrive nearly in
+# order and the forward pass can run on the first while the next arrive. A demand read is needed whole, now: what is
+# left of it to fetch (not what the readahead already has in flight) is cut into one piece per connection, so it
+# takes one wave of requests (bench_hub's first read, the rest of a 131 MB embedding table behind the head start,
+# ended 0.7 s sooner than in three 10 MB pieces). Fill is not needed in any order and yields to demand reads, so it
+# uses the large requests.
+MIN_DEMAND_PIECE_BYTES = 1 << 20  # smaller pieces would cost more in round trips than they save in transfer
 READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
 FILL_CHUNK_BYTES = 32 << 20  # one filler request
 MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this
@@ -78,7 +81,7 @@ class Job:
 
     def run(self) -> None:
         try:
-            self.stream.fetch(self.claim, self.out, lambda: self.yield_requested)
+            self.stream.fetch(self.claim, self.out, lambda: self.yield_requested and not self.claim.awaited)
         except BaseException as err:  # noqa: BLE001 - handed to the reader, or logged for background work
             self.error = err
         finally:
@@ -139,12 +142,15 @@ class FetchScheduler:
         return list(self._threads)
 
     def _make_room(self) -> None:
-        """Ask background jobs to yield to queued demand jobs no free connection will take."""
+        """Ask background jobs to yield to queued demand jobs no free connection will take (not those fetching
+        bytes a demand read waits for: they are demand work already)."""
         yielding = sum(1 for j in self._running if j.yield_requested)
         shortfall = len(self._queue) - (self._connections - len(self._running) + yielding)
         if shortfall <= 0:
             return
-        background = [j for j in self._running if j.priority != DEMAND and not j.yield_requested]
+        background = [
+            j for j in self._running if j.priority != DEMAND and not j.yield_requested and not j.claim.awaited
+        ]
         background.sort(key=lambda j: (-j.priority, -j.order))
         for job in background[:shortfall]:
             job.yield_requested = True

@@ -112,9 +112,6 @@ class _Session:
 
         filled = RangeSet()
         base = spans[0][0]
-        # One wave: a read larger than a piece per connection is cut into one piece per connection, so it ends
-        # when the link has moved it, not a wave of pieces later, sharing the link with the readahead by then.
-        piece = max(schedule.DEMAND_PIECE_BYTES, -(-sum(e - s for s, e in spans) // self.scheduler.connections))
         patience = time.monotonic() + FOREIGN_PATIENCE_S
         seen = -1
         while True:
@@ -126,9 +123,13 @@ class _Session:
                 foreign = False
                 fd = -1
                 impatient = time.monotonic() > patience  # another process holds ranges and records nothing
+                # One wave: what is left to fetch is cut into one piece per connection (not below a minimum), so
+                # the read ends when the link has moved it, not a wave of pieces later.
+                missing = sum(stream.unclaimed_bytes(start, end) for start, end in spans)
+                piece = max(schedule.MIN_DEMAND_PIECE_BYTES, -(-missing // self.scheduler.connections))
                 for start, end in spans:
                     got = stream.claim_missing(
-                        start, end, lambda s, e: even_pieces(s, e, piece), impatient
+                        start, end, lambda s, e, piece=piece: even_pieces(s, e, piece), impatient
                     )
                     fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
                     jobs += [

@@ -31,11 +31,16 @@ RECORD_EVERY_BYTES = 2 << 20  # a long fetch hands its bytes to the recorder thi
 
 @dataclass(eq=False)
 class Claim:
-    """A byte range one fetch has taken on; others needing it wait for ``done`` instead of fetching it again."""
+    """A byte range one fetch has taken on; others needing it wait for ``done`` instead of fetching it again.
+
+    ``awaited``: a demand read waits for it, so the background fetch that took it must not yield it: its rest
+    would only be claimed again once that read's other fetches are done, behind them on the link.
+    """
 
     start: int
     end: int
     done: threading.Event = field(default_factory=threading.Event)
+    awaited: bool = False
 
 
 @dataclass
@@ -86,6 +91,13 @@ class ShardStream:
             return 0 if self.committed else self.size - self.present.total
 
     # -- claims ---------------------------------------------------------------------------------------
+    def unclaimed_bytes(self, start: int, end: int) -> int:
+        """Bytes of ``[start, end)`` neither present nor being fetched by a thread of this process."""
+        with self._lock:
+            taken = self.present.copy()
+            taken.update((c.start, c.end) for c in self._claims)
+            return sum(e - s for s, e in taken.gaps(start, end))
+
     def claim_missing(
         self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]], ignore_foreign: bool = False
     ) -> Claimed:
@@ -100,6 +112,8 @@ class ShardStream:
             foreign = False
             for gap_start, gap_end in self.present.gaps(start, end):
                 busy = [c for c in self._claims if c.start < gap_end and gap_start < c.end]
+                for claim in busy:
+                    claim.awaited = True
                 waits.extend(c.done for c in busy)
                 for s, e in RangeSet((c.start, c.end) for c in busy).gaps(gap_start, gap_end):
                     taken, elsewhere = self._lock_range(s, e)
