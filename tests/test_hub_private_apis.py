@@ -105,14 +105,17 @@ def test_our_http_client_comes_from_the_factory_users_configure() -> None:
         return made[-1]
 
     default = _http._GLOBAL_CLIENT_FACTORY
+    assert compat.default_http_client_factory(), "nobody set a factory: huggingface_hub's own default"
     set_client_factory(factory)
     try:
         client = compat.new_http_client()
         assert made == [client]
+        assert not compat.default_http_client_factory(), "the user's factory is seen (direct_http stands aside)"
     finally:
         set_client_factory(default)
         for c in made:
             c.close()
+    assert compat.default_http_client_factory()
     own = compat.new_http_client()
     try:
         assert isinstance(own, httpx2.Client) and own is not _http.get_session(), "not the shared client"

@@ -8,7 +8,8 @@ treat it as their own. Writing that layout by hand would drift from huggingface_
 the helpers huggingface_hub uses itself keeps one source of truth. The one HTTP helper gives our range requests
 their own client built the way the user configured huggingface_hub's (``set_client_factory``: proxies,
 certificates), because huggingface_hub closes its shared client on a connect error, under the feet of our other
-connections.
+connections; and whether the user configured it at all (``direct_http`` reads range bodies without httpx2 only
+where that changes nothing).
 
 Written against huggingface_hub 2.4. Older 2.x releases without the shared blob store leave it unused.
 """
@@ -94,6 +95,12 @@ def publish_to_shared_store(blob: Path, xet_hash: str, cache_dir: Path, size: in
 def shared_store_path(cache_dir: Path, xet_hash: str) -> Path:
     """Where the shared store keeps the content of ``xet_hash``."""
     return Path(_shared_blobs.shared_blob_path(cache_dir, xet_hash))
+
+
+def default_http_client_factory() -> bool:
+    """Whether huggingface_hub builds its clients with its own default factory (nobody called
+    ``set_client_factory`` to configure proxies, certificates or transports in code)."""
+    return _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory
 
 
 def new_http_client() -> httpx2.Client:

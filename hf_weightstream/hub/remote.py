@@ -21,7 +21,9 @@ Round trips are what a cold start pays for, so they are counted:
 
 `RangeFetcher` uses an HTTP client of its own (made by the factory of huggingface_hub's, so proxies and
 certificates configured there apply), with its own retries: huggingface_hub's backoff closes its shared client on
-a connect error, which would cut the other connections' bodies. Every answer is checked before a byte is used.
+a connect error, which would cut the other connections' bodies. The ranges sent to a file's known location, the
+bulk of the bytes, have their bodies read straight into our buffer (`direct_http`), where that is equivalent.
+Every answer is checked before a byte is used.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from ..errors import CheckpointError
 from . import _hf_compat as compat
+from .direct_http import DirectBody, DirectConnections, usable
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +293,7 @@ class RangeFetcher:
         self._cancelled = cancelled
         self._client: httpx2.Client | None = None
         self._client_lock = threading.Lock()
+        self._direct = DirectConnections()
         self._warned_no_content_range = False
         self._local = threading.local()
 
@@ -298,6 +302,7 @@ class RangeFetcher:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+        self._direct.close()
 
     def _buffer(self, at_least: int = 0) -> bytearray:
         """This thread's receive buffer (``BODY_CHUNK_BYTES``, or more if a transport read was larger)."""
@@ -403,25 +408,44 @@ class RangeFetcher:
                         self._on_bytes(filled)
                         filled = 0
 
+                def received(n: int) -> None:
+                    nonlocal filled
+                    filled += n
+                    if filled >= BODY_CHUNK_BYTES:
+                        hand_on()
+                        if position < end and should_yield():
+                            raise Yielded(position)
+
                 try:
-                    for piece in response.iter_raw():  # as the transport delivers; no decoding: checked identity
-                        if self._cancelled.is_set():
-                            raise Cancelled
-                        if position + filled + len(piece) > end:
+                    if isinstance(response.stream, DirectBody):  # read into the buffer, never past the range
+                        with memoryview(buffer) as view:
+                            while position + filled < end:
+                                if self._cancelled.is_set():
+                                    raise Cancelled
+                                n = response.stream.readinto(view[filled : min(len(view), end - position)])
+                                if not n:
+                                    break  # the body ended early: resumed by the caller
+                                received(n)
+                        if position + filled == end and response.stream.readinto(memoryview(bytearray(1))):
                             raise RangeFetchError(
                                 f"The server sent more than the {end - start} bytes asked for "
                                 f"({remote.describe(start, end)})."
                             )
-                        if filled + len(piece) > len(buffer):
-                            hand_on()
-                        if len(piece) > len(buffer):
-                            buffer = self._buffer(len(piece))
-                        buffer[filled : filled + len(piece)] = piece
-                        filled += len(piece)
-                        if filled >= BODY_CHUNK_BYTES:
-                            hand_on()
-                            if position < end and should_yield():
-                                raise Yielded(position)
+                    else:
+                        for piece in response.iter_raw():  # as the transport delivers; no decoding: checked identity
+                            if self._cancelled.is_set():
+                                raise Cancelled
+                            if position + filled + len(piece) > end:
+                                raise RangeFetchError(
+                                    f"The server sent more than the {end - start} bytes asked for "
+                                    f"({remote.describe(start, end)})."
+                                )
+                            if filled + len(piece) > len(buffer):
+                                hand_on()
+                            if len(piece) > len(buffer):
+                                buffer = self._buffer(len(piece))
+                            buffer[filled : filled + len(piece)] = piece
+                            received(len(piece))
                 finally:
                     if not self._cancelled.is_set():
                         hand_on()  # what arrived before a cut or a stall is good
@@ -449,7 +473,7 @@ class RangeFetcher:
             with location.lock:  # one resolve for all threads; the others wait here and use its answer
                 url, generation = location.current()
                 if stale(url):
-                    response = self._send(remote, remote.url, start, end)
+                    response = self._send(remote, remote.url, start, end, resolve=True)
                     try:
                         if response.status_code >= 400:  # the Hub's own error: _check_status raises it
                             return response, generation
@@ -464,14 +488,18 @@ class RangeFetcher:
                     location.set(urljoin(remote.url, response.headers["Location"]), mirror=False)
                     url, generation = location.current()
         assert url is not None
-        return self._send(remote, url, start, end), generation
+        return self._send(remote, url, start, end, resolve=False), generation
 
-    def _send(self, remote: RemoteFile, url: str, start: int, end: int) -> httpx2.Response:
+    def _send(self, remote: RemoteFile, url: str, start: int, end: int, resolve: bool) -> httpx2.Response:
+        """GET a range of ``url``: through httpx2 for a resolve (it may redirect), straight into our buffer for a
+        known location where that is equivalent (`direct_http.usable`)."""
         headers = build_hf_headers(token=remote.repo.token)
         if _origin(url) != _origin(remote.url):
             headers.pop("authorization", None)  # a token never leaves the Hub for a bridge or CDN
         headers["Accept-Encoding"] = "identity"  # byte offsets are offsets of the file, not of a gzip stream
         headers["Range"] = f"bytes={start}-{end - 1}"
+        if not resolve and usable(url):
+            return self._direct.get(url, headers, constants.HF_HUB_DOWNLOAD_TIMEOUT)
         client = self._http()
         timeout = httpx2.Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT)  # read at call time: tests and users lower it
         request = client.build_request("GET", url, headers=headers, timeout=timeout)

@@ -109,6 +109,7 @@ class RequestRecord:
     bytes_sent: int = 0  # response body bytes handed to the socket
     fault: str | None = None  # which injected fault(s) fired, e.g. "status=503"
     end: float | None = None  # time.monotonic() when the response was done (None while in flight)
+    peer: str = ""  # the client's address and port: requests with the same peer came over one connection
 
     @property
     def is_resolve(self) -> bool:
@@ -334,6 +335,7 @@ class _RequestContext:
     range: str | None
     authorization: str | None
     start: float
+    peer: str = ""
     file: str | None = None  # set once routing knows which repo file the request is about
     faults: list[str] = field(default_factory=list)
 
@@ -387,6 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
             range=self.headers.get("Range"),
             authorization=self.headers.get("Authorization"),
             start=time.monotonic(),
+            peer="{}:{}".format(*self.client_address[:2]),
         )
         with hub._in_flight():
             body = self._read_request_body()
@@ -932,6 +935,7 @@ class HubServer:
             status=status,
             file=ctx.file,
             fault=", ".join(ctx.faults) or None,
+            peer=ctx.peer,
         )
         with self._lock:
             self._log_records.append(record)

@@ -1,0 +1,154 @@
+"""Range bodies read straight into our buffer (hf_weightstream/hub/direct_http.py): used for the ranges sent to a
+file's known location, never where it would leave differently from huggingface_hub's own client, and as careful
+with connections as httpx2 is. The fault tests of test_hub_today.py run through it too (it is the default)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+from hubtools import (
+    assert_cache_verified,
+    assert_each_byte_once,
+    fetched,
+    generate,
+    make_tiny_llama,
+    reference_tokens,
+    served,
+    shard_sizes,
+    stream,
+    streaming_defaults,
+)
+from huggingface_hub import constants, set_client_factory
+from huggingface_hub.utils import _http
+
+from hf_weightstream import hub, wait_until_cached
+from hf_weightstream.hub import direct_http
+from hf_weightstream.testing import hub_server
+
+streaming = pytest.fixture(autouse=True)(streaming_defaults)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def direct_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs `DirectConnections.get` was called with (it still does its work)."""
+    calls: list[str] = []
+    real = direct_http.DirectConnections.get
+
+    def spy(self, url, headers, timeout):
+        calls.append(url)
+        return real(self, url, headers, timeout)
+
+    monkeypatch.setattr(direct_http.DirectConnections, "get", spy)
+    return calls
+
+
+def test_ranges_to_a_known_location_are_read_directly_over_kept_connections(
+    tiny: Path, tmp_path: Path, monkeypatch, direct_calls: list[str]
+) -> None:
+    monkeypatch.setattr(hub.schedule, "MIN_DEMAND_PIECE_BYTES", 2048)  # several requests per shard
+    monkeypatch.setattr(hub.schedule, "READAHEAD_CHUNK_BYTES", 2048)
+    with served(tiny, tmp_path) as server:
+        model = stream(max_connections=3)
+        assert generate(model) == reference_tokens(tiny)
+        wait_until_cached(model, timeout=60)
+        log = [r for r in server.log if r.file and r.file.endswith(".safetensors") and r.method == "GET"]
+        assert_each_byte_once(fetched(server), shard_sizes(tiny))
+    assert_cache_verified(tmp_path, tiny)
+    resolves = [r for r in log if r.origin == "hub"]
+    bridge = [r for r in log if r.origin == "bridge"]
+    assert len(resolves) == len(shard_sizes(tiny)), "one resolve per shard (the probe), through httpx2"
+    assert len(direct_calls) == len(bridge), "every range sent to the bridge was read directly"
+    assert all("/xet-bridge" in url for url in direct_calls)
+    peers = {r.peer for r in bridge}
+    assert len(peers) < len(bridge), "connections are kept for the next request"
+
+
+def test_a_client_factory_set_by_the_user_carries_every_range_request(
+    tiny: Path, tmp_path: Path, direct_calls: list[str]
+) -> None:
+    seen: list[str] = []
+
+    def factory() -> httpx2.Client:  # what a user behind a corporate proxy might set
+        client = _http.default_client_factory()
+        client.event_hooks["request"].append(lambda request: seen.append(str(request.url)))
+        return client
+
+    set_client_factory(factory)
+    try:
+        with served(tiny, tmp_path) as server:
+            model = stream(complete_download=False)
+            assert generate(model) == reference_tokens(tiny)
+            ranged = [r for r in server.log if r.range and r.file and r.file.endswith(".safetensors")]
+    finally:
+        set_client_factory(_http.default_client_factory)
+    assert not direct_calls
+    assert len([u for u in seen if "/xet-bridge" in u]) == len([r for r in ranged if r.origin == "bridge"])
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "expected"),
+    [
+        ("https://cdn.example/x?sig=1", {}, True),
+        ("https://cdn.example/x", {"HTTPS_PROXY": "http://127.0.0.1:9"}, False),
+        ("https://cdn.example/x", {"ALL_PROXY": "http://127.0.0.1:9"}, False),
+        ("https://cdn.example/x", {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "cdn.example"}, True),
+        ("http://cdn.example/x", {"HTTPS_PROXY": "http://127.0.0.1:9"}, True),
+        ("ftp://cdn.example/x", {}, False),
+    ],
+)
+def test_direct_reads_only_where_huggingface_hub_would_connect_the_same_way(
+    monkeypatch: pytest.MonkeyPatch, url: str, env: dict[str, str], expected: bool
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert direct_http.usable(url) is expected
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not direct_http.usable(url)
+
+
+def test_a_kept_connection_the_server_closed_meanwhile_is_replaced(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hub_server._Handler, "timeout", 0.3)  # the server closes idle connections after 0.3 s
+    (tmp_path / "blob").write_bytes(bytes(range(256)) * 64)
+    with hub_server.HubServer() as server:
+        server.add_repo("org/blob", tmp_path)
+        url = f"{server.url}/org/blob/resolve/main/blob"
+        connections = direct_http.DirectConnections()
+        bodies = []
+        for pause in (0.0, 0.0, 0.6):
+            time.sleep(pause)
+            answer = connections.get(url, {"Range": "bytes=10-19"}, timeout=10)
+            bodies.append((answer.status_code, answer.read()))
+            answer.close()
+        connections.close()
+        peers = [r.peer for r in server.log]
+    assert bodies == [(206, bytes(range(10, 20)))] * 3
+    assert peers[0] == peers[1] != peers[2], "kept, then replaced once the server had closed it"
+
+
+def test_a_body_not_read_to_its_end_closes_its_connection(tmp_path: Path) -> None:
+    (tmp_path / "blob").write_bytes(bytes(range(256)) * 64)
+    with hub_server.HubServer() as server:
+        server.add_repo("org/blob", tmp_path)
+        url = f"{server.url}/org/blob/resolve/main/blob"
+        connections = direct_http.DirectConnections()
+        answer = connections.get(url, {"Range": "bytes=0-9999"}, timeout=10)
+        piece = bytearray(100)
+        assert answer.stream.readinto(memoryview(piece)) > 0
+        answer.close()  # 9,900 bytes left unread: the connection cannot carry the next answer
+        again = connections.get(url, {"Range": "bytes=0-3"}, timeout=10)
+        assert again.read() == bytes(range(4))
+        again.close()
+        connections.close()
+        peers = [r.peer for r in server.log]
+    assert peers[0] != peers[1]
