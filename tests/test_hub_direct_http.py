@@ -4,6 +4,8 @@ with connections as httpx2 is. The fault tests of test_hub_today.py run through 
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -152,3 +154,36 @@ def test_a_body_not_read_to_its_end_closes_its_connection(tmp_path: Path) -> Non
         connections.close()
         peers = [r.peer for r in server.log]
     assert peers[0] != peers[1]
+
+
+def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stalls() -> None:
+    """Headers and the first 700 body bytes in one packet, then silence: a read that times out must have returned
+    those 700 bytes first (a buffered reader would hold them while it waits for more, and lose them)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100000\r\nContent-Range: bytes 0-99999/100000\r\n"
+            head += b"\r\n"
+            conn.sendall(head + b"x" * 700)  # one send: the bytes arrive with the headers
+            release.wait(10)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    connections = direct_http.DirectConnections()
+    try:
+        answer = connections.get(f"http://127.0.0.1:{listener.getsockname()[1]}/f", {"Range": "bytes=0-99999"}, 0.3)
+        buffer = bytearray(1 << 20)
+        got = 0
+        with pytest.raises(httpx2.ReadTimeout), memoryview(buffer) as view:
+            while True:
+                got += answer.stream.readinto(view[got:])
+        answer.close()
+    finally:
+        release.set()
+        connections.close()
+        listener.close()
+    assert got == 700 and buffer[:700] == b"x" * 700

@@ -18,10 +18,12 @@ other answer, and errors are raised as httpx2's transport errors, so its retry r
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 import threading
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
@@ -46,15 +48,22 @@ def usable(url: str) -> bool:
 
 
 class _Answer(http.client.HTTPResponse):
-    """``readinto`` that returns what one socket read brings instead of blocking until the view is full: bytes that
-    arrived before a stall are kept (a full-view read that times out loses them: they would be fetched again)."""
+    """An answer read from the socket itself, unbuffered: ``readinto`` is one ``recv_into`` (what has arrived, at
+    least one byte), so the bytes received before a stall are ours when the read times out. (Through the buffered
+    reader ``http.client`` puts in between, body bytes that came with the headers sit in its buffer, and its
+    ``readinto1`` copies them out, then blocks for more: a timeout there loses them.)"""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the buffered reader over the socket, unused yet (the socket stays open)
+        self.fp = sock.makefile("rb", buffering=0)
 
     def readinto(self, b: memoryview) -> int:  # type: ignore[override]
         if self.fp is None or self.chunked or self.length is None:  # not a length-delimited body: the usual way
             return super().readinto(b)
         if len(b) > self.length:
             b = b[: self.length]
-        n = self.fp.readinto1(b) if len(b) else 0
+        n = self.fp.readinto(b) if len(b) else 0
         if not n and len(b):
             self.close()
             raise http.client.IncompleteRead(b"", self.length)
