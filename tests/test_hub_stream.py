@@ -271,6 +271,32 @@ def test_connections_reading_ahead_survive_the_read_order_being_replaced() -> No
     assert not errors
 
 
+def test_the_next_read_is_read_ahead_in_one_wave_and_the_reads_after_in_large_requests() -> None:
+    """The forward pass waits for its next read next: it goes out one piece per connection, like a demand read."""
+    MiB = 1 << 20
+
+    class Shard:  # hands out claims as ShardStream.claim_next does, in order
+        remote = type("Remote", (), {"shard": "s"})()
+        claimed = 0
+
+        def claim_next(self, start: int, end: int, limit: int) -> hub.stream.Claim | None:
+            start = max(start, self.claimed)
+            if start >= end:
+                return None
+            self.claimed = min(end, start + limit)
+            return hub.stream.Claim(start, self.claimed)
+
+    background = hub.schedule.Background({"s": Shard()}, fill=False, connections=4)
+    background.expect_reads([("s", 0, 40 * MiB), ("s", 40 * MiB, 40 * MiB), ("s", 80 * MiB, 40 * MiB)])
+    background.note_read("s", 0)  # the forward pass reads the first range: the second is next
+    sizes = []
+    while (job := background.next_job(forward_active=True)) is not None:
+        sizes.append((job.claim.start // MiB, (job.claim.end - job.claim.start) // MiB))
+    chunk = hub.schedule.READAHEAD_CHUNK_BYTES // MiB
+    assert sizes[:4] == [(40, 10), (50, 10), (60, 10), (70, 10)], "four connections, one wave"
+    assert sizes[4:] == [(80 + i * chunk, chunk) for i in range(40 // chunk)]
+
+
 def test_a_model_with_a_head_start_streams_the_same_tokens(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 30_000)
     expected = reference_tokens(tiny)

@@ -7,8 +7,11 @@ Three kinds of fetch share one model's ``connections``:
 2. readahead: the ranges the forward pass will read next, in its read order (handed over by `expect_reads`), up
    to ``READAHEAD_BYTES`` past the last range it read. They go to the partial file, not to memory, so the weight
    budget is untouched; and the first forward pass, which traces the schedule and has no prefetch of its own,
-   still overlaps downloading with computing. Before the read order is known (from the headers until the model
-   is built), the head start: the first ``HEAD_START_BYTES`` of the tensors in file order.
+   still overlaps downloading with computing. The next range is what the forward pass waits for next: it goes out
+   as one wave, a piece per connection, like a demand read (bench_hub's first decoder block then came 0.45 s
+   sooner after the embedding); the ranges after it in ``READAHEAD_CHUNK_BYTES`` requests. Before the read order
+   is known (from the headers until the model is built), the head start: the first ``HEAD_START_BYTES`` of the
+   tensors in file order.
 3. fill (``complete_download``): the rest of each shard in file order, so that it can be verified and committed;
    only while no demand or readahead fetch is queued or running: in the gaps the forward pass leaves, so that
    it never shares the link with the bytes the forward pass waits for or reads next.
@@ -258,7 +261,9 @@ class Background:
                 if ahead >= READAHEAD_BYTES:
                     break
                 stream, start, end = order[(position + step) % count]
-                claim = stream.claim_next(start, end, READAHEAD_CHUNK_BYTES)
+                # The next read is the forward pass's next wait: one wave of requests, like a demand read.
+                limit = max(MIN_DEMAND_PIECE_BYTES, -(-(end - start) // self.connections)) if step == 1 else 0
+                claim = stream.claim_next(start, end, limit or READAHEAD_CHUNK_BYTES)
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step)
                 ahead += end - start
