@@ -161,6 +161,9 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         stats = hf_weightstream.stats(model)
         result["engine"] = {k: stats[k] for k in ("stall_seconds", "bytes_read", "peak_resident_bytes", "hits")}
+        # When the first unit began computing: what the link had to bring before any compute could start.
+        computes = [t0 for kind, _, t0, _, _ in list(model._hf_weightstream.events) if kind == "compute"]
+        result["engine"]["first_compute_s"] = min(computes) - start if computes else None
     if contender in ("b_default", "kill_first", "kill_resume"):
         print("BENCH_HUB_FIRST_TOKEN", flush=True)
         cached = hf_weightstream.wait_until_cached(model)
@@ -460,6 +463,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             notes.append(f"all {r['verified_shards']} shards verified in the cache after {r['cached_s']:.2f} s")
         if "engine" in r:
             notes.append(f"stall {r['engine']['stall_seconds']:.2f} s, read {r['engine']['bytes_read'] / 1e6:.0f} MB")
+            if r["engine"].get("first_compute_s") is not None:
+                notes.append(f"first unit computed from {r['engine']['first_compute_s']:.2f} s")
         if "first_tokens" in r and key in ("b", "b_default", "local") and "first_tokens" in report["rows"].get("a", {}):
             same = r["first_tokens"] == report["rows"]["a"]["first_tokens"]
             notes.append("same first tokens as (a)" if same else "FIRST TOKENS DIFFER FROM (a)")
