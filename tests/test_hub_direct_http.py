@@ -4,7 +4,9 @@ with connections as httpx2 is. The fault tests of test_hub_today.py run through 
 
 from __future__ import annotations
 
+import http.client
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -187,3 +189,15 @@ def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stall
         connections.close()
         listener.close()
     assert got == 700 and buffer[:700] == b"x" * 700
+
+
+def test_https_locations_are_verified_with_httpx2s_certificate_settings() -> None:
+    connections = direct_http.DirectConnections()
+    connection, reused = connections._connection("https", "cdn.example", None, 5.0)  # not connected yet
+    try:
+        assert isinstance(connection, http.client.HTTPSConnection) and not reused
+        context = connection._context
+        assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+        assert (connection.host, connection.port) == ("cdn.example", 443)
+    finally:
+        connections.close()
