@@ -427,19 +427,13 @@ class RangeFetcher:
                                     break  # the body ended early: resumed by the caller
                                 received(n)
                         if position + filled == end and response.stream.readinto(memoryview(bytearray(1))):
-                            raise RangeFetchError(
-                                f"The server sent more than the {end - start} bytes asked for "
-                                f"({remote.describe(start, end)})."
-                            )
+                            raise self._too_long(remote, start, end)
                     else:
                         for piece in response.iter_raw():  # as the transport delivers; no decoding: checked identity
                             if self._cancelled.is_set():
                                 raise Cancelled
                             if position + filled + len(piece) > end:
-                                raise RangeFetchError(
-                                    f"The server sent more than the {end - start} bytes asked for "
-                                    f"({remote.describe(start, end)})."
-                                )
+                                raise self._too_long(remote, start, end)
                             if filled + len(piece) > len(buffer):
                                 hand_on()
                             if len(piece) > len(buffer):
@@ -569,6 +563,12 @@ class RangeFetcher:
             )
 
     # -- errors -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _too_long(remote: RemoteFile, start: int, end: int) -> RangeFetchError:
+        return RangeFetchError(
+            f"The server sent more than the {end - start} bytes asked for ({remote.describe(start, end)})."
+        )
+
     @staticmethod
     def _gave_up(remote: RemoteFile, start: int, end: int, error: BaseException) -> RangeFetchError:
         return RangeFetchError(

@@ -54,6 +54,11 @@ DEMAND, READAHEAD, FILL = 0, 1, 2
 # ended 0.7 s sooner than in three 10 MB pieces). Fill is not needed in any order and yields to demand reads, so it
 # uses the large requests.
 MIN_DEMAND_PIECE_BYTES = 1 << 20  # smaller pieces would cost more in round trips than they save in transfer
+
+
+def wave_piece(nbytes: int, connections: int) -> int:
+    """The piece size that sends ``nbytes`` out as one wave over ``connections`` (not below the minimum)."""
+    return max(MIN_DEMAND_PIECE_BYTES, -(-nbytes // connections))
 READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
 FILL_CHUNK_BYTES = 32 << 20  # one filler request
 MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this
@@ -262,8 +267,8 @@ class Background:
                     break
                 stream, start, end = order[(position + step) % count]
                 # The next read is the forward pass's next wait: one wave of requests, like a demand read.
-                limit = max(MIN_DEMAND_PIECE_BYTES, -(-(end - start) // self.connections)) if step == 1 else 0
-                claim = stream.claim_next(start, end, limit or READAHEAD_CHUNK_BYTES)
+                limit = wave_piece(end - start, self.connections) if step == 1 else READAHEAD_CHUNK_BYTES
+                claim = stream.claim_next(start, end, limit)
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step)
                 ahead += end - start

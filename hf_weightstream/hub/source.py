@@ -126,7 +126,7 @@ class _Session:
                 # One wave: what is left to fetch is cut into one piece per connection (not below a minimum), so
                 # the read ends when the link has moved it, not a wave of pieces later.
                 missing = sum(stream.unclaimed_bytes(start, end) for start, end in spans)
-                piece = max(schedule.MIN_DEMAND_PIECE_BYTES, -(-missing // self.scheduler.connections))
+                piece = schedule.wave_piece(missing, self.scheduler.connections)
                 for start, end in spans:
                     got = stream.claim_missing(
                         start, end, lambda s, e, piece=piece: even_pieces(s, e, piece), impatient

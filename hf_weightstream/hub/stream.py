@@ -91,12 +91,16 @@ class ShardStream:
             return 0 if self.committed else self.size - self.present.total
 
     # -- claims ---------------------------------------------------------------------------------------
+    def _taken(self) -> RangeSet:
+        """What is present or being fetched by a thread of this process (call with ``_lock`` held)."""
+        taken = self.present.copy()
+        taken.update((c.start, c.end) for c in self._claims)
+        return taken
+
     def unclaimed_bytes(self, start: int, end: int) -> int:
         """Bytes of ``[start, end)`` neither present nor being fetched by a thread of this process."""
         with self._lock:
-            taken = self.present.copy()
-            taken.update((c.start, c.end) for c in self._claims)
-            return sum(e - s for s, e in taken.gaps(start, end))
+            return sum(e - s for s, e in self._taken().gaps(start, end))
 
     def claim_missing(
         self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]], ignore_foreign: bool = False
@@ -132,10 +136,8 @@ class ShardStream:
         with self._lock:
             if self.committed is not None or self.failure is not None:
                 return None
-            taken = self.present.copy()
-            taken.update((c.start, c.end) for c in self._claims)
             claim = None
-            for gap_start, gap_end in taken.gaps(start, end):
+            for gap_start, gap_end in self._taken().gaps(start, end):
                 got, _ = self._lock_range(gap_start, min(gap_end, gap_start + limit))
                 if got:
                     claim = Claim(*got[0])
