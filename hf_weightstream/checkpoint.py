@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as LateError
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from .errors import CheckpointError, StreamConfigError
 from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes, schedule
 from .hub.remote import list_remote_files
-from .index import CheckpointIndex, read_shard_header
+from .index import CheckpointIndex, TensorEntry, read_shard_header
 from .sources import ByteSource, LocalFileSource
 
 if TYPE_CHECKING:
@@ -278,18 +278,18 @@ def open_hub_repo(
         _discard_guess(listing)
     if checkpoint is None:
         checkpoint = open_shards(shards, listed)
-    if isinstance(checkpoint.source, HubSource):
-        checkpoint.source.start_ahead(_file_order_head(checkpoint.index, schedule.HEAD_START_BYTES))
+    if isinstance(checkpoint.source, HubSource):  # the first shard's part began when its header came
+        checkpoint.source.start_ahead(_file_order_head(checkpoint.index.entries.values(), schedule.HEAD_START_BYTES))
     for extra in extras:
         extra.result()
     return checkpoint
 
 
-def _file_order_head(index: CheckpointIndex, limit: int) -> list[tuple[str, int, int]]:
+def _file_order_head(entries: Iterable[TensorEntry], limit: int) -> list[tuple[str, int, int]]:
     """The first ``limit`` bytes of the tensors in file order (shards by name, then offset): save_pretrained
     writes them in the model's module order, so the forward pass reads most of them first."""
     head, total = [], 0
-    for entry in sorted(index.entries.values(), key=lambda e: (e.shard, e.offset)):
+    for entry in sorted(entries, key=lambda e: (e.shard, e.offset)):
         if total >= limit:
             break
         if not entry.nbytes:
@@ -335,8 +335,18 @@ def _open_shards(
             else:
                 remote[shard] = remote_file
     source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
+    first = min(shards)
+
+    def head_start(shard: str, entries: list[TensorEntry]) -> None:
+        # The head start of the first shard in file order (the embedding, the first blocks) goes out as soon as its
+        # header is parsed, not after every header and the index: a round trip or more earlier on the link.
+        if shard == first and shard in remote:
+            source.start_ahead(_file_order_head(entries, schedule.HEAD_START_BYTES))
+
     try:
-        return _index(source, source.shard_sizes, repo_id, max_connections, repo_id=repo_id, commit=repo.commit)
+        return _index(
+            source, source.shard_sizes, repo_id, max_connections, head_start, repo_id=repo_id, commit=repo.commit
+        )
     except BaseException:
         source.close()
         raise
@@ -461,12 +471,21 @@ def _index_local(paths: dict[str, Path], location: str) -> Checkpoint:
 
 
 def _index(
-    source: LocalFileSource | HubSource, sizes: dict[str, int], location: str, parallel: int, **fields: Any
+    source: LocalFileSource | HubSource,
+    sizes: dict[str, int],
+    location: str,
+    parallel: int,
+    on_header: Callable[[str, list[TensorEntry]], None] | None = None,
+    **fields: Any,
 ) -> Checkpoint:
-    """Parse every shard's header through ``source``; in parallel for remote shards (one round trip each)."""
+    """Parse every shard's header through ``source``; in parallel for remote shards (one round trip each).
+    ``on_header(shard, entries)`` is called as each header is parsed."""
 
-    def header(shard: str) -> list:
-        return list(read_shard_header(shard, sizes[shard], lambda o, n: source.read(shard, o, n)).values())
+    def header(shard: str) -> list[TensorEntry]:
+        entries = list(read_shard_header(shard, sizes[shard], lambda o, n: source.read(shard, o, n)).values())
+        if on_header is not None:
+            on_header(shard, entries)
+        return entries
 
     shards = sorted(sizes)
     if parallel > 1 and len(shards) > 1:

@@ -218,7 +218,7 @@ def test_the_first_bytes_in_file_order_are_fetched_once_the_headers_are_known_an
             REPO, checkpoint.download_kwargs_of({}), None, max_connections=4, complete_download=complete_download
         )  # as from_pretrained does before it builds the model (whose read order would replace the head start)
         _opened.append(opened.source)
-        head_reads = checkpoint._file_order_head(opened.index, head)
+        head_reads = checkpoint._file_order_head(opened.index.entries.values(), head)
         assert sum(n for _, _, n in head_reads) == head
         wanted = [(n, max(o, TEST_PROBE_BYTES), o + k) for n, o, k in head_reads if o + k > TEST_PROBE_BYTES]
         deadline = time.monotonic() + 10
@@ -233,6 +233,30 @@ def test_the_first_bytes_in_file_order_are_fetched_once_the_headers_are_known_an
         assert merged([(n, max(s, TEST_PROBE_BYTES), e) for n, s, e in fetched(server) if e > TEST_PROBE_BYTES]) == (
             merged(wanted)
         )
+
+
+def test_the_first_shards_head_start_does_not_wait_for_the_other_shards_headers(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The first shard's part of the head start (the embedding, the first blocks) goes out when its own header is
+    parsed: a slow header of another shard, or the index, must not hold it."""
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 30_000)
+    shards = sorted(p.name for p in tiny.glob("*.safetensors"))
+    with served(tiny, tmp_path) as server:
+        slow = server.add_fault(Fault(file=f"*{shards[-1]}", origin="bridge", ranged_only=True, delay=1.0))
+        opening = threading.Thread(
+            target=lambda: _opened.append(
+                checkpoint.open_hub_repo(REPO, checkpoint.download_kwargs_of({}), None, max_connections=4).source
+            )
+        )
+        opening.start()
+        deadline = time.monotonic() + 0.8  # before the slow header is answered
+        while not [r for r in fetched(server) if r[0] == shards[0] and r[2] > TEST_PROBE_BYTES]:
+            assert time.monotonic() < deadline, "the first shard's head start waited for the other headers"
+            time.sleep(0.01)
+        assert slow.fired == 1
+        opening.join(timeout=10)
+        assert not opening.is_alive()
 
 
 def test_connections_reading_ahead_survive_the_read_order_being_replaced() -> None:
