@@ -280,9 +280,13 @@ def run_contender(job: dict[str, Any], server: Any, cache: Path, timeout_s: floa
 
 
 def _on_disk(storage: Path, model_bytes: int) -> int:
-    """Bytes of the model in a repo's cache folder: committed blobs plus what partial files' records name."""
-    held = sum(p.stat().st_size for p in (storage / "blobs").glob("*") if len(p.name) == 64 and p.exists())
+    """Bytes of the model in a repo's cache folder: committed blobs plus what partial files' records name (a
+    shard caught between the move of its file into ``blobs/`` and the removal of its record counts once)."""
+    blobs = {p.name: p for p in (storage / "blobs").glob("*") if len(p.name) == 64}
+    held = sum(p.stat().st_size for p in blobs.values() if p.exists())
     for record in (storage / ".weightstream" / "partial").glob("*.ranges.json"):
+        if record.name.removesuffix(".ranges.json") in blobs:
+            continue
         try:
             held += sum(e - s for s, e in json.loads(record.read_text())["ranges"])
         except (OSError, ValueError, KeyError):
