@@ -18,8 +18,10 @@ Setup, all local and reproducible:
 * (a) "download then load": the fairest download we have: hf_weightstream's own downloader fetching every shard
   over ``max_connections`` connections (``wait_until_cached`` with no forward pass), then a plain
   ``from_pretrained`` from the cache, then the first token. Its download time is the reference for the link
-  (``download_s``), its ``generate`` time with every weight in memory the reference for compute. (huggingface_hub
-  itself downloads Xet files with hf_xet, which this local Hub cannot serve: see its docstring.)
+  (``last_weight_byte_s``: from the moment the TTFTs count from, the load's start after the config is read, to
+  its last weight byte in the server's log), its ``generate`` time with every weight in memory the reference for
+  compute. (huggingface_hub itself downloads Xet files with hf_xet, which this local Hub cannot serve: see its
+  docstring.)
 * (b) stream with ``complete_download=False`` and (b-default) with the background filler, on a batch of
   ``--batch`` prompts of ``--prompt-len`` tokens (8 x 512: compute comparable to the download on a 2-core CPU).
 * (c) stream one 32-token prompt (compute small) with the default filler: its first token is compared with the
@@ -131,6 +133,9 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         return AutoModelForCausalLM.from_pretrained(where, device_map="stream", stream_config=stream_config)
 
     start = time.perf_counter()
+    # The server logs its requests on the same clock (CLOCK_MONOTONIC is system-wide): its times are taken from here,
+    # the moment every TTFT counts from, not from the worker's first request (the config, read before this).
+    result["start_monotonic"] = time.monotonic()
     contender = job["contender"]
     if contender == "a":
         hf_weightstream.wait_until_cached(streamed(REPO_ID, True))  # every shard, no forward pass
@@ -248,8 +253,10 @@ def _parse(contender: str, proc_returncode: int, stdout: str, stderr: str) -> di
     return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
-def _network(server: Any) -> dict[str, Any]:
-    """What the server saw: weight bytes and requests, the download window, resolve calls."""
+def _network(server: Any, since: float | None = None) -> dict[str, Any]:
+    """What the server saw: weight bytes and requests, resolve calls, and when the weights came: the download window
+    and, given the worker's ``since`` (its ``start_monotonic``), the first weight request and the last weight byte
+    counted from the moment its TTFT counts from."""
     log = server.log
     weights = [r for r in log if r.file and r.file.endswith(".safetensors") and r.method == "GET"]
     out: dict[str, Any] = {
@@ -261,12 +268,12 @@ def _network(server: Any) -> dict[str, Any]:
         ),
     }
     if weights:
-        first_request = min(r.time for r in log)  # the process's first call to the Hub: from_pretrained began
         first_weight = min(r.time for r in weights)
         last_byte = max(r.end or r.time for r in weights)
         out["download_window_s"] = last_byte - first_weight
-        out["before_first_weight_s"] = first_weight - first_request  # the round trips before any weight byte
-        out["cold_download_s"] = last_byte - first_request
+        if since is not None:
+            out["first_weight_request_s"] = first_weight - since  # the round trips of the load before it
+            out["last_weight_byte_s"] = last_byte - since
     return out
 
 
@@ -341,7 +348,8 @@ def run_contender_keep_cache(job: dict[str, Any], server: Any, cache: Path, time
     except subprocess.TimeoutExpired:
         return {"contender": job["contender"], "error": f"timed out after {timeout_s:.0f} s"}
     server.wait_idle()
-    return {**_parse(job["contender"], proc.returncode, proc.stdout, proc.stderr), **_network(server)}
+    parsed = _parse(job["contender"], proc.returncode, proc.stdout, proc.stderr)
+    return {**parsed, **_network(server, parsed.get("start_monotonic"))}
 
 
 def _ratio(name: str, value: float | None, target: float, detail: str) -> dict[str, Any]:
@@ -355,23 +363,24 @@ def compute_ratios(
     a, b, c, base = (rows.get(k, {}) for k in ("a", "b", "c", "baseline"))
     kill, local_small = rows.get("kill", {}), rows.get("local_small", {})
     out = []
-    # From (a)'s request log: the link rate its downloader reached, and the round trips before its first weight
-    # byte (revision, config, index, metadata: what any cold load pays first).
+    # From (a)'s request log, on the clock of the TTFTs (from the load's start): the link rate its downloader
+    # reached, the round trips before its first weight request (revision, index, listing: what any cold load pays
+    # first) and when its last weight byte came (the cold download).
     rate = model_bytes / a["download_window_s"] if "download_window_s" in a else None
-    if "ttft_s" in c and rate and "engine" in c:
+    if "ttft_s" in c and rate and "engine" in c and "first_weight_request_s" in a:
         needed = c["engine"]["bytes_read"]
-        floor = a["before_first_weight_s"] + needed / rate
+        floor = a["first_weight_request_s"] + needed / rate
         out.append(
             _ratio(
                 "(c) TTFT / download time of the bytes its forward reads",
                 c["ttft_s"] / floor,
                 TARGETS["ttft_c_vs_needed_download"],
-                f"{c['ttft_s']:.2f} s vs {a['before_first_weight_s']:.2f} s of round trips before the first weight "
-                f"byte + {needed / 1e6:.0f} MB at the {rate / 1e6:.1f} MB/s (a) reached = {floor:.2f} s",
+                f"{c['ttft_s']:.2f} s vs {a['first_weight_request_s']:.2f} s of round trips before the first weight "
+                f"request + {needed / 1e6:.0f} MB at the {rate / 1e6:.1f} MB/s (a) reached = {floor:.2f} s",
             )
         )
-    if "ttft_s" in a and "ttft_s" in b:
-        download, compute = a["cold_download_s"], a["generate_s"]
+    if "ttft_s" in a and "ttft_s" in b and "last_weight_byte_s" in a:
+        download, compute = a["last_weight_byte_s"], a["generate_s"]
         out.append(
             _ratio(
                 "(b) TTFT / max(download, compute)",
@@ -458,10 +467,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             return "" if row.get(name) is None else format(row[name] / scale, fmt)
 
         notes = []
-        if key == "a" and "cold_download_s" in r:
+        if key == "a" and "last_weight_byte_s" in r:
             notes.append(
-                f"download {r['cold_download_s']:.2f} s from the first request ({r['before_first_weight_s']:.2f} s "
-                f"before the first weight byte); the forward pass holds {r['compute_rss'] / 1e6:.0f} MB"
+                f"last weight byte at {r['last_weight_byte_s']:.2f} s (first weight request at "
+                f"{r['first_weight_request_s']:.2f} s); the forward pass holds {r['compute_rss'] / 1e6:.0f} MB"
             )
         if "cached_s" in r:
             notes.append(f"all {r['verified_shards']} shards verified in the cache after {r['cached_s']:.2f} s")
