@@ -336,6 +336,8 @@ def _open_shards(
                 remote[shard] = remote_file
     source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
     first = min(shards)
+    if first in remote:  # its first tensors follow its header: they go out with the header's request, not after
+        source.start_ahead_once_located(first, upto=schedule.HEAD_START_BYTES)
 
     def head_start(shard: str, entries: list[TensorEntry]) -> None:
         # The head start of the first shard in file order (the embedding, the first blocks) goes out as soon as its

@@ -259,6 +259,24 @@ def test_the_first_shards_head_start_does_not_wait_for_the_other_shards_headers(
         assert not opening.is_alive()
 
 
+def test_the_first_shards_first_bytes_go_out_with_its_header_request_not_after_its_answer(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Once the resolve of the first shard's header probe has said where the file is, the bytes after the probe
+    (its first tensors) are requested at once: not after the probe's answer has arrived and been parsed."""
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 30_000)
+    first = min(p.name for p in tiny.glob("*.safetensors"))
+    with served(tiny, tmp_path) as server:
+        server.add_fault(Fault(file=f"*{first}", origin="bridge", ranged_only=True, delay=1.0))  # every answer late
+        opened = checkpoint.open_hub_repo(REPO, checkpoint.download_kwargs_of({}), None, max_connections=4)
+        _opened.append(opened.source)  # its headers are parsed: the probe's answer came, a second after its request
+        bridge = [r for r in server.log if r.origin == "bridge" and r.file and Path(r.file).name == first]
+        probe = next(r for r in bridge if r.range and r.range.startswith("bytes=0-"))
+        after = [r.time for r in bridge if r.range and not r.range.startswith("bytes=0-")]
+        assert after, "nothing was requested after the probe"
+        assert min(after) - probe.time < 0.5, "the first bytes after the probe waited for the probe's answer"
+
+
 def test_connections_reading_ahead_survive_the_read_order_being_replaced() -> None:
     """The engine's order replaces the head start's while idle connections walk it (it killed a fetch thread)."""
 

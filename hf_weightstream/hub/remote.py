@@ -197,9 +197,31 @@ class Location:
         self.generation = 0
         self.mirror = False  # /resolve/ itself serves the bytes: every request is a resolve call
         self.resolves = 0
+        self._when_known: list[Callable[[], None]] = []
 
     def current(self) -> tuple[str | None, int]:
         return self.url, self.generation
+
+    def when_known(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the first resolve has answered where the bytes are (now, if it has): requests that
+        need the location and nothing from the first answer's body can go out while that body is on its way."""
+        with self.lock:
+            if not self.resolves:
+                self._when_known.append(callback)
+                return
+        callback()
+
+    def notify_known(self) -> None:
+        """Run the `when_known` callbacks once a resolve has answered; on the resolving thread, outside ``lock``."""
+        with self.lock:
+            if not self.resolves:
+                return
+            callbacks, self._when_known = self._when_known, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the request that resolved goes on; say what went wrong
+                logger.exception("hf_weightstream: a callback waiting for a file's location failed")
 
     def set(self, url: str, mirror: bool) -> None:
         self.url, self.mirror = url, mirror
@@ -464,23 +486,26 @@ class RangeFetcher:
 
         url, generation = location.current()
         if stale(url):
-            with location.lock:  # one resolve for all threads; the others wait here and use its answer
-                url, generation = location.current()
-                if stale(url):
-                    response = self._send(remote, remote.url, start, end, resolve=True)
-                    try:
-                        if response.status_code >= 400:  # the Hub's own error: _check_status raises it
-                            return response, generation
-                        self._check_linked_headers(response, remote)
-                        if not response.has_redirect_location:  # a mirror: /resolve/ serves the bytes itself
-                            location.set(remote.url, mirror=True)
-                            return response, location.generation
-                    except BaseException:
-                        response.close()
-                        raise
-                    response.close()
-                    location.set(urljoin(remote.url, response.headers["Location"]), mirror=False)
+            try:
+                with location.lock:  # one resolve for all threads; the others wait here and use its answer
                     url, generation = location.current()
+                    if stale(url):
+                        response = self._send(remote, remote.url, start, end, resolve=True)
+                        try:
+                            if response.status_code >= 400:  # the Hub's own error: _check_status raises it
+                                return response, generation
+                            self._check_linked_headers(response, remote)
+                            if not response.has_redirect_location:  # a mirror: /resolve/ serves the bytes itself
+                                location.set(remote.url, mirror=True)
+                                return response, location.generation
+                        except BaseException:
+                            response.close()
+                            raise
+                        response.close()
+                        location.set(urljoin(remote.url, response.headers["Location"]), mirror=False)
+                        url, generation = location.current()
+            finally:
+                location.notify_known()
         assert url is not None
         return self._send(remote, url, start, end, resolve=False), generation
 

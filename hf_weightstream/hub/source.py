@@ -323,10 +323,22 @@ class HubSource:
     def start_ahead(self, reads: list[tuple[str, int, int]]) -> None:
         """Fetch ``reads`` now, on idle connections, before any forward pass (a head start; `expect_reads` and the
         engine's reads take over)."""
-        session = self._session
-        with session.scheduler.lock:
-            session.background.start_ahead([(s, o, n) for s, o, n in reads if s in session.streams])
-        session.scheduler.poke()
+        _start_ahead(self._session, reads)
+
+    def start_ahead_once_located(self, shard: str, upto: int) -> None:
+        """Fetch the bytes of ``shard`` from the end of its header probe to ``upto`` as soon as the probe's resolve
+        has answered where the file is (a redirect to the bridge), not after the probe's answer is read and parsed:
+        one round trip sooner. Which tensors they hold is not known yet: the bytes right after a header are its
+        first tensors, which the forward pass reads first (`start_ahead`, once the header is parsed, adds the rest
+        of the head start)."""
+        stream = self._session.streams.get(shard)
+        end = min(stream.size, upto) if stream is not None else 0
+        if stream is None or end <= HEADER_PROBE_BYTES:
+            return
+        # The session, not self: the session's threads reach the location, and a callback holding this source would
+        # keep a dropped model's source (whose finalizer stops them) alive.
+        session, reads = self._session, [(shard, HEADER_PROBE_BYTES, end - HEADER_PROBE_BYTES)]
+        stream.remote.location.when_known(lambda: _start_ahead(session, reads))
 
     def wait_until_cached(self, timeout: float | None = None) -> dict[str, CachedShard]:
         """Fetch the rest of every shard now (even with ``complete_download=False``) and wait for all commits."""
@@ -370,6 +382,12 @@ class HubSource:
         self._finalizer()
         if hasattr(self, "_local"):
             self._local.close()
+
+
+def _start_ahead(session: _Session, reads: list[tuple[str, int, int]]) -> None:
+    with session.scheduler.lock:
+        session.background.start_ahead([(s, o, n) for s, o, n in reads if s in session.streams])
+    session.scheduler.poke()
 
 
 def wait_until_cached(model: object, timeout: float | None = None) -> dict[str, CachedShard]:
