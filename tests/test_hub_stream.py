@@ -463,6 +463,49 @@ def test_a_background_fetch_of_bytes_a_read_waits_for_does_not_yield_to_that_rea
     assert not again, "no byte of that range was asked for again"
 
 
+def test_a_read_of_a_few_bytes_far_into_a_background_fetch_has_it_yield_rather_than_waiting_for_it(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A short prompt's embedding rows lie deep inside the head start's pieces: the read fetches them itself, and the
+    background fetch stops at its next body chunk, instead of the read waiting for the piece to get there."""
+    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 2048)  # a background fetch looks up every 2 KB
+    monkeypatch.setattr(hub.stream, "CUT_AHEAD_BYTES", 4096)  # a round trip's worth of this slow link
+    for name in ("READAHEAD_CHUNK_BYTES", "FILL_CHUNK_BYTES", "MIN_FILL_BYTES"):  # requests of 16 KB: a second each
+        monkeypatch.setattr(hub.schedule, name, 16_384)
+    with served(tiny, tmp_path, bandwidth=16_000) as server:
+        source = source_of(stream(max_connections=2))
+        filler = threading.Thread(target=source.wait_until_cached, kwargs={"timeout": 120}, daemon=True)
+        filler.start()
+        deadline = time.monotonic() + 10
+
+        def running() -> RequestRecord | None:  # a background request that has sent under a quarter of its bytes
+            for r in server.log:
+                if r.status == 206 and not r.end and r.range:
+                    a, b = (int(x) for x in r.range.removeprefix("bytes=").split("-"))
+                    if b - a + 1 == 16_384 and r.bytes_sent < 4096:
+                        return r
+            return None
+
+        while (fill := running()) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        first, last = (int(x) for x in fill.range.removeprefix("bytes=").split("-"))
+        out = bytearray(1024)  # 1 KB, 2 KB before the end of that request's range
+        began = time.monotonic()
+        source.read_into(fill.file, last + 1 - 2048, memoryview(out))
+        took = time.monotonic() - began
+        log = server.log
+        filler.join(120)
+    assert bytes(out) == (tiny / fill.file).read_bytes()[last + 1 - 2048 : last + 1 - 1024]
+    same = next(r for r in log if r.time == fill.time and r.range == fill.range)
+    assert same.bytes_sent < last + 1 - first, "the background request was cut short"
+    own = [r for r in log if r.file == fill.file and r.range and r.time > fill.time
+           and int(r.range.removeprefix("bytes=").split("-")[0]) == last + 1 - 2048]  # fmt: skip
+    assert own, "the read asked for its own bytes"
+    # The rest of that request (over 12 KB, on a 16 KB/s link shared by two connections) would take over 1.5 s.
+    assert took < 1.0, f"the read waited {took:.2f} s, as for the rest of the background request"
+
+
 def test_embedding_rows_of_one_lookup_are_fetched_in_one_request(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what the forward pass reads
     with served(tiny, tmp_path) as server:

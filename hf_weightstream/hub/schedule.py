@@ -149,6 +149,15 @@ class FetchScheduler:
             job.finished.set()
         return list(self._threads)
 
+    def cut(self, claims: list[Claim]) -> None:
+        """Ask the background fetches of ``claims`` to yield (at their next body chunk): a demand read needs only a
+        small part of them and fetches it itself, rather than waiting for the rest to arrive first."""
+        wanted = {id(claim) for claim in claims}
+        with self._cond:
+            for job in self._running:
+                if job.priority != DEMAND and id(job.claim) in wanted:
+                    job.yield_requested = True
+
     def _make_room(self) -> None:
         """Ask background jobs to yield to queued demand jobs no free connection will take (not those fetching
         bytes a demand read waits for: they are demand work already)."""

@@ -132,6 +132,7 @@ class _Session:
                         start, end, lambda s, e, piece=piece: even_pieces(s, e, piece), impatient
                     )
                     fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
+                    self.scheduler.cut(got.sparse)  # they yield soon; the next round claims the part needed here
                     jobs += [
                         Job(
                             stream,

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 MAX_MISMATCHES = 2  # complete files whose sha256 did not match before we stop refetching one
 RECORD_EVERY_BYTES = 2 << 20  # a long fetch hands its bytes to the recorder this often: a kill loses less
+# A read needing under a quarter of what another thread's fetch still misses, behind more than a round trip's worth
+# of its bytes (what one connection of bench_hub's link moves in 0.2 s; cf. schedule.MIN_DEMAND_PIECE_BYTES), has
+# that fetch yield and fetches its part itself.
+SPARSE_SHARE = 4
+CUT_AHEAD_BYTES = 1 << 20
 
 
 @dataclass(eq=False)
@@ -47,12 +52,14 @@ class Claim:
 class Claimed:
     """What `ShardStream.claim_missing` found in a range: new claims to fetch, claims of other threads to wait for,
     whether other processes are fetching part of it, and the descriptor holding the present bytes (valid even if
-    the partial file is replaced later)."""
+    the partial file is replaced later). ``sparse``: claims of other threads the read waits for only a small part
+    of (see `claim_missing`)."""
 
     mine: list[Claim]
     waits: list[threading.Event]
     foreign: bool
     fd: int
+    sparse: list[Claim] = field(default_factory=list)
 
 
 class ShardStream:
@@ -106,18 +113,32 @@ class ShardStream:
         self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]], ignore_foreign: bool = False
     ) -> Claimed:
         """Claim what nobody holds or fetches in ``[start, end)``, cut by ``pieces(start, end)``; with
-        ``ignore_foreign``, also what another process has locked (it stopped making progress)."""
+        ``ignore_foreign``, also what another process has locked (it stopped making progress).
+
+        A claim of another thread that the range needs only a small part of (under ``1 / SPARSE_SHARE`` of what it
+        still misses: a few embedding rows in a head start's 10 MB piece), with more than ``CUT_AHEAD_BYTES`` to
+        arrive before that part, is reported as ``sparse`` and not marked awaited: the caller asks its background
+        fetch to yield, and claims that part itself once it has, instead of waiting for the piece to get there.
+        """
         self.refresh()
         with self._lock:
             if self.committed is not None:
                 return Claimed([], [], False, self.partial.fd)
             mine: list[Claim] = []
             waits: list[threading.Event] = []
+            sparse: list[Claim] = []
             foreign = False
             for gap_start, gap_end in self.present.gaps(start, end):
                 busy = [c for c in self._claims if c.start < gap_end and gap_start < c.end]
                 for claim in busy:
-                    claim.awaited = True
+                    first = max(gap_start, claim.start)
+                    needed = min(gap_end, claim.end) - first
+                    ahead = sum(e - s for s, e in self.present.gaps(claim.start, first))  # to come before it
+                    missing = ahead + sum(e - s for s, e in self.present.gaps(first, claim.end))
+                    if ahead > CUT_AHEAD_BYTES and needed * SPARSE_SHARE < missing:
+                        sparse.append(claim)
+                    else:
+                        claim.awaited = True
                 waits.extend(c.done for c in busy)
                 for s, e in RangeSet((c.start, c.end) for c in busy).gaps(gap_start, gap_end):
                     taken, elsewhere = self._lock_range(s, e)
@@ -127,7 +148,7 @@ class ShardStream:
                     for ts, te in taken:
                         mine.extend(Claim(ps, pe) for ps, pe in pieces(ts, te))
             self._claims.extend(mine)
-        return Claimed(self._drop_recorded(mine), waits, foreign, self.partial.fd)
+        return Claimed(self._drop_recorded(mine), waits, foreign, self.partial.fd, sparse)
 
     def claim_next(self, start: int, end: int, limit: int) -> Claim | None:
         """Claim the first byte range of ``[start, end)`` (at most ``limit`` bytes) nobody holds or fetches; for
