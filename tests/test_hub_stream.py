@@ -238,10 +238,16 @@ def test_the_first_bytes_in_file_order_are_fetched_once_the_headers_are_known_an
 def test_the_first_shards_head_start_does_not_wait_for_the_other_shards_headers(
     tiny: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    """The first shard's part of the head start (the embedding, the first blocks) goes out when its own header is
-    parsed: a slow header of another shard, or the index, must not hold it."""
-    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 30_000)
+    """The part of the first shard's head start that needs its parsed header (past the file's first
+    ``HEAD_START_BYTES``, which go out with the header request) goes out when that header is parsed: a slow header
+    of another shard, or the index, must not hold it."""
+    head = 30_000
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", head)
     shards = sorted(p.name for p in tiny.glob("*.safetensors"))
+
+    def of(server: HubServer, shard: str) -> list[RequestRecord]:
+        return [r for r in server.log if r.origin == "bridge" and r.range and r.file and Path(r.file).name == shard]
+
     with served(tiny, tmp_path) as server:
         slow = server.add_fault(Fault(file=f"*{shards[-1]}", origin="bridge", ranged_only=True, delay=1.0))
         opening = threading.Thread(
@@ -251,12 +257,18 @@ def test_the_first_shards_head_start_does_not_wait_for_the_other_shards_headers(
         )
         opening.start()
         deadline = time.monotonic() + 0.8  # before the slow header is answered
-        while not [r for r in fetched(server) if r[0] == shards[0] and r[2] > TEST_PROBE_BYTES]:
+
+        def parsed_part() -> list[float]:  # requests reaching past the file's first `head` bytes
+            return [r.time for r in of(server, shards[0]) if int(r.range.split("-")[1]) >= head]
+
+        while not parsed_part():
             assert time.monotonic() < deadline, "the first shard's head start waited for the other headers"
             time.sleep(0.01)
-        assert slow.fired == 1
         opening.join(timeout=10)
         assert not opening.is_alive()
+        assert slow.fired
+        slow_header = next(r for r in of(server, shards[-1]) if r.range.startswith("bytes=0-"))
+        assert min(parsed_part()) < slow_header.end, "it went out before the slow header was answered"
 
 
 def test_the_first_shards_first_bytes_go_out_with_its_header_request_not_after_its_answer(
