@@ -539,6 +539,17 @@ def test_complete_shards_are_verified_between_forward_passes_not_during_one(tiny
         assert all(s.verified == s.remote.sha256 for s in streams)
 
 
+def test_the_engine_tells_its_hub_source_when_each_forward_pass_begins_and_ends(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(hub.HubSource, "forward_began", lambda self: calls.append("began"))
+    monkeypatch.setattr(hub.HubSource, "forward_ended", lambda self: calls.append("ended"))
+    with served(tiny, tmp_path):
+        assert generate(stream(complete_download=False)) == reference_tokens(tiny)
+    assert calls == ["began", "ended"] * NEW_TOKENS  # one forward pass per generated token
+
+
 def test_embedding_rows_of_one_lookup_are_fetched_in_one_request(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what the forward pass reads
     with served(tiny, tmp_path) as server:
