@@ -437,32 +437,37 @@ def test_a_read_the_forward_pass_waits_for_makes_background_fetches_yield(
     assert server.bytes_sent(".safetensors") <= sum(sizes.values()) + 16_384
 
 
+def _slow_background_requests(monkeypatch) -> None:
+    """Background requests of 16 KB that look up every 2 KB whether to yield: a second each at 16 KB/s."""
+    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 2048)
+    for name in ("READAHEAD_CHUNK_BYTES", "FILL_CHUNK_BYTES", "MIN_FILL_BYTES"):
+        monkeypatch.setattr(hub.schedule, name, 16_384)
+
+
+def _background_request_under_way(server: HubServer, sent_under: int) -> tuple[RequestRecord, int, int]:
+    """A background request of 16 KB that has sent under ``sent_under`` bytes, and its first and last byte."""
+    deadline = time.monotonic() + 10
+    while True:
+        for r in server.log:
+            if r.status == 206 and not r.end and r.range:
+                first, last = (int(x) for x in r.range.removeprefix("bytes=").split("-"))
+                if last - first + 1 == 16_384 and r.bytes_sent < sent_under:
+                    return r, first, last
+        assert time.monotonic() < deadline, "no background request under way"
+        time.sleep(0.002)
+
+
 def test_a_background_fetch_of_bytes_a_read_waits_for_does_not_yield_to_that_read(
     tiny: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """The head start holds the embedding when the first read comes: yielding would put its rest behind the read's
     other pieces."""
-    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 2048)  # a background fetch looks up every 2 KB
-    for name in ("READAHEAD_CHUNK_BYTES", "FILL_CHUNK_BYTES", "MIN_FILL_BYTES"):  # requests of 16 KB: a second each
-        monkeypatch.setattr(hub.schedule, name, 16_384)
+    _slow_background_requests(monkeypatch)
     with served(tiny, tmp_path, bandwidth=16_000) as server:
         source = source_of(stream(max_connections=1))
         filler = threading.Thread(target=source.wait_until_cached, kwargs={"timeout": 120}, daemon=True)
         filler.start()
-        deadline = time.monotonic() + 10
-
-        def running() -> RequestRecord | None:  # a background request that has sent less than half its bytes
-            for r in server.log:
-                if r.status == 206 and not r.end and r.range:
-                    a, b = (int(x) for x in r.range.removeprefix("bytes=").split("-"))
-                    if b - a + 1 == 16_384 and r.bytes_sent < 8192:
-                        return r
-            return None
-
-        while (fill := running()) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        first, last = (int(x) for x in fill.range.removeprefix("bytes=").split("-"))
+        fill, first, last = _background_request_under_way(server, sent_under=8192)  # under half its bytes
         out = bytearray(4096)  # the last 2 KB of that request's range and 2 KB after it: a new demand piece
         source.read_into(fill.file, last + 1 - 2048, memoryview(out))
         log = server.log
@@ -480,28 +485,13 @@ def test_a_read_of_a_few_bytes_far_into_a_background_fetch_has_it_yield_rather_t
 ) -> None:
     """A short prompt's embedding rows lie deep inside the head start's pieces: the read fetches them itself, and the
     background fetch stops at its next body chunk, instead of the read waiting for the piece to get there."""
-    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 2048)  # a background fetch looks up every 2 KB
+    _slow_background_requests(monkeypatch)
     monkeypatch.setattr(hub.stream, "CUT_AHEAD_BYTES", 4096)  # a round trip's worth of this slow link
-    for name in ("READAHEAD_CHUNK_BYTES", "FILL_CHUNK_BYTES", "MIN_FILL_BYTES"):  # requests of 16 KB: a second each
-        monkeypatch.setattr(hub.schedule, name, 16_384)
     with served(tiny, tmp_path, bandwidth=16_000) as server:
         source = source_of(stream(max_connections=2))
         filler = threading.Thread(target=source.wait_until_cached, kwargs={"timeout": 120}, daemon=True)
         filler.start()
-        deadline = time.monotonic() + 10
-
-        def running() -> RequestRecord | None:  # a background request that has sent under a quarter of its bytes
-            for r in server.log:
-                if r.status == 206 and not r.end and r.range:
-                    a, b = (int(x) for x in r.range.removeprefix("bytes=").split("-"))
-                    if b - a + 1 == 16_384 and r.bytes_sent < 4096:
-                        return r
-            return None
-
-        while (fill := running()) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        first, last = (int(x) for x in fill.range.removeprefix("bytes=").split("-"))
+        fill, first, last = _background_request_under_way(server, sent_under=4096)  # under a quarter of its bytes
         out = bytearray(1024)  # 1 KB, 2 KB before the end of that request's range
         began = time.monotonic()
         source.read_into(fill.file, last + 1 - 2048, memoryview(out))

@@ -134,7 +134,7 @@ class ShardStream:
                     first = max(gap_start, claim.start)
                     needed = min(gap_end, claim.end) - first
                     ahead = sum(e - s for s, e in self.present.gaps(claim.start, first))  # to come before it
-                    missing = ahead + sum(e - s for s, e in self.present.gaps(first, claim.end))
+                    missing = sum(e - s for s, e in self.present.gaps(claim.start, claim.end))
                     if ahead > CUT_AHEAD_BYTES and needed * SPARSE_SHARE < missing:
                         sparse.append(claim)
                     else:
