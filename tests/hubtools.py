@@ -24,6 +24,8 @@ import os
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,7 @@ def hf_hub_endpoint(url: str, cache_dir: Path | str | None = None) -> Iterator[N
         os.environ.update(env)
         yield
     finally:
+        _wait_for_metadata_threads()
         for obj, name, value in saved_attrs:
             setattr(obj, name, value)
         for key, value in saved_env.items():
@@ -111,6 +114,17 @@ def hf_hub_endpoint(url: str, cache_dir: Path | str | None = None) -> Iterator[N
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _wait_for_metadata_threads(timeout: float = 30.0) -> None:
+    """Let a load's background metadata calls (``hf_ws-meta`` threads: the head start of a load that failed, a
+    listing it stopped waiting for) end before the endpoint is restored. Left running, one would retry against the
+    real endpoint (no network here) or a stopped server, and huggingface_hub answers a connect error by closing its
+    shared client, under the feet of the next test's requests (``Bad file descriptor``)."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "hf_ws-meta" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # -- lazy Hub streaming in this process ------------------------------------------------------------------------
