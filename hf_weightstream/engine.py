@@ -204,6 +204,8 @@ class StreamEngine:
         self.forward_lock.acquire()
         self._depth += 1
         if self._depth == 1:
+            if hasattr(self.source, "forward_began"):  # a Hub source verifies complete shards between passes
+                self.source.forward_began()
             self._log_start = log.forward_snapshot(self)
             self.meter.begin_pass(time.perf_counter())
             if not self.schedule and self._trace is None:
@@ -233,6 +235,8 @@ class StreamEngine:
             self._depth -= 1
             if self._depth:
                 return
+            if hasattr(self.source, "forward_ended"):
+                self.source.forward_ended()
             with self.pool.cond:
                 me = threading.get_ident()
                 for unit in self.units:

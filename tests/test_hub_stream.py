@@ -508,6 +508,38 @@ def test_a_read_of_a_few_bytes_far_into_a_background_fetch_has_it_yield_rather_t
     assert took < 1.0, f"the read waited {took:.2f} s, as for the rest of the background request"
 
 
+def test_complete_shards_are_verified_between_forward_passes_not_during_one(tiny: Path, tmp_path: Path) -> None:
+    """Hashing a shard is CPU work a forward pass on a small machine would lose, and nothing needs the commit before
+    the pass ends: shards complete during a pass are verified after it."""
+    with served(tiny, tmp_path):
+        source = source_of(stream(complete_download=True))
+        streams = list(source._session.streams.values())
+        source.forward_began()  # as the engine does when a forward pass starts
+        source.read_into(streams[0].remote.shard, 0, memoryview(bytearray(16)))  # its first read starts the fill
+        deadline = time.monotonic() + 30
+        while not all(s.present.covers(0, s.size) and not s.unrecorded for s in streams):
+            assert time.monotonic() < deadline, "the fill did not complete the shards"
+            time.sleep(0.02)
+        time.sleep(0.5)  # time the committer would have taken
+        assert all(s.committed is None for s in streams), "a shard was hashed while the forward pass computed"
+        source.forward_ended()
+        while not all(s.committed is not None for s in streams):
+            assert time.monotonic() < deadline, "the shards were not verified once the pass ended"
+            time.sleep(0.02)
+        assert all(s.verified == s.remote.sha256 for s in streams)
+
+
+def test_the_engine_tells_its_hub_source_when_each_forward_pass_begins_and_ends(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(hub.HubSource, "forward_began", lambda self: calls.append("began"))
+    monkeypatch.setattr(hub.HubSource, "forward_ended", lambda self: calls.append("ended"))
+    with served(tiny, tmp_path):
+        assert generate(stream(complete_download=False)) == reference_tokens(tiny)
+    assert calls == ["began", "ended"] * NEW_TOKENS  # one forward pass per generated token
+
+
 def test_embedding_rows_of_one_lookup_are_fetched_in_one_request(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what the forward pass reads
     with served(tiny, tmp_path) as server:

@@ -2,8 +2,9 @@
 
 Group commit: one fsync and one record update cover every range that landed since the last one, so many parallel
 fetches cost one fsync instead of one each. Once recorded, a range is unlocked for other processes (they read it
-from the partial file). Complete shards are verified and committed by a second thread at a low CPU priority:
-hashing never slows the forward pass, and never delays recording (what is not recorded is lost to a ``kill -9``).
+from the partial file). Complete shards are verified and committed by a second thread at a low CPU priority, and
+only while no forward pass computes (or once someone waits for the commits): hashing never slows the forward pass,
+and never delays recording (what is not recorded is lost to a ``kill -9``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Recorder:
     def __init__(self, streams: dict[str, ShardStream], on_commit: Callable[[], None]) -> None:
         self._streams = streams
         self._on_commit = on_commit
+        # Set while no forward pass of the model computes, or once someone waits for the commits: hashing a shard
+        # is CPU work the forward pass would lose on a small machine, and nothing needs the commit before then.
+        self.may_verify = threading.Event()
+        self.may_verify.set()
         self._wake = threading.Event()
         self._wake_committer = threading.Event()
         self._halt = threading.Event()
@@ -88,13 +93,20 @@ class Recorder:
                 if self._stopped:
                     return
                 try:
-                    if stream.ready_to_commit():
+                    if stream.ready_to_commit() and self._wait_to_verify():
                         stream.commit()
                         self._on_commit()
                 except OSError as err:  # disk full, permissions: the bytes stay usable in this process
                     self._failed(stream, err)
                 except Exception:  # noqa: BLE001 - keep committing the other shards; say what happened
                     logger.exception("hf_weightstream: committing %s failed", stream.remote.describe())
+
+    def _wait_to_verify(self) -> bool:
+        """Wait until no forward pass computes (`may_verify`); False if stopped meanwhile."""
+        while not self.may_verify.wait(0.1):
+            if self._stopped:
+                return False
+        return not self._stopped
 
     def flush(self) -> None:
         with self._flush_lock:

@@ -316,6 +316,13 @@ class HubSource:
             self._session.read_into(stream, offset, memoryview(out), engine_read=False)
         return bytes(out)
 
+    def forward_began(self) -> None:
+        """A forward pass of the model computes from now on: complete shards wait for it to end to be verified."""
+        self._session.recorder.may_verify.clear()
+
+    def forward_ended(self) -> None:
+        self._session.recorder.may_verify.set()
+
     def expect_reads(self, reads: list[tuple[str, int, int]]) -> None:
         """The (shard, offset, length) reads of one forward pass, in execution order: the readahead order."""
         with self._session.scheduler.lock:  # idle connections may be reading the head start's order
@@ -349,6 +356,7 @@ class HubSource:
             stream.retry_after_failure()
         session.background.fill = True
         session.background.active = True
+        session.recorder.may_verify.set()  # waited for: verify now, even if a forward pass is running
         if not session.progress.armed:
             session.progress.total = sum(s.missing_bytes() for s in session.streams.values())
             session.progress.armed = True
