@@ -62,14 +62,17 @@ class Recorder:
                         self._threads.append(thread)
         self._wake.set()
 
-    def stop(self) -> None:
-        """Record everything fetched so far (no commit: exiting stays quick; the next run commits)."""
+    def stop(self) -> bool:
+        """Record everything fetched so far (no commit: exiting stays quick; the next run commits). False if a thread
+        is still running (a commit hashing a large shard): it may still read through the partial files."""
         self._stopped = True
         self._halt.set()
         self._wake.set()
         self._wake_committer.set()
-        if join_threads(self._threads, timeout=10):
-            self.flush()
+        if not join_threads(self._threads, timeout=10):
+            return False
+        self.flush()
+        return True
 
     def _record(self) -> None:
         while not self._stopped:

@@ -184,10 +184,10 @@ class _Session:
         self._closed = True
         self.cancelled.set()
         clean = join_threads(self.scheduler.stop(timeout=5.0), timeout=5.0)
-        self.recorder.stop()
+        clean = self.recorder.stop() and clean
         self.fetcher.close()
         self.progress.close()
-        if clean:  # a thread still running might write through a descriptor: leave them open then
+        if clean:  # a thread still running might use a descriptor: leave them open then
             for stream in self.streams.values():
                 stream.partial.close()
 
