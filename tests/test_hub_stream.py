@@ -554,6 +554,35 @@ def test_embedding_rows_of_one_lookup_are_fetched_in_one_request(tiny: Path, tmp
     assert rows == [(first, last)], "one request covering the looked-up rows, not one per row nor the whole table"
 
 
+def test_ranges_read_at_once_are_cut_into_no_more_pieces_than_connections() -> None:
+    """One piece size for all (their total over the connections) would cut each range up to a piece more: 9 pieces
+    for 8 connections here, the last a round trip later."""
+    unit = hub.schedule.MIN_DEMAND_PIECE_BYTES
+    sizes = [10 * unit, unit, unit // 2]
+    pieces = hub.schedule.wave_pieces(sizes, 8)
+    assert [-(-size // piece) for size, piece in zip(sizes, pieces, strict=True)] == [6, 1, 1]
+    assert hub.schedule.wave_pieces([100 * unit], 12) == [hub.schedule.wave_piece(100 * unit, 12)]
+
+
+def test_a_lookup_with_more_rows_than_connections_fetches_them_in_one_wave(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Rows too far apart to share a request, and more of them than connections, would take a second round trip:
+    the closest are merged (within a size limit) so that every request goes out at once."""
+    monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)  # only what is read
+    monkeypatch.setattr(hub.source, "ROW_GAP_BYTES", 0)
+    monkeypatch.setattr(hub.source, "ROW_WAVE_SPAN_BYTES", 1024 + 128)  # two rows 1 KiB apart, not three
+    with served(tiny, tmp_path) as server:
+        model = stream(complete_download=False, max_connections=3)
+        (table,) = next(u for u in units_of(model) if u.name == "model.embed_tokens").ranges
+        rows = [table.offset + k * 1024 for k in range(4, 10)]  # past the header probe's bytes
+        assert rows[0] >= TEST_PROBE_BYTES and rows[-1] + 128 <= table.offset + table.length
+        server.clear_log()
+        source_of(model).read_many(table.shard, [(row, memoryview(bytearray(128))) for row in rows])
+        got = sorted((s, e) for name, s, e in fetched(server) if name == table.shard)
+    assert got == [(rows[i], rows[i + 1] + 128) for i in (0, 2, 4)], "three requests of two rows each"
+
+
 def test_cached_shards_are_read_in_place(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     shards = list(shard_sizes(tiny))
     with served(tiny, tmp_path) as server:

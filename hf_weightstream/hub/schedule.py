@@ -59,6 +59,22 @@ MIN_DEMAND_PIECE_BYTES = 1 << 20  # smaller pieces would cost more in round trip
 def wave_piece(nbytes: int, connections: int) -> int:
     """The piece size that sends ``nbytes`` out as one wave over ``connections`` (not below the minimum)."""
     return max(MIN_DEMAND_PIECE_BYTES, -(-nbytes // connections))
+
+
+def wave_pieces(sizes: list[int], connections: int) -> list[int]:
+    """The piece size of each of several ranges (``sizes`` bytes) read at once, so that they go out as one wave: a
+    piece per range, then the connections left to the ranges with the largest pieces (not below the minimum).
+    One piece size for all would cut each range up to a piece more, and more pieces than connections wait a
+    round trip."""
+    counts = [1] * len(sizes)
+    for _ in range(connections - len(sizes)):
+        i = max(range(len(sizes)), key=lambda k: sizes[k] / counts[k], default=None)
+        if i is None or sizes[i] / counts[i] <= MIN_DEMAND_PIECE_BYTES:
+            break
+        counts[i] += 1
+    return [max(MIN_DEMAND_PIECE_BYTES, -(-size // count)) for size, count in zip(sizes, counts, strict=True)]
+
+
 READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
 FILL_CHUNK_BYTES = 32 << 20  # one filler request
 MIN_FILL_BYTES = 4 << 20  # fill requests are cut smaller when less is missing, but not below this

@@ -34,6 +34,10 @@ FOREIGN_PATIENCE_S = 60.0  # a read fetches a range itself when the process hold
 # connection of the link modelled in benchmarks/bench_hub.py (0.2 s to first byte, 12 connections sharing
 # 100 MB/s) moves in 2 MiB. A long prompt's rows span the whole table, which is then fetched in large pieces.
 ROW_GAP_BYTES = 2 << 20
+# A lookup whose rows would still take more requests than the model has connections (a short prompt over a large
+# table) would pay a second round trip: its closest spans are merged further, into spans of up to this size, to fit
+# one wave of requests. A second round costs 0.2 s on that link, in which one connection moves up to 4 MiB.
+ROW_WAVE_SPAN_BYTES = 4 << 20
 
 
 class ByteProgress:
@@ -123,11 +127,11 @@ class _Session:
                 foreign = False
                 fd = -1
                 impatient = time.monotonic() > patience  # another process holds ranges and records nothing
-                # One wave: what is left to fetch is cut into one piece per connection (not below a minimum), so
-                # the read ends when the link has moved it, not a wave of pieces later.
-                missing = sum(stream.unclaimed_bytes(start, end) for start, end in spans)
-                piece = schedule.wave_piece(missing, self.scheduler.connections)
-                for start, end in spans:
+                # One wave: what is left to fetch is cut into a piece per connection (not below a minimum), so the
+                # read ends when the link has moved it, not a wave of pieces later.
+                missing = [stream.unclaimed_bytes(start, end) for start, end in spans]
+                pieces = schedule.wave_pieces(missing, self.scheduler.connections)
+                for (start, end), piece in zip(spans, pieces, strict=True):
                     got = stream.claim_missing(
                         start, end, lambda s, e, piece=piece: even_pieces(s, e, piece), impatient
                     )
@@ -192,14 +196,33 @@ class _Session:
                 stream.partial.close()
 
 
-def _coalesce(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+def _coalesce(spans: list[tuple[int, int]], gap: int, most: int, span_limit: int) -> list[tuple[int, int]]:
+    """``spans`` merged where they are at most ``gap`` apart; then, while more than ``most`` are left, across the
+    smallest gaps, as long as a merged span stays within ``span_limit`` bytes."""
     out: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if out and start - out[-1][1] <= gap:
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
             out.append((start, end))
-    return out
+    # Groups of consecutive spans, by their first and last index: first_of[last] and last_of[first].
+    first_of = list(range(len(out)))
+    last_of = list(range(len(out)))
+    count = len(out)
+    for _, i in sorted((out[i + 1][0] - out[i][1], i) for i in range(len(out) - 1)):
+        if count <= most:
+            break
+        first, last = first_of[i], last_of[i + 1]
+        if out[last][1] - out[first][0] > span_limit:
+            continue
+        last_of[first], first_of[last] = last, first
+        count -= 1
+    merged: list[tuple[int, int]] = []
+    i = 0
+    while i < len(out):
+        merged.append((out[i][0], out[last_of[i]][1]))
+        i = last_of[i] + 1
+    return merged
 
 
 class HubSource:
@@ -282,7 +305,12 @@ class HubSource:
             for offset, out in reads:
                 self._local.read_into(shard, offset, out)
             return
-        spans = _coalesce([(offset, offset + len(out)) for offset, out in reads if len(out)], ROW_GAP_BYTES)
+        spans = _coalesce(
+            [(offset, offset + len(out)) for offset, out in reads if len(out)],
+            ROW_GAP_BYTES,
+            self._session.scheduler.connections,
+            ROW_WAVE_SPAN_BYTES,
+        )
         if not spans:
             return
         fd, _ = self._session.ensure(stream, spans, None, engine_read=True)
