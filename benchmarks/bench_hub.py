@@ -495,7 +495,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if "rendered_again" in report:
         again = report["rendered_again"]
-        lines[3:3] = [
+        lines[4:4] = [
             f"The checks below were recomputed from this run's rows on {again['date']} by the bench of "
             f"{again['by']} (`python -m benchmarks.bench_hub --render <this run's JSON>`).",
             "",
