@@ -30,6 +30,10 @@ Setup, all local and reproducible:
   batch's activations are several times the budget, which bounds weights).
 * (d) ``kill -9`` a streaming run when half the model is on disk, then resume it to a complete cache: bytes over
   the network in total against the model size.
+* (reference) the local-folder stream alone, and beside a second process that downloads the model from the same
+  Hub meanwhile (huggingface_hub's own download, every shard at once): on a small machine the download's CPU
+  (receiving, writing, the local Hub's own sending) slows the forward pass that runs beside it, for any streamer.
+  The report's floors use both: the forward pass as fast as it runs alone, and as fast as it runs beside a download.
 * Resolve calls: (b)'s ``/resolve/`` requests for the weights (the index and the shards; transformers' own
   config files cost two more each, as for any load) and in total.
 * This machine is shared and has 2 cores: the contenders run in ``--repeat`` rounds (each once per round, so that
@@ -75,6 +79,7 @@ CONTENDERS = {
     "b_default": "(b-default) stream, complete_download=True",
     "c": "(c) stream, one 32-token prompt (compute small), complete_download=True",
     "local": "(reference) stream from the local folder, same budget",
+    "local_dl": "(reference) the same while another process downloads the model from the same Hub",
     "local_small": "(reference) one 32-token prompt from the local folder",
 }
 SMALL_JOB = {"batch": 1, "prompt_len": 32}
@@ -106,6 +111,8 @@ def _status(field: str) -> int:
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["contender"] == "sweep":
         return run_sweep_worker(job)
+    if job["contender"] == "downloader":
+        return run_downloader(job)
     from hf_weightstream.hub import schedule
 
     for name, value in job.get("schedule", {}).items():  # --schedule: try other request sizes
@@ -184,6 +191,20 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         result["cached_s"] = time.perf_counter() - start
         result["verified_shards"] = sum(c.verified for c in cached.values())
     return result
+
+
+def run_downloader(job: dict[str, Any]) -> dict[str, Any]:
+    """Every shard with huggingface_hub's own download, all at once (its plain HTTP path: the local Hub has no Xet
+    storage), into a cache of its own: the CPU a download takes, for the "local_dl" reference to compute beside."""
+    import concurrent.futures
+
+    from huggingface_hub import hf_hub_download
+
+    start = time.perf_counter()
+    names = job["shards"]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda name: hf_hub_download(REPO_ID, name, cache_dir=job["cache"]), names))
+    return {"contender": "downloader", "download_s": time.perf_counter() - start}
 
 
 def run_sweep_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -348,16 +369,36 @@ def run_kill_resume(job: dict[str, Any], server: Any, cache: Path, model_bytes: 
 
 
 def run_contender_keep_cache(job: dict[str, Any], server: Any, cache: Path, timeout_s: float) -> dict[str, Any]:
-    """One contender in a fresh interpreter on the cache as it is; adds what the server saw."""
+    """One contender in a fresh interpreter on the cache as it is; adds what the server saw. "local_dl" runs beside
+    a second process that downloads the model from the server meanwhile (`run_downloader`)."""
     server.clear_log()
+    downloader = None
+    if job["contender"] == "local_dl":
+        side = cache.parent / f"{cache.name}-downloader"
+        shutil.rmtree(side, ignore_errors=True)
+        shards = [p.name for p in shard_files(Path(job["folder"]))]
+        downloader = subprocess.Popen(
+            _command({"contender": "downloader", "shards": shards, "cache": str(side)}),
+            cwd=REPO,
+            env=dict(_env(server, side), HF_HUB_DISABLE_XET="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         proc = subprocess.run(
             _command(job), cwd=REPO, env=_env(server, cache), capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return {"contender": job["contender"], "error": f"timed out after {timeout_s:.0f} s"}
+    finally:
+        if downloader is not None:
+            out, err = downloader.communicate(timeout=timeout_s)
+            shutil.rmtree(side, ignore_errors=True)
     server.wait_idle()
     parsed = _parse(job["contender"], proc.returncode, proc.stdout, proc.stderr)
+    if downloader is not None:
+        parsed["downloader"] = _parse("downloader", downloader.returncode, out, err)
     return {**parsed, **_network(server, parsed.get("start_monotonic"))}
 
 
@@ -395,13 +436,16 @@ def compute_ratios(
             continue
         download, compute = a["last_weight_byte_s"], a["generate_s"]
         floor, why = _streaming_floor(a, streamed, rows.get("local", {}), rate)
+        shared = _shared_floor(a, streamed, rows.get("local_dl", {}), rate)
+        beside = "" if shared is None else f"; with a download's CPU beside the compute (local_dl) {shared:.2f} s"
         out.append(
             _ratio(
                 f"{label} TTFT / max(download, compute)",
                 streamed["ttft_s"] / max(download, compute),
                 TARGETS["ttft_b_vs_max_download_compute"],
                 f"{streamed['ttft_s']:.2f} s vs max({download:.2f} s download, {compute:.2f} s compute)"
-                + ("" if floor is None else f"; {why}: {floor / max(download, compute):.2f}x"),
+                + ("" if floor is None else f"; {why}: {floor / max(download, compute):.2f}x")
+                + ("" if shared is None else f"{beside}: {shared / max(download, compute):.2f}x"),
             )
         )
         out.append(
@@ -410,7 +454,8 @@ def compute_ratios(
                 streamed["ttft_s"] / a["ttft_s"],
                 TARGETS["ttft_b_vs_a"],
                 f"{streamed['ttft_s']:.2f} s vs {a['ttft_s']:.2f} s"
-                + ("" if floor is None else f"; the floor: {floor / a['ttft_s']:.2f}x"),
+                + ("" if floor is None else f"; the floor: {floor / a['ttft_s']:.2f}x")
+                + ("" if shared is None else f"{beside}: {shared / a['ttft_s']:.2f}x"),
             )
         )
     if "resolve_calls_weights" in b:
@@ -474,6 +519,17 @@ def _streaming_floor(
     )
 
 
+def _shared_floor(a: dict[str, Any], b: dict[str, Any], local_dl: dict[str, Any], rate: float | None) -> float | None:
+    """`_streaming_floor` with the forward pass as fast as the local folder streams it while another process
+    downloads the model from the same Hub: what the download's own CPU costs a forward pass on this machine, which a
+    streamer downloading as it computes pays too."""
+    front = b.get("engine", {}).get("front_bytes")
+    started = local_dl.get("engine", {}).get("first_compute_s")
+    if not front or not rate or "first_weight_request_s" not in a or started is None:
+        return None
+    return a["first_weight_request_s"] + front / rate + local_dl["ttft_s"] - started
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     setup = report["setup"]
     link = setup["link"]
@@ -521,7 +577,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             notes.append(f"stall {r['engine']['stall_seconds']:.2f} s, read {r['engine']['bytes_read'] / 1e6:.0f} MB")
             if r["engine"].get("first_compute_s") is not None:
                 notes.append(f"first unit computed from {r['engine']['first_compute_s']:.2f} s")
-        if "first_tokens" in r and key in ("b", "b_default", "local") and "first_tokens" in report["rows"].get("a", {}):
+        if "downloader" in r:
+            side = r["downloader"]
+            notes.append(
+                side["error"]
+                if "error" in side
+                else f"the other process downloaded the model in {side['download_s']:.2f} s"
+            )
+        if (
+            "first_tokens" in r
+            and key in ("b", "b_default", "local", "local_dl")
+            and "first_tokens" in report["rows"].get("a", {})
+        ):
             same = r["first_tokens"] == report["rows"]["a"]["first_tokens"]
             notes.append("same first tokens as (a)" if same else "FIRST TOKENS DIFFER FROM (a)")
         runs = [t for t in r.get("ttft_runs") or [] if t is not None]
