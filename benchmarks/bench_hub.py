@@ -429,7 +429,7 @@ def compute_ratios(
         out.append(
             _ratio(
                 "(c) TTFT / download time of the bytes its forward reads"
-                + ("" if "distinct_bytes_read" in c["engine"] else " (re-reads counted: an older run)"),
+                + ("" if "distinct_bytes_read" in c["engine"] else " (an older run: a unit read twice counts twice)"),
                 c["ttft_s"] / floor,
                 TARGETS["ttft_c_vs_needed_download"],
                 f"{c['ttft_s']:.2f} s vs {a['first_weight_request_s']:.2f} s of round trips before the first weight "
