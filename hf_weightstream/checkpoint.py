@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 # How long a load waits for the folder listing once the index is read (they normally come together): a listing that
 # is slower (huggingface_hub retrying a 5xx) is left behind for a paths-info call.
 LISTING_GRACE_S = 1.0
+# The name of `_in_background`'s threads (tests wait for them before they point huggingface_hub elsewhere).
+METADATA_THREAD = "hf_ws-meta"
 _DOWNLOAD_OPTIONS = (
     ("cache_dir", None),
     ("force_download", False),
@@ -393,7 +395,7 @@ def _in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> F
         except BaseException as err:  # noqa: BLE001 - handed to whoever asks for the result
             future.set_exception(err)
 
-    threading.Thread(target=run, name="hf_ws-meta", daemon=True).start()
+    threading.Thread(target=run, name=METADATA_THREAD, daemon=True).start()
     return future
 
 

@@ -121,9 +121,11 @@ def _wait_for_metadata_threads(timeout: float = 30.0) -> None:
     listing it stopped waiting for) end before the endpoint is restored. Left running, one would retry against the
     real endpoint (no network here) or a stopped server, and huggingface_hub answers a connect error by closing its
     shared client, under the feet of the next test's requests (``Bad file descriptor``)."""
+    from hf_weightstream.checkpoint import METADATA_THREAD
+
     deadline = time.monotonic() + timeout
     for thread in threading.enumerate():
-        if thread.name == "hf_ws-meta" and thread is not threading.current_thread():
+        if thread.name == METADATA_THREAD and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
 
 

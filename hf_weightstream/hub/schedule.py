@@ -72,7 +72,7 @@ def wave_pieces(sizes: list[int], connections: int) -> list[int]:
         if i is None or sizes[i] / counts[i] <= MIN_DEMAND_PIECE_BYTES:
             break
         counts[i] += 1
-    return [max(MIN_DEMAND_PIECE_BYTES, -(-size // count)) for size, count in zip(sizes, counts, strict=True)]
+    return [wave_piece(size, count) for size, count in zip(sizes, counts, strict=True)]
 
 
 READAHEAD_CHUNK_BYTES = 8 << 20  # one readahead request
