@@ -506,23 +506,37 @@ def compute_ratios(
     return out
 
 
+def _front_s(a: dict[str, Any], b: dict[str, Any], rate: float | None) -> float | None:
+    """When (b)'s first block could compute at the earliest: no block computes before the load's first weight
+    request, then the bytes (b) read before its first block computed (the embedding table and that block) at the
+    link rate (a) reached."""
+    front = b.get("engine", {}).get("front_bytes")
+    if not front or not rate or "first_weight_request_s" not in a:
+        return None
+    return a["first_weight_request_s"] + front / rate
+
+
+def _streamed_compute_s(row: dict[str, Any]) -> float | None:
+    """A local-folder row's forward pass: from its first unit computed to its first token."""
+    started = row.get("engine", {}).get("first_compute_s")
+    return None if started is None else row["ttft_s"] - started
+
+
 def _streaming_floor(
     a: dict[str, Any], b: dict[str, Any], local: dict[str, Any], rate: float | None
 ) -> tuple[float | None, str]:
-    """A lower bound on (b)'s TTFT for any streamer on this link and machine, from this run's own measurements: no
-    block computes before the load's first weight request, then the bytes (b) read before its first block computed
-    (the embedding table and that block) at the link rate (a) reached; then the forward pass, at the faster of
-    (a)'s compute with every weight in memory and the local folder's streamed forward pass (no link to share)."""
-    front = b.get("engine", {}).get("front_bytes")
-    if not front or not rate or "first_weight_request_s" not in a:
+    """A lower bound on (b)'s TTFT for any streamer on this link and machine, from this run's own measurements:
+    `_front_s`, then the forward pass, at the faster of (a)'s compute with every weight in memory and the local
+    folder's streamed forward pass (no link to share)."""
+    front_s = _front_s(a, b, rate)
+    if front_s is None:
         return None, ""
-    compute = a["generate_s"]
-    if local.get("engine", {}).get("first_compute_s") is not None:
-        compute = min(compute, local["ttft_s"] - local["engine"]["first_compute_s"])
-    floor = a["first_weight_request_s"] + front / rate + compute
+    compute = min(c for c in (a["generate_s"], _streamed_compute_s(local)) if c is not None)
+    floor = front_s + compute
     return floor, (
         f"floor for any streamer {floor:.2f} s ({a['first_weight_request_s']:.2f} s to the first weight request + "
-        f"{front / 1e6:.0f} MB before the first block at {rate / 1e6:.1f} MB/s + {compute:.2f} s of compute)"
+        f"{b['engine']['front_bytes'] / 1e6:.0f} MB before the first block at {rate / 1e6:.1f} MB/s + {compute:.2f} s "
+        "of compute)"
     )
 
 
@@ -530,11 +544,8 @@ def _shared_floor(a: dict[str, Any], b: dict[str, Any], local_dl: dict[str, Any]
     """`_streaming_floor` with the forward pass as fast as the local folder streams it while another process
     downloads the model from the same Hub: what the download's own CPU costs a forward pass on this machine, which a
     streamer downloading as it computes pays too."""
-    front = b.get("engine", {}).get("front_bytes")
-    started = local_dl.get("engine", {}).get("first_compute_s")
-    if not front or not rate or "first_weight_request_s" not in a or started is None:
-        return None
-    return a["first_weight_request_s"] + front / rate + local_dl["ttft_s"] - started
+    front_s, compute = _front_s(a, b, rate), _streamed_compute_s(local_dl)
+    return None if front_s is None or compute is None else front_s + compute
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -673,8 +684,9 @@ def _render_again(path: Path) -> int:
     head = _git("rev-parse", "--short", "HEAD")
     report["rendered_again"] = {"by": f"git {head}", "date": dt.date.today().isoformat()}
     path.write_text(json.dumps(report, indent=1))
-    path.with_suffix(".md").write_text(render_markdown(report))
-    print(render_markdown(report))
+    markdown = render_markdown(report)
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
     return 0 if all(r["ok"] is not False for r in report["ratios"]) else 1
 
 
