@@ -163,6 +163,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
     options = (rest.get("variant"), config.max_connections, config.complete_download)
     key = _ahead_key(name, download_kwargs, options)
     variant, max_connections, complete_download = options
+    abandoned = threading.Event()
     future = _in_background(
         open_hub_repo,
         name,
@@ -171,6 +172,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
         max_connections=max_connections,
         complete_download=complete_download,
         also_download=also,
+        abandoned=abandoned,
     )
     with _ahead_lock:
         _ahead[key] = future
@@ -180,6 +182,10 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
             if _ahead.get(key) is not future:
                 return  # taken
             del _ahead[key]
+        # The load is over (it failed, or opened the repo itself): no further request of ours, beyond those in
+        # flight. A request left running after a failed load is one more that can fail under the user's next calls
+        # (huggingface_hub closes its shared client on a connect error), and the head start's megabytes are waste.
+        abandoned.set()
         future.add_done_callback(_close_checkpoint)
 
     return discard
@@ -214,6 +220,15 @@ def _close_checkpoint(opened: Future) -> None:
         opened.result().source.close()
 
 
+class _Abandoned(Exception):
+    """A checkpoint opened ahead stopped at its next step: its load is over and did not take it."""
+
+
+def _go_on(abandoned: threading.Event | None) -> None:
+    if abandoned is not None and abandoned.is_set():
+        raise _Abandoned
+
+
 def open_hub_repo(
     repo_id: str,
     download_kwargs: dict[str, Any],
@@ -222,6 +237,7 @@ def open_hub_repo(
     max_connections: int,
     complete_download: bool = True,
     also_download: tuple[str, ...] = (),
+    abandoned: threading.Event | None = None,
 ) -> Checkpoint:
     """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring).
 
@@ -231,12 +247,14 @@ def open_hub_repo(
     all N of them, or a lone ``model.safetensors`` and no index), their headers are fetched at once too, and used
     if the index names exactly those files. ``also_download`` (small files the caller reads next, such as
     ``generation_config.json``) is downloaded alongside all of it, into the cache, so that the caller's own call
-    finds it there; a failure of those is left for the caller's call to report.
+    finds it there; a failure of those is left for the caller's call to report. Once ``abandoned`` is set, each
+    step raises instead of sending its requests (`open_hub_repo_ahead`).
     """
     download_kwargs = {k: v for k, v in download_kwargs.items() if k != "proxies" or v is not None}
     ahead = _take_ahead(repo_id, download_kwargs, (variant, max_connections, complete_download))
     if ahead is not None:
         return ahead
+    _go_on(abandoned)
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
     repo = HubRepo.pin(repo_id, download_kwargs)  # once: the index and the shards come from one commit
@@ -246,16 +264,19 @@ def open_hub_repo(
     )
     online = not repo.offline
     extras = [
-        _in_background(_download_quietly, repo_id, name, pinned)
+        _in_background(_download_quietly, repo_id, name, pinned, abandoned)
         for name in also_download
         if online and not repo.force_download
     ]
 
     def open_shards(shards: list[str], listed: dict[str, Any] | None) -> Checkpoint:
-        return _open_shards(repo, shards, listed, pinned, (index_name, single_name), max_connections, complete_download)
+        return _open_shards(
+            repo, shards, listed, pinned, (index_name, single_name), max_connections, complete_download, abandoned
+        )
 
     def list_and_guess() -> tuple[dict[str, Any], list[str] | None, Future | None]:
         listed = list_remote_files(repo)
+        _go_on(abandoned)
         guess = _guess_shards(repo, listed, index_name, single_name)
         return listed, guess, None if guess is None else _in_background(open_shards, guess, listed)
 
@@ -267,6 +288,11 @@ def open_hub_repo(
     except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
         shards = [single_name]
     except BaseException:
+        _discard_guess(listing)
+        raise
+    try:
+        _go_on(abandoned)
+    except _Abandoned:
         _discard_guess(listing)
         raise
     listed, guess, opened = _listed(listing)
@@ -281,6 +307,11 @@ def open_hub_repo(
     if checkpoint is None:
         checkpoint = open_shards(shards, listed)
     if isinstance(checkpoint.source, HubSource):  # the first shard's part began when its header came
+        try:
+            _go_on(abandoned)
+        except _Abandoned:
+            checkpoint.source.close()
+            raise
         checkpoint.source.start_ahead(_file_order_head(checkpoint.index.entries.values(), schedule.HEAD_START_BYTES))
     for extra in extras:
         extra.result()
@@ -310,9 +341,11 @@ def _open_shards(
     names: tuple[str, str],
     max_connections: int,
     complete_download: bool,
+    abandoned: threading.Event | None,
 ) -> Checkpoint:
     """The checkpoint of ``shards``: cached ones read in place, the others described (from ``listed``, else by
     paths-info), their headers fetched, and streamed. ``names``: the index's and the single file's names."""
+    _go_on(abandoned)
     repo_id, (index_name, single_name) = repo.repo_id, names
     local: dict[str, Path] = {}
     for shard in shards:
@@ -336,6 +369,7 @@ def _open_shards(
                 local[shard] = Path(hf_hub_download(repo_id, shard, **pinned))
             else:
                 remote[shard] = remote_file
+    _go_on(abandoned)
     source = HubSource(repo, local, remote, max_connections=max_connections, complete_download=complete_download)
     first = min(shards)
     if first in remote:  # its first tensors follow its header: they go out with the header's request, not after
@@ -415,8 +449,10 @@ def _listed(listing: Future | None) -> tuple[dict[str, Any] | None, list[str] | 
     return None, None, None
 
 
-def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any]) -> None:
+def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any], abandoned: threading.Event | None) -> None:
     """``hf_hub_download`` ahead of the caller's own call for the same file; errors are the caller's to report."""
+    if abandoned is not None and abandoned.is_set():
+        return
     try:
         hf_hub_download(repo_id, filename, **pinned)
     except Exception as err:  # noqa: BLE001 - e.g. no generation_config.json: the caller's call handles it

@@ -106,7 +106,7 @@ def hf_hub_endpoint(url: str, cache_dir: Path | str | None = None) -> Iterator[N
         os.environ.update(env)
         yield
     finally:
-        _wait_for_metadata_threads()
+        wait_for_metadata_threads()
         for obj, name, value in saved_attrs:
             setattr(obj, name, value)
         for key, value in saved_env.items():
@@ -116,7 +116,7 @@ def hf_hub_endpoint(url: str, cache_dir: Path | str | None = None) -> Iterator[N
                 os.environ[key] = value
 
 
-def _wait_for_metadata_threads(timeout: float = 30.0) -> None:
+def wait_for_metadata_threads(timeout: float = 30.0) -> None:
     """Let a load's background metadata calls (``hf_ws-meta`` threads: the head start of a load that failed, a
     listing it stopped waiting for) end before the endpoint is restored. Left running, one would retry against the
     real endpoint (no network here) or a stopped server, and huggingface_hub answers a connect error by closing its

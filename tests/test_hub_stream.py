@@ -47,6 +47,7 @@ from hubtools import (
     stream,
     streaming_defaults,
     units_of,
+    wait_for_metadata_threads,
 )
 from huggingface_hub import ResolvedRevision, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -165,6 +166,22 @@ def test_a_repo_opened_ahead_is_taken_by_the_load_and_its_revision_resolved_once
         assert [r.method for r in server.log if r.file == SAFE_INDEX] == ["HEAD", "GET"]
         assert server.resolve_calls(".safetensors") == len(shard_sizes(tiny))
         assert opened.source._finalizer.alive
+
+
+def test_a_load_that_fails_leaves_no_request_of_ours_behind(tiny: Path, tmp_path: Path) -> None:
+    """The auto class's load fails (here: its config.json) while the repo is being opened ahead for it: the
+    requests in flight end, and nothing after them goes out (no shard header, no head start). Left running, they
+    would be waste, and requests that can fail under the user's next calls (huggingface_hub closes its shared
+    client on a connect error)."""
+    with served(tiny, tmp_path) as server:
+        server.add_fault(Fault(file=SAFE_INDEX, delay=0.5, times=None))  # in flight when the load fails
+        server.add_fault(Fault(path="/api/models/*/tree/*", delay=0.5, times=None))  # the folder listing too
+        server.add_fault(Fault(file="config.json", status=404, times=None))
+        with pytest.raises(OSError):
+            AutoModelForCausalLM.from_pretrained(REPO, device_map="stream")
+        wait_for_metadata_threads()
+        assert any(r.file == SAFE_INDEX for r in server.log), "the repo was being opened ahead"
+        assert [r.file for r in server.log if r.file and r.file.endswith(".safetensors")] == []
 
 
 @pytest.mark.parametrize("change", ["options", "branch moved", "not loaded"])
