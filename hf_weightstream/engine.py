@@ -527,7 +527,7 @@ class StreamEngine:
             view = memoryview(raw.numpy())
             rows_at = [(entry.offset + row * row_bytes, view[i * row_bytes : (i + 1) * row_bytes])
                        for i, row in enumerate(unique.tolist())]  # fmt: skip
-            read_many(self.source, entry.shard, rows_at)
+            read_many(self.source, entry.shard, rows_at, (entry.offset, entry.offset + entry.nbytes))
             rows = raw.view(entry.dtype).view(unique.numel(), width).to(device=self.device, dtype=spec.dtype)
         except BaseException:
             with self.pool.cond:

@@ -60,12 +60,13 @@ def map_range(fd: int, offset: int, length: int, name: str) -> torch.Tensor:
     return data[offset - start :]
 
 
-def read_many(source: ByteSource, shard: str, reads: list[tuple[int, memoryview]]) -> None:
-    """Several small reads of one shard (embedding rows): in one round of parallel requests when the source can
-    (a Hub source; one round trip per row would cost far more than the rows), else one read each."""
+def read_many(source: ByteSource, shard: str, reads: list[tuple[int, memoryview]], table: tuple[int, int]) -> None:
+    """Several small reads of one shard (embedding rows, of the tensor at bytes ``table`` = (start, end)): in one
+    round of parallel requests when the source can (a Hub source; one round trip per row would cost far more than
+    the rows), else one read each."""
     many = getattr(source, "read_many", None)
     if many is not None:
-        many(shard, reads)
+        many(shard, reads, table)
         return
     for offset, out in reads:
         source.read_into(shard, offset, out)

@@ -461,14 +461,18 @@ def _slow_background_requests(monkeypatch) -> None:
         monkeypatch.setattr(hub.schedule, name, 16_384)
 
 
-def _background_request_under_way(server: HubServer, sent_under: int) -> tuple[RequestRecord, int, int]:
-    """A background request of 16 KB that has sent under ``sent_under`` bytes, and its first and last byte."""
+def _background_request_under_way(
+    server: HubServer, sent_under: int, size: int | None = 16_384
+) -> tuple[RequestRecord, int, int]:
+    """A background request of ``size`` bytes (None: at least 4 KB) that has sent under ``sent_under`` bytes, and
+    its first and last byte."""
     deadline = time.monotonic() + 10
     while True:
         for r in server.log:
             if r.status == 206 and not r.end and r.range:
                 first, last = (int(x) for x in r.range.removeprefix("bytes=").split("-"))
-                if last - first + 1 == 16_384 and r.bytes_sent < sent_under:
+                length = last - first + 1
+                if (length == size or (size is None and length >= 4096)) and r.bytes_sent < sent_under:
                     return r, first, last
         assert time.monotonic() < deadline, "no background request under way"
         time.sleep(0.002)
@@ -523,6 +527,83 @@ def test_a_read_of_a_few_bytes_far_into_a_background_fetch_has_it_yield_rather_t
     assert own, "the read asked for its own bytes"
     # The rest of that request (over 12 KB, on a 16 KB/s link shared by two connections) would take over 1.5 s.
     assert took < 1.0, f"the read waited {took:.2f} s, as for the rest of the background request"
+
+
+@pytest.mark.parametrize("lookup", ["one row", "rows across it"])
+def test_a_lookup_stops_the_head_starts_fetches_of_the_table_it_needs_little_of(
+    tiny: Path, tmp_path: Path, monkeypatch, lookup: str
+) -> None:
+    """The head start fetches the embedding table before the prompt is known. A short prompt's lookup needs a few
+    rows: a head-start request holding little of them stops at its next body chunk, even one whose first bytes the
+    lookup waits for, and the rows come in a request of their own. A long prompt's rows fill the request: it runs
+    to its end."""
+    monkeypatch.setattr(hub.remote, "BODY_CHUNK_BYTES", 256)
+    monkeypatch.setattr(hub.schedule, "MIN_DEMAND_PIECE_BYTES", 1024)  # the 16 KB table: a request per connection
+    monkeypatch.setattr(hub.stream, "CUT_AHEAD_BYTES", 2048)  # a round trip's worth of this slow link
+    with served(tiny, tmp_path, bandwidth=4_000) as server:  # two connections: 2 KB/s each, seconds a request
+        model = stream(complete_download=False, max_connections=2)
+        (table,) = next(u for u in units_of(model) if u.name == "model.embed_tokens").ranges
+        source = source_of(model)
+        source.start_ahead([(table.shard, table.offset, table.length)])  # before any read, as at load time
+        guess, first, last = _background_request_under_way(server, sent_under=1024, size=None)
+        model._hf_weightstream.checkpoint.plan_fetches(units_of(model))  # the model is built: its read order
+        rows = [first + 2048] if lookup == "one row" else [first + 128 * k for k in range((last - first) // 128)]
+        outs = [memoryview(bytearray(128)) for _ in rows]
+        began = time.monotonic()
+        source.read_many(table.shard, list(zip(rows, outs, strict=True)), (table.offset, table.offset + table.length))
+        took = time.monotonic() - began
+        log = server.log
+    data = (tiny / table.shard).read_bytes()
+    assert [bytes(out) for out in outs] == [data[row : row + 128] for row in rows]
+    same = next(r for r in log if r.time == guess.time and r.range == guess.range)
+    if lookup == "rows across it":
+        assert same.bytes_sent == last + 1 - first, "a request the lookup needs most of runs to its end"
+        return
+    assert same.bytes_sent < last + 1 - first, "the head start's request stopped"
+    own = [r for r in log if r.time > guess.time and r.range == f"bytes={rows[0]}-{rows[0] + 127}"]
+    assert own, "the lookup asked for its row itself"
+    # The rest of that request (6 KB or more at 2 KB/s) would take 3 s; a lookup behind new background requests
+    # on the connections the stopped ones freed took 1.8 s.
+    assert took < 1.5, f"the lookup waited {took:.2f} s, as for the rest of the head start's request"
+
+
+def test_demand_reads_are_served_in_the_order_they_began() -> None:
+    """A read that claims again what a stopped fetch left (the rows an embedding lookup waits for) goes before the
+    reads that came after it (the next block, prefetched), not behind them."""
+    started: list[str] = []
+    release = threading.Event()
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def fetch(self, claim: Any, out: Any, should_yield: Any) -> None:
+            started.append(self.name)
+            release.wait(10)
+
+        def release(self, claim: Any) -> None:
+            pass
+
+    def job(name: str, since: float) -> hub.schedule.Job:
+        return hub.schedule.Job(Fake(name), hub.stream.Claim(0, 1), awaited=True, since=since)  # type: ignore[arg-type]
+
+    scheduler = hub.schedule.FetchScheduler(1, lambda forward_active: None)
+    try:
+        busy = job("busy", 0.0)
+        scheduler.submit([busy])
+        deadline = time.monotonic() + 10
+        while started != ["busy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        later, again = job("next block", 2.0), job("rows of the first read", 1.0)
+        scheduler.submit([later])
+        scheduler.submit([again])
+        release.set()
+        for j in (busy, later, again):
+            assert j.finished.wait(10)
+    finally:
+        scheduler.stop(timeout=5)
+    assert started == ["busy", "rows of the first read", "next block"]
 
 
 def test_complete_shards_are_verified_between_forward_passes_not_during_one(tiny: Path, tmp_path: Path) -> None:
@@ -595,7 +676,8 @@ def test_a_lookup_with_more_rows_than_connections_fetches_them_in_one_wave(
         rows = [table.offset + k * 1024 for k in range(4, 10)]  # past the header probe's bytes
         assert rows[0] >= TEST_PROBE_BYTES and rows[-1] + 128 <= table.offset + table.length
         server.clear_log()
-        source_of(model).read_many(table.shard, [(row, memoryview(bytearray(128))) for row in rows])
+        reads = [(row, memoryview(bytearray(128))) for row in rows]
+        source_of(model).read_many(table.shard, reads, (table.offset, table.offset + table.length))
         got = sorted((s, e) for name, s, e in fetched(server) if name == table.shard)
     assert got == [(rows[i], rows[i + 1] + 128) for i in (0, 2, 4)], "three requests of two rows each"
 

@@ -22,7 +22,9 @@ fetches yield (fill first, then the readahead furthest ahead): they stop at thei
 they got, and the rest of their range is claimed again later. So a demand read waits at most one body chunk
 behind background traffic, and fill requests can be large (fewer requests, less time-to-first-byte paid). A
 background fetch of bytes a demand read waits for (the readahead had them first: the head start holds the
-embedding when the first read comes) never yields: that read would wait for its rest behind its other pieces. The
+embedding when the first read comes) never yields: that read would wait for its rest behind its other pieces;
+unless it is a guess of the head start that the lookup needs little of (`FetchScheduler.drop_guesses`). Demand
+reads are served in the order they began, so a read that claims again what a stopped fetch left goes first. The
 sizes below and ``StreamConfig.max_connections`` (12) were chosen from ``python -m benchmarks.bench_hub --sweep``
 against the latency-modelled local Hub.
 """
@@ -33,6 +35,7 @@ import bisect
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -91,6 +94,9 @@ class Job:
 
     ``awaited`` jobs hand their error to the reader waiting for them; the others (background work) report it
     themselves. ``order`` ranks readahead jobs (how far ahead of the forward pass), for choosing which yields.
+    ``guess``: a readahead job started before the forward pass's first read, when which rows of the embedding it
+    would look up was not known (`FetchScheduler.drop_guesses`). ``since``: when the read a demand job is for
+    began; the queue is in that order.
     """
 
     stream: ShardStream
@@ -102,10 +108,14 @@ class Job:
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     yield_requested: bool = False
+    guess: bool = False
+    since: float = field(default_factory=time.monotonic)
 
     def run(self) -> None:
         try:
-            self.stream.fetch(self.claim, self.out, lambda: self.yield_requested and not self.claim.awaited)
+            self.stream.fetch(
+                self.claim, self.out, lambda: self.claim.dropped or (self.yield_requested and not self.claim.awaited)
+            )
         except BaseException as err:  # noqa: BLE001 - handed to the reader, or logged for background work
             self.error = err
         finally:
@@ -113,7 +123,8 @@ class Job:
 
 
 class FetchScheduler:
-    """The HTTP connections of one model: ``connections`` threads, demand jobs first, in the order they came.
+    """The HTTP connections of one model: ``connections`` threads, demand jobs first, in the order their reads
+    began.
 
     The engine asks for units in execution order, so first come is what the forward pass needs first. When no demand
     job is queued, an idle connection asks ``background(forward_active)`` for work (module docstring).
@@ -127,6 +138,7 @@ class FetchScheduler:
         self._running: set[Job] = set()
         self._threads: list[threading.Thread] = []
         self._stopped = False
+        self._held = 0  # reads waiting to claim again what stopping fetches leave: no new background work
 
     @property
     def connections(self) -> int:
@@ -143,7 +155,10 @@ class FetchScheduler:
                 for job in jobs:
                     job.stream.release(job.claim)
                 raise StreamingRuntimeError("This model's Hub source was closed; load the model again.")
-            self._queue.extend(jobs)
+            # In the order their reads began: a read that claims again what a cut fetch left (rows the embedding
+            # lookup waits for now) goes before the reads that came after it (the next block, prefetched).
+            queued = sorted([*self._queue, *jobs], key=lambda job: job.since)
+            self._queue = collections.deque(queued)
             self._start_threads()
             self._make_room()
             self._cond.notify_all()
@@ -165,14 +180,46 @@ class FetchScheduler:
             job.finished.set()
         return list(self._threads)
 
-    def cut(self, claims: list[Claim]) -> None:
+    def hold(self, step: int) -> None:
+        """``+1``: a read waits for fetches it asked to stop, to claim their rest itself; the connections they free
+        wait for that read's jobs instead of taking new background work (which would put the read a request behind
+        it). ``-1``: its jobs are queued."""
+        with self._cond:
+            self._held += step
+            self._cond.notify_all()
+
+    def cut(self, claims: list[Claim]) -> list[Claim]:
         """Ask the background fetches of ``claims`` to yield (at their next body chunk): a demand read needs only a
-        small part of them and fetches it itself, rather than waiting for the rest to arrive first."""
+        small part of them and fetches it itself, rather than waiting for the rest to arrive first. Returns the
+        claims that will stop soon (not those of demand reads, or awaited by one)."""
         wanted = {id(claim) for claim in claims}
+        stopping = []
         with self._cond:
             for job in self._running:
                 if job.priority != DEMAND and id(job.claim) in wanted:
                     job.yield_requested = True
+                    if job.claim.dropped or not job.claim.awaited:
+                        stopping.append(job.claim)
+        return stopping
+
+    def drop_guesses(self, stream: ShardStream, start: int, end: int, needed: list[tuple[int, int]]) -> None:
+        """Stop the fetches guessed before the first read (`Job.guess`) of bytes of ``[start, end)`` (an embedding
+        table) that hold little of ``needed`` (the rows looked up), and have more than a little still to come
+        (`ShardStream.drop_if_sparse`).
+
+        The head start fetches the table first, because a long prompt reads nearly all of it: then every piece
+        holds rows, and none stops. A short prompt reads a few rows, and the rest of the table would only share the
+        link with the bytes the forward pass reads next: bench_hub's 32-token prompt had 70-80 MB of the 131 MB
+        table come before its first token. The pieces stop at their next body chunk, awaited or not (`Claim.dropped`):
+        the bytes received stay, the rows they had not reached are fetched by the lookup itself, and the rest later,
+        by the fill or when read.
+        """
+        with self._cond:
+            for job in self._running:
+                claim = job.claim
+                if not job.guess or job.stream is not stream or claim.start < start or end < claim.end:
+                    continue
+                stream.drop_if_sparse(claim, needed)
 
     def _make_room(self) -> None:
         """Ask background jobs to yield to queued demand jobs no free connection will take (not those fetching
@@ -209,7 +256,7 @@ class FetchScheduler:
                     if self._queue:
                         job = self._queue.popleft()
                         break
-                    job = self._background(self._forward_active())
+                    job = None if self._held else self._background(self._forward_active())
                     if job is not None:
                         break
                     self._cond.wait(timeout=1.0)
@@ -295,7 +342,7 @@ class Background:
                 limit = wave_piece(end - start, self.connections) if step == 1 else READAHEAD_CHUNK_BYTES
                 claim = stream.claim_next(start, end, limit)
                 if claim is not None:
-                    return Job(stream, claim, READAHEAD, order=step)
+                    return Job(stream, claim, READAHEAD, order=step, guess=not self.active)
                 ahead += end - start
         if self.fill and self.active and not forward_active:
             # Large requests, but not so large that the last of the files keeps connections idle.

@@ -26,7 +26,7 @@ from .ranges import RangeSet, even_pieces
 from .recorder import Recorder, join_threads
 from .remote import HEADER_PROBE_BYTES, Cancelled, HubRepo, RangeFetcher, RemoteFile
 from .schedule import DEMAND, Background, FetchScheduler, Job
-from .stream import ShardStream
+from .stream import Claim, ShardStream
 
 FOREIGN_POLL_S = 0.02  # how often a read re-checks ranges another process is fetching
 FOREIGN_PATIENCE_S = 60.0  # a read fetches a range itself when the process holding it recorded nothing this long
@@ -110,71 +110,105 @@ class _Session:
         With ``out`` (one span only), bytes fetched here also go straight into it. Returns the descriptor that holds
         the bytes and the parts of ``out`` already filled. An ``engine_read`` (not a header read) starts the
         background work and moves the readahead past this range, after its own fetches are queued so they go out
-        first.
+        first. Fetches of other threads that hold little of a span stop, and their part of it is claimed here as
+        soon as they have (`ShardStream.claim_missing`).
         """
-        from . import schedule  # read at call time: tests tune the piece size
-
         filled = RangeSet()
         base = spans[0][0]
         patience = time.monotonic() + FOREIGN_PATIENCE_S
         seen = -1
-        while True:
-            # Under the workers' lock: no idle connection may see a range claimed here before its job is queued
-            # (it would skip it and fetch something later in the order first).
-            with self.scheduler.lock:
-                jobs: list[Job] = []
-                waits: list[threading.Event] = []
-                foreign = False
-                fd = -1
-                impatient = time.monotonic() > patience  # another process holds ranges and records nothing
-                # One wave: what is left to fetch is cut into a piece per connection (not below a minimum), so the
-                # read ends when the link has moved it, not a wave of pieces later.
-                missing = [stream.unclaimed_bytes(start, end) for start, end in spans]
-                pieces = schedule.wave_pieces(missing, self.scheduler.connections)
-                for (start, end), piece in zip(spans, pieces, strict=True):
-                    got = stream.claim_missing(
-                        start, end, lambda s, e, piece=piece: even_pieces(s, e, piece), impatient
-                    )
-                    fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
-                    self.scheduler.cut(got.sparse)  # they yield soon; the next round claims the part needed here
-                    jobs += [
-                        Job(
-                            stream,
-                            c,
-                            DEMAND,
-                            out=None if out is None else out[c.start - base : c.end - base],
-                            awaited=True,
-                        )
-                        for c in got.mine
-                    ]
-                if jobs:
-                    self.scheduler.submit(jobs)
-                if engine_read:
-                    engine_read = False
-                    if not self.background.active:
-                        self.progress.total = sum(s.missing_bytes() for s in self.streams.values())
-                        self.progress.armed = True
-                    self.background.note_read(stream.remote.shard, base)
-                    self.scheduler.poke()
-            if not jobs and not waits and not foreign:
-                return fd, filled
-            for job in jobs:
-                job.finished.wait()
-            for event in waits:
-                event.wait()
-            if foreign and not jobs and not waits:
-                if self.cancelled.wait(FOREIGN_POLL_S):
+        jobs: list[Job] = []  # fetched for this read, not waited for yet
+        began = time.monotonic()
+        holding = False  # the connections that stopping fetches free are kept for this read (`FetchScheduler.hold`)
+        try:
+            while True:
+                # Under the workers' lock: no idle connection may see a range claimed here before its job is queued
+                # (it would skip it and fetch something later in the order first).
+                with self.scheduler.lock:
+                    impatient = time.monotonic() > patience  # another process holds ranges and records nothing
+                    fd, new_jobs, cut, waits, foreign = self._claim(stream, spans, out, base, began, impatient)
+                    jobs += new_jobs
+                    if holding != bool(cut):
+                        holding = bool(cut)
+                        self.scheduler.hold(1 if holding else -1)
+                    if engine_read:
+                        engine_read = False
+                        if not self.background.active:
+                            self.progress.total = sum(s.missing_bytes() for s in self.streams.values())
+                            self.progress.armed = True
+                        self.background.note_read(stream.remote.shard, base)
+                        self.scheduler.poke()
+                if cut:
+                    # Claimed again as soon as they stopped, not after the other fetches this read waits for (whole
+                    # head-start pieces, seconds of transfer).
+                    for claim in cut:
+                        claim.done.wait()
+                    continue
+                if not jobs and not waits and not foreign:
+                    return fd, filled
+                for job in jobs:
+                    job.finished.wait()
+                for event in waits:
+                    event.wait()
+                if foreign and not jobs and not waits:
+                    if self.cancelled.wait(FOREIGN_POLL_S):
+                        raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
+                    held = stream.present.total
+                    if held != seen:  # the other process is making progress: keep waiting for it
+                        seen, patience = held, time.monotonic() + FOREIGN_PATIENCE_S
+                errors = [job.error for job in jobs if job.error is not None and not isinstance(job.error, Superseded)]
+                if errors and isinstance(errors[0], Cancelled):
                     raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
-                held = stream.present.total
-                if held != seen:  # the other process is making progress: keep waiting for it
-                    seen, patience = held, time.monotonic() + FOREIGN_PATIENCE_S
-            errors = [job.error for job in jobs if job.error is not None and not isinstance(job.error, Superseded)]
-            if errors and isinstance(errors[0], Cancelled):
-                raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
-            if errors:
-                raise errors[0]
-            if out is not None:
-                filled.update((job.claim.start, job.claim.end) for job in jobs)
+                if errors:
+                    raise errors[0]
+                if out is not None:
+                    filled.update((job.claim.start, job.claim.end) for job in jobs)
+                jobs = []
+        finally:
+            if holding:
+                self.scheduler.hold(-1)
+
+    def _claim(
+        self,
+        stream: ShardStream,
+        spans: list[tuple[int, int]],
+        out: memoryview | None,
+        base: int,
+        began: float,
+        impatient: bool,
+    ) -> tuple[int, list[Job], list[Claim], list[threading.Event], bool]:
+        """One round of `ensure` (with the scheduler's lock held): claim and queue what nobody fetches. Returns the
+        descriptor, the jobs queued, the fetches asked to stop that hold a part of ``spans``, the fetches to wait
+        for, and whether another process holds a part."""
+        from . import schedule  # read at call time: tests tune the piece size
+
+        jobs: list[Job] = []
+        cut: list[Claim] = []
+        waits: list[threading.Event] = []
+        foreign = False
+        fd = -1
+        # One wave: what is left to fetch is cut into a piece per connection (not below a minimum), so the read ends
+        # when the link has moved it, not a wave of pieces later.
+        missing = [stream.unclaimed_bytes(start, end) for start, end in spans]
+        pieces = schedule.wave_pieces(missing, self.scheduler.connections)
+        for (start, end), piece in zip(spans, pieces, strict=True):
+            got = stream.claim_missing(start, end, lambda s, e, piece=piece: even_pieces(s, e, piece), impatient)
+            fd, foreign, waits = got.fd, foreign or got.foreign, waits + got.waits
+            cut += self.scheduler.cut(got.sparse)  # they stop soon; the next round claims the part needed here
+            jobs += [
+                Job(
+                    stream,
+                    c,
+                    DEMAND,
+                    out=None if out is None else out[c.start - base : c.end - base],
+                    awaited=True,
+                    since=began,
+                )
+                for c in got.mine
+            ]
+        if jobs:
+            self.scheduler.submit(jobs)
+        return fd, jobs, cut, waits, foreign
 
     def read_into(self, stream: ShardStream, offset: int, out: memoryview, engine_read: bool) -> None:
         end = offset + len(out)
@@ -196,31 +230,36 @@ class _Session:
                 stream.partial.close()
 
 
-def _coalesce(spans: list[tuple[int, int]], gap: int, most: int, span_limit: int) -> list[tuple[int, int]]:
-    """``spans`` merged where they are at most ``gap`` apart; then, while more than ``most`` are left, across the
-    smallest gaps, as long as a merged span stays within ``span_limit`` bytes."""
+def _coalesce(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """``spans``, sorted, merged where they are at most ``gap`` apart."""
     out: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if out and start - out[-1][1] <= gap:
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
             out.append((start, end))
+    return out
+
+
+def _fit_wave(spans: list[tuple[int, int]], most: int, span_limit: int) -> list[tuple[int, int]]:
+    """Sorted disjoint spans merged, while more than ``most`` are left, across the smallest gaps, as long as a
+    merged span stays within ``span_limit`` bytes."""
     # Groups of consecutive spans, by their first and last index: first_of[last] and last_of[first].
-    first_of = list(range(len(out)))
-    last_of = list(range(len(out)))
-    count = len(out)
-    for _, i in sorted((out[i + 1][0] - out[i][1], i) for i in range(len(out) - 1)):
+    first_of = list(range(len(spans)))
+    last_of = list(range(len(spans)))
+    count = len(spans)
+    for _, i in sorted((spans[i + 1][0] - spans[i][1], i) for i in range(len(spans) - 1)):
         if count <= most:
             break
         first, last = first_of[i], last_of[i + 1]
-        if out[last][1] - out[first][0] > span_limit:
+        if spans[last][1] - spans[first][0] > span_limit:
             continue
         last_of[first], first_of[last] = last, first
         count -= 1
     merged: list[tuple[int, int]] = []
     i = 0
-    while i < len(out):
-        merged.append((out[i][0], out[last_of[i]][1]))
+    while i < len(spans):
+        merged.append((spans[i][0], spans[last_of[i]][1]))
         i = last_of[i] + 1
     return merged
 
@@ -297,23 +336,24 @@ class HubSource:
             return
         self._session.read_into(stream, offset, out, engine_read=True)
 
-    def read_many(self, shard: str, reads: list[tuple[int, memoryview]]) -> None:
-        """Several small reads of one shard at once (embedding rows): missing bytes are fetched in one round of
-        parallel requests, rows closer than ``ROW_GAP_BYTES`` in one request, instead of one round trip per row."""
+    def read_many(self, shard: str, reads: list[tuple[int, memoryview]], table: tuple[int, int]) -> None:
+        """Several small reads of one shard at once (the rows of an embedding lookup, in the tensor at bytes
+        ``table``): missing bytes are fetched in one round of parallel requests, rows closer than ``ROW_GAP_BYTES``
+        in one request, instead of one round trip per row. The head start's fetches of the table that hold little
+        of these rows stop (`FetchScheduler.drop_guesses`)."""
         stream = self._session.streams.get(shard)
         if stream is None:
             for offset, out in reads:
                 self._local.read_into(shard, offset, out)
             return
-        spans = _coalesce(
-            [(offset, offset + len(out)) for offset, out in reads if len(out)],
-            ROW_GAP_BYTES,
-            self._session.scheduler.connections,
-            ROW_WAVE_SPAN_BYTES,
-        )
-        if not spans:
+        rows = _coalesce([(offset, offset + len(out)) for offset, out in reads if len(out)], ROW_GAP_BYTES)
+        if not rows:
             return
-        fd, _ = self._session.ensure(stream, spans, None, engine_read=True)
+        session = self._session
+        # By the rows, not the wave's merged spans below: those add up to 4 MiB of filler each.
+        session.scheduler.drop_guesses(stream, *table, rows)
+        spans = _fit_wave(rows, session.scheduler.connections, ROW_WAVE_SPAN_BYTES)
+        fd, _ = session.ensure(stream, spans, None, engine_read=True)
         for offset, out in reads:
             pread_into(fd, offset, out, str(stream.partial.data_path))
 

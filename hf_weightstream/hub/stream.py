@@ -39,13 +39,16 @@ class Claim:
     """A byte range one fetch has taken on; others needing it wait for ``done`` instead of fetching it again.
 
     ``awaited``: a demand read waits for it, so the background fetch that took it must not yield it: its rest
-    would only be claimed again once that read's other fetches are done, behind them on the link.
+    would only be claimed again once that read's other fetches are done, behind them on the link. ``dropped``: its
+    fetch stops at its next body chunk all the same (a guess the forward pass turned out to need little of), and
+    the readers waiting for part of it claim that part themselves.
     """
 
     start: int
     end: int
     done: threading.Event = field(default_factory=threading.Event)
     awaited: bool = False
+    dropped: bool = False
 
 
 @dataclass
@@ -104,6 +107,16 @@ class ShardStream:
         taken.update((c.start, c.end) for c in self._claims)
         return taken
 
+    def drop_if_sparse(self, claim: Claim, needed: list[tuple[int, int]]) -> None:
+        """Mark ``claim`` dropped (its fetch stops) if ``needed`` holds under ``1 / SPARSE_SHARE`` of it and more
+        than ``CUT_AHEAD_BYTES`` of it is still to come: not one nearly done, as the bytes already sent into its
+        socket are lost when it stops (`FetchScheduler.drop_guesses`)."""
+        held = sum(max(0, min(e, claim.end) - max(s, claim.start)) for s, e in needed)
+        with self._lock:
+            missing = sum(e - s for s, e in self.present.gaps(claim.start, claim.end))
+        if held * SPARSE_SHARE < claim.end - claim.start and missing > CUT_AHEAD_BYTES:
+            claim.dropped = True
+
     def unclaimed_bytes(self, start: int, end: int) -> int:
         """Bytes of ``[start, end)`` neither present nor being fetched by a thread of this process."""
         with self._lock:
@@ -135,7 +148,7 @@ class ShardStream:
                     needed = min(gap_end, claim.end) - first
                     ahead = sum(e - s for s, e in self.present.gaps(claim.start, first))  # to come before it
                     missing = sum(e - s for s, e in self.present.gaps(claim.start, claim.end))
-                    if ahead > CUT_AHEAD_BYTES and needed * SPARSE_SHARE < missing:
+                    if claim.dropped or (ahead > CUT_AHEAD_BYTES and needed * SPARSE_SHARE < missing):
                         sparse.append(claim)
                     else:
                         claim.awaited = True
