@@ -51,6 +51,10 @@ class RangeSet:
     def covers(self, start: int, end: int) -> bool:
         return not self.gaps(start, end)
 
+    def gap_bytes(self, start: int, end: int) -> int:
+        """How many bytes of ``[start, end)`` are not covered."""
+        return sum(e - s for s, e in self.gaps(start, end))
+
     @property
     def total(self) -> int:
         return sum(e - s for s, e in self._ranges)

@@ -111,11 +111,14 @@ class Job:
     guess: bool = False
     since: float = field(default_factory=time.monotonic)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the fetch stops at its next body chunk: dropped, or asked to yield and awaited by no read."""
+        return self.claim.dropped or (self.yield_requested and not self.claim.awaited)
+
     def run(self) -> None:
         try:
-            self.stream.fetch(
-                self.claim, self.out, lambda: self.claim.dropped or (self.yield_requested and not self.claim.awaited)
-            )
+            self.stream.fetch(self.claim, self.out, lambda: self.stopping)
         except BaseException as err:  # noqa: BLE001 - handed to the reader, or logged for background work
             self.error = err
         finally:
@@ -198,7 +201,7 @@ class FetchScheduler:
             for job in self._running:
                 if job.priority != DEMAND and id(job.claim) in wanted:
                     job.yield_requested = True
-                    if job.claim.dropped or not job.claim.awaited:
+                    if job.stopping:
                         stopping.append(job.claim)
         return stopping
 

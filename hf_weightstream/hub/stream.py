@@ -113,14 +113,14 @@ class ShardStream:
         socket are lost when it stops (`FetchScheduler.drop_guesses`)."""
         held = sum(max(0, min(e, claim.end) - max(s, claim.start)) for s, e in needed)
         with self._lock:
-            missing = sum(e - s for s, e in self.present.gaps(claim.start, claim.end))
+            missing = self.present.gap_bytes(claim.start, claim.end)
         if held * SPARSE_SHARE < claim.end - claim.start and missing > CUT_AHEAD_BYTES:
             claim.dropped = True
 
     def unclaimed_bytes(self, start: int, end: int) -> int:
         """Bytes of ``[start, end)`` neither present nor being fetched by a thread of this process."""
         with self._lock:
-            return sum(e - s for s, e in self._taken().gaps(start, end))
+            return self._taken().gap_bytes(start, end)
 
     def claim_missing(
         self, start: int, end: int, pieces: Callable[[int, int], list[tuple[int, int]]], ignore_foreign: bool = False
@@ -146,8 +146,8 @@ class ShardStream:
                 for claim in busy:
                     first = max(gap_start, claim.start)
                     needed = min(gap_end, claim.end) - first
-                    ahead = sum(e - s for s, e in self.present.gaps(claim.start, first))  # to come before it
-                    missing = sum(e - s for s, e in self.present.gaps(claim.start, claim.end))
+                    ahead = self.present.gap_bytes(claim.start, first)  # to come before it
+                    missing = self.present.gap_bytes(claim.start, claim.end)
                     if claim.dropped or (ahead > CUT_AHEAD_BYTES and needed * SPARSE_SHARE < missing):
                         sparse.append(claim)
                     else:
