@@ -224,8 +224,8 @@ class _Abandoned(Exception):
     """A checkpoint opened ahead stopped at its next step: its load is over and did not take it."""
 
 
-def _go_on(abandoned: threading.Event | None) -> None:
-    if abandoned is not None and abandoned.is_set():
+def _go_on(abandoned: threading.Event) -> None:
+    if abandoned.is_set():
         raise _Abandoned
 
 
@@ -254,6 +254,7 @@ def open_hub_repo(
     ahead = _take_ahead(repo_id, download_kwargs, (variant, max_connections, complete_download))
     if ahead is not None:
         return ahead
+    abandoned = abandoned or threading.Event()  # never set: the load's own call
     _go_on(abandoned)
     index_name = _variant_name(SAFE_INDEX, variant)
     single_name = _variant_name(SAFE_WEIGHTS, variant)
@@ -341,7 +342,7 @@ def _open_shards(
     names: tuple[str, str],
     max_connections: int,
     complete_download: bool,
-    abandoned: threading.Event | None,
+    abandoned: threading.Event,
 ) -> Checkpoint:
     """The checkpoint of ``shards``: cached ones read in place, the others described (from ``listed``, else by
     paths-info), their headers fetched, and streamed. ``names``: the index's and the single file's names."""
@@ -449,9 +450,9 @@ def _listed(listing: Future | None) -> tuple[dict[str, Any] | None, list[str] | 
     return None, None, None
 
 
-def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any], abandoned: threading.Event | None) -> None:
+def _download_quietly(repo_id: str, filename: str, pinned: dict[str, Any], abandoned: threading.Event) -> None:
     """``hf_hub_download`` ahead of the caller's own call for the same file; errors are the caller's to report."""
-    if abandoned is not None and abandoned.is_set():
+    if abandoned.is_set():
         return
     try:
         hf_hub_download(repo_id, filename, **pinned)
