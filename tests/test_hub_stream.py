@@ -56,6 +56,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_weightstream import CheckpointError, StreamConfig, checkpoint, hub, wait_until_cached
 from hf_weightstream.checkpoint import SAFE_INDEX
+from hf_weightstream.index import TensorEntry
 from hf_weightstream.testing.hub_repo import xet_hash_stand_in
 from hf_weightstream.testing.hub_server import Fault, HubServer, RequestRecord
 
@@ -311,6 +312,51 @@ def test_the_first_shards_first_bytes_go_out_with_its_header_request_not_after_i
         probe = next(r for r in bridge if r.range and r.range.startswith("bytes=0-"))
         assert after, "nothing was requested after the probe"
         assert min(after) - probe.time < 0.5, "the first bytes after the probe waited for the probe's answer"
+
+
+@pytest.mark.parametrize("config_cached", [True, False])
+def test_the_head_start_fetches_the_first_block_before_the_embedding_table(
+    tiny: Path, tmp_path: Path, monkeypatch, config_cached: bool
+) -> None:
+    """A short prompt reads a few rows of the table but all of the first block; a long one needs both before that
+    block computes. The config's vocab_size says which tensor is the table; without a cached config (transformers
+    fetches it first), file order."""
+    first = min(p.name for p in tiny.glob("*.safetensors"))
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", (tiny / first).stat().st_size)
+    monkeypatch.setattr(hub.schedule, "BLIND_HEAD_START_BYTES", 0)  # what the header orders, not what precedes it
+    with served(tiny, tmp_path) as server:
+        if config_cached:
+            hf_hub_download(REPO, "config.json")
+        opened = checkpoint.open_hub_repo(REPO, checkpoint.download_kwargs_of({}), None, max_connections=1)
+        _opened.append(opened.source)
+        entries = opened.index.entries
+        table, block = entries["model.embed_tokens.weight"], entries["model.layers.0.mlp.gate_proj.weight"]
+        assert table.shard == block.shard == first and table.offset < block.offset, "file order: the table first"
+        deadline = time.monotonic() + 10
+        while not (starts := [s for n, s, _ in fetched(server) if n == first and s >= TEST_PROBE_BYTES]):
+            assert time.monotonic() < deadline, "no head start"
+            time.sleep(0.01)
+    expected = min(e.offset for e in entries.values() if e.key.startswith("model.layers.0.") and e.shard == first)
+    assert starts[0] == (expected if config_cached else TEST_PROBE_BYTES)
+
+
+def test_the_head_start_holds_adjacent_tensors_in_one_read_and_the_table_after_the_next_block() -> None:
+    def entry(key: str, offset: int, nbytes: int, shape: tuple[int, ...], shard: str = "a") -> TensorEntry:
+        return TensorEntry(key, shard, offset, nbytes, torch.float32, shape)
+
+    entries = [
+        entry("lm_head.weight", 0, 400, (100, 1)),
+        entry("model.embed_tokens.weight", 400, 400, (100, 1)),
+        entry("model.layers.0.mlp.weight", 800, 40, (10, 1)),
+        entry("model.layers.0.norm.weight", 840, 4, (1,)),
+        entry("model.layers.1.mlp.weight", 844, 40, (10, 1)),
+        entry("model.layers.1.mlp.weight", 0, 40, (10, 1), shard="b"),
+    ]
+    head = checkpoint._file_order_head
+    assert head(entries, 10_000) == [("a", 0, 884), ("b", 0, 40)], "file order, adjacent tensors in one read"
+    assert head(entries, 10_000, frozenset({100})) == [("a", 800, 44), ("a", 0, 800), ("a", 844, 40), ("b", 0, 40)]
+    assert head(entries, 100, frozenset({100})) == [("a", 800, 44), ("a", 0, 56)], "cut at the limit"
+    assert head(entries[1:2] + entries[3:4], 10_000, frozenset({100})) == [("a", 840, 4), ("a", 400, 400)]
 
 
 def test_connections_reading_ahead_survive_the_read_order_being_replaced() -> None:

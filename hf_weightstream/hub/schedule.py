@@ -10,7 +10,7 @@ Three kinds of fetch share one model's ``connections``:
    still overlaps downloading with computing. The next range is what the forward pass waits for next: it goes out
    as one wave, a piece per connection, like a demand read (bench_hub's first decoder block then came 0.45 s
    sooner after the embedding); the ranges after it in ``READAHEAD_CHUNK_BYTES`` requests. Before the read order
-   is known (from the headers until the model is built), the head start: the first ``HEAD_START_BYTES`` of the
+   is known (from the headers until the first read), the head start: the first ``HEAD_START_BYTES`` of the
    tensors in file order.
 3. fill (``complete_download``): the rest of each shard in file order, so that it can be verified and committed;
    only while no demand or readahead fetch is queued or running: in the gaps the forward pass leaves, so that
@@ -86,6 +86,12 @@ READAHEAD_BYTES = 1 << 30  # how far ahead of the forward pass (in its read orde
 # the shards in file order, which save_pretrained writes in module order. The link is otherwise idle while
 # from_pretrained builds the model (and, on a process's first load, imports its code: seconds).
 HEAD_START_BYTES = 128 << 20
+# Fetched before the first header is known (`HubSource.start_ahead_once_located`), on half the connections: the bytes
+# right after the header, whatever tensors they are. Enough to keep the link busy until the requests the header
+# orders (on the other half, `Background.start_ahead`) get their first byte: 0.25 s of bench_hub's link. Beyond
+# that, the header says what comes first; the whole head start sent blind was the embedding table, all of it wasted
+# on a short prompt.
+BLIND_HEAD_START_BYTES = 24 << 20
 
 
 @dataclass(eq=False)
@@ -232,7 +238,9 @@ class FetchScheduler:
         if shortfall <= 0:
             return
         background = [
-            j for j in self._running if j.priority != DEMAND and not j.yield_requested and not j.claim.awaited
+            j
+            for j in self._running
+            if j.priority != DEMAND and not j.yield_requested and not j.claim.awaited and not j.guess
         ]
         background.sort(key=lambda j: (-j.priority, -j.order))
         for job in background[:shortfall]:
@@ -303,9 +311,11 @@ class Background:
         self._order: list[tuple[ShardStream, int, int]] = []
         self._planned: dict[str, list[tuple[int, int, int]]] = {}  # shard -> sorted (start, end, position)
         self._position = -1
+        self._head: list[tuple[ShardStream, int, int]] = []  # the head start's order (`start_ahead`)
 
     def expect_reads(self, reads: list[tuple[str, int, int]]) -> None:
-        self.early = False  # the engine's order, which starts with the first forward pass's first read
+        """The engine's order, which starts with the first forward pass's first read. A head start still being
+        fetched goes on in its own order until that read (`start_ahead`)."""
         self._position = -1
         self._order = [(self.streams[s], o, o + n) for s, o, n in reads if s in self.streams]
         planned: dict[str, list[tuple[int, int, int]]] = {}
@@ -314,8 +324,15 @@ class Background:
         self._planned = {shard: sorted(spans) for shard, spans in planned.items()}
 
     def start_ahead(self, reads: list[tuple[str, int, int]]) -> None:
-        """Read ``reads`` ahead until the engine's own order replaces them (`expect_reads`, once the model is built)."""
-        self.expect_reads(reads)
+        """Read ``reads`` ahead until the forward pass's first read (the engine's order takes over then, not when
+        `expect_reads` hands it over: the model is built before the prompt is known, and the head start holds the
+        embedding table that a long prompt looks up whole).
+
+        The first read is cut for half the connections: a head start replaces another still in flight (the bytes
+        after the first header, sent before it was parsed), and pieces that all end at once would leave the link
+        idle for a round trip while the next requests, those of the lookup, go out. The other half goes on to the
+        next reads."""
+        self._head = [(self.streams[s], o, o + n) for s, o, n in reads if s in self.streams]
         self.early = True
 
     def planned_range(self, shard: str, offset: int) -> tuple[int, int, int] | None:
@@ -333,7 +350,9 @@ class Background:
     def next_job(self, forward_active: bool) -> Job | None:
         if not self.active and not self.early:
             return None
-        order, position = self._order, self._position  # expect_reads may replace them meanwhile
+        order, position, spread = self._order, self._position, self.connections  # may be replaced meanwhile
+        if not self.active:
+            order, position, spread = self._head, -1, max(1, self.connections // 2)
         count = len(order)
         if count:  # from the range after the last one read (from the first before any: embedding rows come first)
             ahead = 0
@@ -342,7 +361,7 @@ class Background:
                     break
                 stream, start, end = order[(position + step) % count]
                 # The next read is the forward pass's next wait: one wave of requests, like a demand read.
-                limit = wave_piece(end - start, self.connections) if step == 1 else READAHEAD_CHUNK_BYTES
+                limit = wave_piece(end - start, spread) if step == 1 else READAHEAD_CHUNK_BYTES
                 claim = stream.claim_next(start, end, limit)
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step, guess=not self.active)

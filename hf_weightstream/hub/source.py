@@ -405,8 +405,9 @@ class HubSource:
         """Fetch the bytes of ``shard`` from the end of its header probe to ``upto`` as soon as the probe's resolve
         has answered where the file is (a redirect to the bridge), not after the probe's answer is read and parsed:
         one round trip sooner. Which tensors they hold is not known yet: the bytes right after a header are its
-        first tensors, which the forward pass reads first (`start_ahead`, once the header is parsed, adds the rest
-        of the head start)."""
+        first tensors, which the forward pass reads first. They go out on half the connections (as every head
+        start's first read), so that the other half can send the requests of the head start the parsed header
+        orders (`start_ahead`) while these still keep the link busy."""
         stream = self._session.streams.get(shard)
         end = min(stream.size, upto) if stream is not None else 0
         if stream is None or end <= HEADER_PROBE_BYTES:
