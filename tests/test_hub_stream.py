@@ -421,6 +421,54 @@ def test_the_next_read_is_read_ahead_in_one_wave_and_the_reads_after_in_large_re
     assert sizes[4:] == [(80 + i * chunk, chunk) for i in range(40 // chunk)]
 
 
+def test_the_head_start_goes_on_in_its_order_until_the_first_read() -> None:
+    """The model is built (and its read order handed over) before the prompt is known: until the first read, idle
+    connections go on with the head start (the first block, then the table a long prompt looks up whole), its first
+    read cut for half the connections so that its pieces do not all end with those sent before the header."""
+    MiB = 1 << 20
+
+    class Shard:  # hands out claims as ShardStream.claim_next does, in order
+        remote = type("Remote", (), {"shard": "s"})()
+        claimed: list[tuple[int, int]] = []
+
+        def claim_next(self, start: int, end: int, limit: int) -> hub.stream.Claim | None:
+            for s, e in self.claimed:
+                if s <= start < e:
+                    start = e
+            if start >= end:
+                return None
+            self.claimed.append((start, min(end, start + limit)))
+            return hub.stream.Claim(start, min(end, start + limit))
+
+    background = hub.schedule.Background({"s": Shard()}, fill=False, connections=4)
+    background.start_ahead([("s", 100 * MiB, 40 * MiB), ("s", 0, 16 * MiB)])  # the block, then the table
+    background.expect_reads([("s", 100 * MiB, 40 * MiB), ("s", 140 * MiB, 40 * MiB)])  # the engine's: no table
+    jobs = [background.next_job(forward_active=False) for _ in range(4)]
+    assert [(j.claim.start // MiB, (j.claim.end - j.claim.start) // MiB) for j in jobs] == [
+        (100, 20),
+        (120, 20),
+        (0, 8),
+        (8, 8),
+    ], "the head start's order, its first read in two pieces (half of four connections), then the table"
+    assert all(j.guess for j in jobs)
+    assert background.next_job(forward_active=False) is None, "the head start ends where it ends"
+    background.note_read("s", 100 * MiB)
+    job = background.next_job(forward_active=False)
+    assert (job.claim.start // MiB, job.guess) == (140, False), "from the first read on, the engine's order"
+
+
+def test_the_head_starts_fetches_do_not_yield_to_a_read() -> None:
+    """They hold what the first read and the one after it need; a stopped request loses the bytes in its socket."""
+    scheduler = hub.schedule.FetchScheduler(2, lambda forward_active: None)
+    stream = object()
+    guess = hub.schedule.Job(stream, hub.stream.Claim(0, 10), hub.schedule.READAHEAD, guess=True)
+    later = hub.schedule.Job(stream, hub.stream.Claim(10, 20), hub.schedule.READAHEAD)
+    scheduler._running.update({guess, later})
+    scheduler._queue.extend(hub.schedule.Job(stream, hub.stream.Claim(s, s + 1)) for s in (30, 40))
+    scheduler._make_room()
+    assert (guess.yield_requested, later.yield_requested) == (False, True)
+
+
 def test_a_model_with_a_head_start_streams_the_same_tokens(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 30_000)
     expected = reference_tokens(tiny)

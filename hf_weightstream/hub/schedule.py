@@ -23,7 +23,9 @@ they got, and the rest of their range is claimed again later. So a demand read w
 behind background traffic, and fill requests can be large (fewer requests, less time-to-first-byte paid). A
 background fetch of bytes a demand read waits for (the readahead had them first: the head start holds the
 embedding when the first read comes) never yields: that read would wait for its rest behind its other pieces;
-unless it is a guess of the head start that the lookup needs little of (`FetchScheduler.drop_guesses`). Demand
+unless it is a guess of the head start that the lookup needs little of (`FetchScheduler.drop_guesses`). Nor does
+any fetch of the head start: it holds what the first read and the one after it need (the embedding table, the
+first block), and a stopped request loses the bytes already in its socket. Demand
 reads are served in the order they began, so a read that claims again what a stopped fetch left goes first. The
 sizes below and ``StreamConfig.max_connections`` (12) were chosen from ``python -m benchmarks.bench_hub --sweep``
 against the latency-modelled local Hub.
@@ -232,7 +234,7 @@ class FetchScheduler:
 
     def _make_room(self) -> None:
         """Ask background jobs to yield to queued demand jobs no free connection will take (not those fetching
-        bytes a demand read waits for: they are demand work already)."""
+        bytes a demand read waits for: they are demand work already; nor the head start's, module docstring)."""
         yielding = sum(1 for j in self._running if j.yield_requested)
         shortfall = len(self._queue) - (self._connections - len(self._running) + yielding)
         if shortfall <= 0:
