@@ -429,7 +429,9 @@ def test_the_head_start_goes_on_in_its_order_until_the_first_read() -> None:
 
     class Shard:  # hands out claims as ShardStream.claim_next does, in order
         remote = type("Remote", (), {"shard": "s"})()
-        claimed: list[tuple[int, int]] = []
+
+        def __init__(self) -> None:
+            self.claimed: list[tuple[int, int]] = []
 
         def claim_next(self, start: int, end: int, limit: int) -> hub.stream.Claim | None:
             for s, e in self.claimed:
@@ -441,12 +443,12 @@ def test_the_head_start_goes_on_in_its_order_until_the_first_read() -> None:
             return hub.stream.Claim(start, min(end, start + limit))
 
     background = hub.schedule.Background({"s": Shard()}, fill=False, connections=4)
-    background.start_ahead([("s", 100 * MiB, 40 * MiB), ("s", 0, 16 * MiB)])  # the block, then the table
+    background.start_ahead([("s", 100 * MiB, 12 * MiB), ("s", 0, 16 * MiB)])  # the block, then the table
     background.expect_reads([("s", 100 * MiB, 40 * MiB), ("s", 140 * MiB, 40 * MiB)])  # the engine's: no table
     jobs = [background.next_job(forward_active=False) for _ in range(4)]
     assert [(j.claim.start // MiB, (j.claim.end - j.claim.start) // MiB) for j in jobs] == [
-        (100, 20),
-        (120, 20),
+        (100, 6),
+        (106, 6),
         (0, 8),
         (8, 8),
     ], "the head start's order, its first read in two pieces (half of four connections), then the table"
@@ -455,6 +457,11 @@ def test_the_head_start_goes_on_in_its_order_until_the_first_read() -> None:
     background.note_read("s", 100 * MiB)
     job = background.next_job(forward_active=False)
     assert (job.claim.start // MiB, job.guess) == (140, False), "from the first read on, the engine's order"
+    whole = hub.schedule.Background({"s": Shard()}, fill=False, connections=4)
+    whole.start_ahead([("s", 200 * MiB, 128 * MiB)])  # no table known: the first 128 MiB in file order, one read
+    chunk = hub.schedule.READAHEAD_CHUNK_BYTES
+    sizes = {whole.next_job(forward_active=False).claim.end - 200 * MiB - k * chunk for k in range(4)}
+    assert sizes == {chunk}, "readahead-sized pieces for every connection, not two of 64 MiB"
 
 
 def test_the_head_starts_fetches_do_not_yield_to_a_read() -> None:

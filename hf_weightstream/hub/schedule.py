@@ -352,9 +352,9 @@ class Background:
     def next_job(self, forward_active: bool) -> Job | None:
         if not self.active and not self.early:
             return None
-        order, position, spread = self._order, self._position, self.connections  # may be replaced meanwhile
-        if not self.active:
-            order, position, spread = self._head, -1, max(1, self.connections // 2)
+        head = not self.active  # the head start (`start_ahead`)
+        order, position = (self._head, -1) if head else (self._order, self._position)  # may be replaced meanwhile
+        spread = max(1, self.connections // 2) if head else self.connections
         count = len(order)
         if count:  # from the range after the last one read (from the first before any: embedding rows come first)
             ahead = 0
@@ -364,6 +364,8 @@ class Background:
                 stream, start, end = order[(position + step) % count]
                 # The next read is the forward pass's next wait: one wave of requests, like a demand read.
                 limit = wave_piece(end - start, spread) if step == 1 else READAHEAD_CHUNK_BYTES
+                if head:  # its first 128 MiB as one read (no table known) in 8 MiB pieces, not 6 of 21 MiB
+                    limit = min(limit, READAHEAD_CHUNK_BYTES)
                 claim = stream.claim_next(start, end, limit)
                 if claim is not None:
                     return Job(stream, claim, READAHEAD, order=step, guess=not self.active)
