@@ -218,12 +218,12 @@ class FetchScheduler:
         table) that hold little of ``needed`` (the rows looked up), and have more than a little still to come
         (`ShardStream.drop_if_sparse`).
 
-        The head start fetches the table first, because a long prompt reads nearly all of it: then every piece
-        holds rows, and none stops. A short prompt reads a few rows, and the rest of the table would only share the
-        link with the bytes the forward pass reads next: bench_hub's 32-token prompt had 70-80 MB of the 131 MB
-        table come before its first token. The pieces stop at their next body chunk, awaited or not (`Claim.dropped`):
-        the bytes received stay, the rows they had not reached are fetched by the lookup itself, and the rest later,
-        by the fill or when read.
+        The head start fetches the table right after the first block, because a long prompt reads nearly all of
+        it: then every piece holds rows, and none stops. A short prompt reads a few rows, and the rest of the table
+        would only share the link with the bytes the forward pass reads next: bench_hub's 32-token prompt had 70-80
+        MB of the 131 MB table come before its first token. The pieces stop at their next body chunk, awaited or not
+        (`Claim.dropped`): the bytes received stay, the rows they had not reached are fetched by the lookup itself,
+        and the rest later, by the fill or when read.
         """
         with self._cond:
             for job in self._running:
@@ -309,7 +309,6 @@ class Background:
         self.fill = fill
         self.connections = connections
         self.active = False
-        self.early = False  # a head start is being fetched before the first read
         self._order: list[tuple[ShardStream, int, int]] = []
         self._planned: dict[str, list[tuple[int, int, int]]] = {}  # shard -> sorted (start, end, position)
         self._position = -1
@@ -335,7 +334,6 @@ class Background:
         idle for a round trip while the next requests, those of the lookup, go out. The other half goes on to the
         next reads."""
         self._head = [(self.streams[s], o, o + n) for s, o, n in reads if s in self.streams]
-        self.early = True
 
     def planned_range(self, shard: str, offset: int) -> tuple[int, int, int] | None:
         """The planned read (start, end, position) holding byte ``offset`` of ``shard``, if any."""
@@ -350,8 +348,6 @@ class Background:
             self._position = planned[2]
 
     def next_job(self, forward_active: bool) -> Job | None:
-        if not self.active and not self.early:
-            return None
         head = not self.active  # the head start (`start_ahead`)
         order, position = (self._head, -1) if head else (self._order, self._position)  # may be replaced meanwhile
         spread = max(1, self.connections // 2) if head else self.connections
@@ -368,7 +364,7 @@ class Background:
                     limit = min(limit, READAHEAD_CHUNK_BYTES)
                 claim = stream.claim_next(start, end, limit)
                 if claim is not None:
-                    return Job(stream, claim, READAHEAD, order=step, guess=not self.active)
+                    return Job(stream, claim, READAHEAD, order=step, guess=head)
                 ahead += end - start
         if self.fill and self.active and not forward_active:
             # Large requests, but not so large that the last of the files keeps connections idle.
