@@ -185,6 +185,40 @@ def test_a_load_that_fails_leaves_no_request_of_ours_behind(tiny: Path, tmp_path
         assert [r.file for r in server.log if r.file and r.file.endswith(".safetensors")] == []
 
 
+def test_the_gil_changes_hands_often_while_a_repo_is_opened_ahead_and_the_interval_is_put_back(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Our threads' round trips run while the load's thread imports and builds (Python holding the GIL): a short
+    switch interval lets each of their steps go on at once, and the user's own interval comes back when the load
+    ends, also when it fails."""
+    from hf_weightstream import integration
+
+    seen = []
+    open_hub_repo = integration.open_hub_repo
+
+    def taken(*args, **kwargs):
+        seen.append(sys.getswitchinterval())
+        return open_hub_repo(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "open_hub_repo", taken)
+    users = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        with served(tiny, tmp_path) as server:
+            server.add_repo(REPO, tiny)
+            server.add_repo("org/other", tiny)
+            AutoModelForCausalLM.from_pretrained(REPO, device_map="stream")
+            assert seen == [checkpoint.PROMPT_SWITCH_INTERVAL_S]
+            assert sys.getswitchinterval() == pytest.approx(0.004)
+            server.add_fault(Fault(file="config.json", status=404, times=None))
+            with pytest.raises(OSError):
+                AutoModelForCausalLM.from_pretrained("org/other", device_map="stream")
+            wait_for_metadata_threads()
+            assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(users)
+
+
 @pytest.mark.parametrize("change", ["options", "branch moved", "not loaded"])
 def test_a_repo_opened_ahead_that_the_load_does_not_take_is_closed(
     tiny: Path, big: Path, tmp_path: Path, change: str
