@@ -28,7 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from .errors import CheckpointError, StreamConfigError
 from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes, schedule
-from .hub.remote import list_remote_files
+from .hub.remote import list_remote_files, prepare_clients
 from .index import CheckpointIndex, TensorEntry, read_shard_header
 from .sources import ByteSource, LocalFileSource
 
@@ -158,6 +158,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
     download_kwargs = download_kwargs_of(rest)
     if download_kwargs["local_files_only"] or constants.is_offline_mode():
         return None
+    prepare_clients()  # while the revision resolves
     revision = resolve_revision(
         name, kwargs.get("revision"), token=download_kwargs["token"], cache_dir=download_kwargs["cache_dir"]
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 import stat
+import threading
 from pathlib import Path
 
 import httpx2
@@ -14,6 +15,7 @@ from huggingface_hub import _local_folder, constants, file_download, set_client_
 from huggingface_hub.utils import _http, _shared_blobs
 
 from hf_weightstream.hub import _hf_compat as compat
+from hf_weightstream.hub import remote
 
 XET_HASH = "ab" + "0" * 62
 SIGNATURES = {
@@ -108,7 +110,7 @@ def test_our_http_client_comes_from_the_factory_users_configure() -> None:
     assert compat.default_http_client_factory(), "nobody set a factory: huggingface_hub's own default"
     set_client_factory(factory)
     try:
-        client = compat.new_http_client()
+        client = compat.http_client_factory()()
         assert made == [client]
         assert not compat.default_http_client_factory(), "the user's factory is seen (direct_http stands aside)"
     finally:
@@ -116,8 +118,44 @@ def test_our_http_client_comes_from_the_factory_users_configure() -> None:
         for c in made:
             c.close()
     assert compat.default_http_client_factory()
-    own = compat.new_http_client()
+    own = compat.http_client_factory()()
     try:
         assert isinstance(own, httpx2.Client) and own is not _http.get_session(), "not the shared client"
     finally:
         own.close()
+
+
+def _spares_made() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "hf_ws-clients":
+            thread.join(10)
+
+
+def test_clients_made_ahead_are_handed_out_only_while_their_factory_is_huggingface_hubs() -> None:
+    made: list[httpx2.Client] = []
+
+    def factory() -> httpx2.Client:
+        made.append(httpx2.Client())
+        return made[-1]
+
+    default = _http._GLOBAL_CLIENT_FACTORY
+    spares: list[httpx2.Client] = []
+    set_client_factory(factory)
+    try:
+        remote.prepare_clients()
+        _spares_made()
+        assert len(made) == remote.SPARE_CLIENTS
+        assert remote.take_client() is made[0], "made ahead, handed out"
+        set_client_factory(default)  # the user changed the factory (a proxy, certificates) after they were made
+        own = remote.take_client()
+        assert own not in made
+        own.close()
+        remote.prepare_clients()  # closes the spare the old factory made, makes spares with the current one
+        _spares_made()
+        assert made[1].is_closed and len(made) == remote.SPARE_CLIENTS
+        spares += [remote.take_client() for _ in range(remote.SPARE_CLIENTS)]
+        assert not set(spares) & set(made) and not any(c.is_closed for c in spares)
+    finally:
+        set_client_factory(default)
+        for c in made + spares:
+            c.close()

@@ -17,6 +17,7 @@ Written against huggingface_hub 2.4. Older 2.x releases without the shared blob 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,6 @@ def default_http_client_factory() -> bool:
     return _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory
 
 
-def new_http_client() -> httpx2.Client:
-    """A client of our own, made by the factory huggingface_hub's shared client comes from."""
-    return _http._GLOBAL_CLIENT_FACTORY()
+def http_client_factory() -> Callable[[], httpx2.Client]:
+    """The factory huggingface_hub's shared client comes from (``set_client_factory`` replaces it)."""
+    return _http._GLOBAL_CLIENT_FACTORY

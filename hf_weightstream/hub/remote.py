@@ -256,6 +256,48 @@ class RemoteFile:
         return where if start is None or end is None else f"bytes {start}-{end - 1} of {where}"
 
 
+# Clients of our own made ahead of the requests that need them (`prepare_clients`), with the factory that made each.
+_spare_clients: list[tuple[Callable[[], httpx2.Client], httpx2.Client]] = []
+_spare_lock = threading.Lock()
+SPARE_CLIENTS = 2  # a load's first two: the folder listing's, and the range fetcher's (the header requests)
+
+
+def prepare_clients() -> None:
+    """Make the clients a cold load is about to need, in the background, while its revision resolves.
+
+    Making one costs about 30 ms of CPU (httpx2 loads the CA bundle into a new SSL context), and a cold load makes
+    two on the path to its first weight byte, one after the other: the folder listing's, then the one its header
+    requests go through. Made ahead, they cost that path nothing.
+    """
+
+    def make() -> None:
+        factory = compat.http_client_factory()
+        with _spare_lock:
+            stale = [client for made_by, client in _spare_clients if made_by is not factory]
+            _spare_clients[:] = [(made_by, client) for made_by, client in _spare_clients if made_by is factory]
+            wanted = SPARE_CLIENTS - len(_spare_clients)
+        for client in stale:  # the user set another factory since (proxies, certificates): not ours to use
+            client.close()
+        for _ in range(wanted):
+            client = factory()
+            with _spare_lock:
+                _spare_clients.append((factory, client))
+
+    threading.Thread(target=make, name="hf_ws-clients", daemon=True).start()
+
+
+def take_client() -> httpx2.Client:
+    """A client of our own, made by huggingface_hub's current factory: a spare one if `prepare_clients` made it
+    (the caller owns it either way, and closes it)."""
+    factory = compat.http_client_factory()
+    with _spare_lock:
+        for i, (made_by, client) in enumerate(_spare_clients):
+            if made_by is factory:
+                del _spare_clients[i]
+                return client
+    return factory()
+
+
 def list_remote_files(repo: HubRepo) -> dict[str, Any]:
     """Every file of the weights' folder (the subfolder, or the repo root) at the pinned commit, path -> info: the
     same size, sha256 and Xet hash ``get_paths_info`` gives, asked for before the index names the shards, so that
@@ -268,7 +310,7 @@ def list_remote_files(repo: HubRepo) -> dict[str, Any]:
     """
     folder = "/" + quote(repo.subfolder, safe="") if repo.subfolder else ""
     url = f"{constants.ENDPOINT}/api/models/{repo.repo_id}/tree/{repo.commit}{folder}"
-    with compat.new_http_client() as client:
+    with take_client() as client:
         response = client.get(url, headers=build_hf_headers(token=repo.token), timeout=constants.HF_HUB_ETAG_TIMEOUT)
         hf_raise_for_status(response)
         return {item["path"]: RepoFile(**item) for item in response.json() if item.get("type") == "file"}
@@ -336,7 +378,7 @@ class RangeFetcher:
     def _http(self) -> httpx2.Client:
         with self._client_lock:
             if self._client is None:
-                self._client = compat.new_http_client()
+                self._client = take_client()
             return self._client
 
     def fetch(
