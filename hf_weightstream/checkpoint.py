@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi, ResolvedRevision, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.constants import CONFIG_NAME
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
 from .errors import CheckpointError, StreamConfigError
 from .hub import HubRepo, HubSource, ShardNotInRepoError, describe_remote_files, recorded_bytes, schedule
-from .hub.remote import list_remote_files, prepare_clients
+from .hub import _hf_compat as compat
+from .hub.remote import RemoteFile, list_remote_files, locate_remote_files, prepare_clients
 from .index import CheckpointIndex, TensorEntry, read_shard_header
 from .sources import ByteSource, LocalFileSource
 
@@ -143,7 +144,6 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
     did not resolve, or options the load itself will reject).
     """
     from transformers.utils import GENERATION_CONFIG_NAME
-    from transformers.utils.hub import resolve_revision
 
     from .config import stream_request
 
@@ -159,9 +159,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
     if download_kwargs["local_files_only"] or constants.is_offline_mode():
         return None
     prepare_clients()  # while the revision resolves
-    revision = resolve_revision(
-        name, kwargs.get("revision"), token=download_kwargs["token"], cache_dir=download_kwargs["cache_dir"]
-    )
+    revision, files = _resolve_with_files(name, kwargs.get("revision"), download_kwargs)
     if not isinstance(revision, ResolvedRevision):
         return None  # unknown repo, no network...: the load's own calls report it
     kwargs["revision"] = download_kwargs["revision"] = revision
@@ -179,6 +177,7 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
         complete_download=complete_download,
         also_download=also,
         abandoned=abandoned,
+        files=files,
     )
     with _ahead_lock:
         _ahead[key] = future
@@ -197,6 +196,43 @@ def open_hub_repo_ahead(name: Any, kwargs: dict[str, Any]) -> Callable[[], None]
         future.add_done_callback(_close_checkpoint)
 
     return discard
+
+
+def _resolve_with_files(
+    repo_id: str, revision: str | None, download_kwargs: dict[str, Any]
+) -> tuple[str | None, list[str] | None]:
+    """transformers' ``resolve_revision``, and the names of the files at the commit it resolves to.
+
+    The call that resolves a branch (``GET /api/models/<repo>/revision/<branch>``, as ``HfApi.resolve_revision``
+    sends it) also lists the repo's files: with their names, the shards' own resolve answers can be asked for at
+    once, a round trip before the folder listing would have come (`open_hub_repo`). Its ``refs/<branch>`` is
+    recorded as huggingface_hub records it, and its failures end as transformers' do: the revision as it was
+    when the Hub answered with an error (the load's own calls report it), the commit the cache recorded when the
+    Hub did not answer.
+    """
+    from transformers.utils.hub import resolve_revision
+
+    token, cache_dir = download_kwargs["token"], download_kwargs["cache_dir"]
+    if revision is not None and (isinstance(revision, ResolvedRevision) or compat.is_commit_hash(revision)):
+        return resolve_revision(repo_id, revision, token=token, cache_dir=cache_dir), None  # no request
+    try:
+        info = HfApi(token=token).model_info(repo_id, revision=revision)
+    except HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code < 500:  # not found, gated...: the load says it
+            return revision, None
+        info = None
+    except Exception as err:  # noqa: BLE001 - no answer: as transformers, the commit the cache recorded, if any
+        logger.debug("Could not resolve %s of %s (%r)", revision, repo_id, err)
+        info = None
+    if info is None or info.sha is None:
+        return resolve_revision(repo_id, revision, token=token, cache_dir=cache_dir, local_files_only=True), None
+    folder = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve() / compat.repo_folder(repo_id)
+    try:
+        compat.record_ref(folder, revision or constants.DEFAULT_REVISION, info.sha)
+    except OSError as err:  # a read-only cache: as huggingface_hub, resolved all the same
+        logger.debug("Could not record the commit of %s: %r", repo_id, err)
+    files = [sibling.rfilename for sibling in info.siblings or ()]
+    return ResolvedRevision(info.sha, initial=revision, repo_id=repo_id), files
 
 
 def _prompt_threads() -> Callable[[], None]:
@@ -276,6 +312,7 @@ def open_hub_repo(
     complete_download: bool = True,
     also_download: tuple[str, ...] = (),
     abandoned: threading.Event | None = None,
+    files: list[str] | None = None,
 ) -> Checkpoint:
     """Index a Hub repo's shards: cached ones are read in place, the others streamed (see module docstring).
 
@@ -287,6 +324,10 @@ def open_hub_repo(
     ``generation_config.json``) is downloaded alongside all of it, into the cache, so that the caller's own call
     finds it there; a failure of those is left for the caller's call to report. Once ``abandoned`` is set, each
     step raises instead of sending its requests (`open_hub_repo_ahead`).
+
+    ``files``, the names of the repo's files at the pinned commit (from the call that resolved it), make the
+    listing needless where they show ``save_pretrained``'s files: the shards' own resolve answers describe them
+    (`locate_remote_files`), a round trip earlier, and the listing is only asked for the shards they do not.
     """
     download_kwargs = {k: v for k, v in download_kwargs.items() if k != "proxies" or v is not None}
     ahead = _take_ahead(repo_id, download_kwargs, (variant, max_connections, complete_download))
@@ -308,10 +349,32 @@ def open_hub_repo(
         if online and not repo.force_download
     ]
 
-    def open_shards(shards: list[str], listed: dict[str, Any] | None) -> Checkpoint:
+    def open_shards(
+        shards: list[str], listed: dict[str, Any] | None, located: dict[str, RemoteFile] | None = None
+    ) -> Checkpoint:
         return _open_shards(
-            repo, shards, listed, pinned, (index_name, single_name), max_connections, complete_download, abandoned
+            repo,
+            shards,
+            listed,
+            pinned,
+            (index_name, single_name),
+            max_connections,
+            complete_download,
+            abandoned,
+            located or {},
         )
+
+    def locate_and_open(guess: list[str]) -> Checkpoint:
+        uncached = [shard for shard in guess if repo.force_download or _cached_path(repo, shard) is None]
+        located = locate_remote_files(repo, uncached)
+        _go_on(abandoned)
+        listed = None
+        if any(shard not in located for shard in uncached):
+            try:
+                listed = list_remote_files(repo)
+            except Exception as err:  # noqa: BLE001 - only a shortcut: paths-info describes them instead
+                logger.debug("Listing the weights' folder failed (%r); asking paths-info instead", err)
+        return open_shards(guess, listed, located)
 
     def list_and_guess() -> tuple[dict[str, Any], list[str] | None, Future | None]:
         listed = list_remote_files(repo)
@@ -319,8 +382,16 @@ def open_hub_repo(
         guess = _guess_shards(repo, listed, index_name, single_name)
         return listed, guess, None if guess is None else _in_background(open_shards, guess, listed)
 
-    # A cold cache (index state unknown) will need the shards' metadata: ask for it now, not after the index.
-    listing = _in_background(list_and_guess) if online and (index_cached is None or repo.force_download) else None
+    # A cold cache (index state unknown) will need the shards' metadata: ask for it now, not after the index; where
+    # the files' names show the shards, from their own resolve answers, else from the folder listing.
+    cold = online and (index_cached is None or repo.force_download)
+    guess = _guess_shards(repo, files, index_name, single_name) if cold and files is not None else None
+    listing: Future | None = None
+    if guess is not None:
+        listing = Future()
+        listing.set_result((None, guess, _in_background(locate_and_open, guess)))
+    elif cold:
+        listing = _in_background(list_and_guess)
     try:
         index_path = hf_hub_download(repo_id, index_name, **pinned)
         shards = sorted(set(_read_weight_map(Path(index_path)).values()))
@@ -444,9 +515,11 @@ def _open_shards(
     max_connections: int,
     complete_download: bool,
     abandoned: threading.Event,
+    located: dict[str, RemoteFile],
 ) -> Checkpoint:
-    """The checkpoint of ``shards``: cached ones read in place, the others described (from ``listed``, else by
-    paths-info), their headers fetched, and streamed. ``names``: the index's and the single file's names."""
+    """The checkpoint of ``shards``: cached ones read in place, the others described (``located`` already, else
+    from ``listed``, else by paths-info), their headers fetched, and streamed. ``names``: the index's and the
+    single file's names."""
     _go_on(abandoned)
     repo_id, (index_name, single_name) = repo.repo_id, names
     local: dict[str, Path] = {}
@@ -457,7 +530,8 @@ def _open_shards(
     missing = [shard for shard in shards if shard not in local]
     if missing and repo.offline:
         raise CheckpointError(_offline_message(repo, missing, index_name))
-    remote = {}
+    remote = {shard: located[shard] for shard in missing if shard in located}
+    missing = [shard for shard in missing if shard not in remote]
     if missing:
         try:
             resolved = describe_remote_files(repo, missing, listed)
@@ -492,10 +566,10 @@ def _open_shards(
         raise
 
 
-def _guess_shards(repo: HubRepo, listed: dict[str, Any], index_name: str, single_name: str) -> list[str] | None:
-    """The weight files the index will name, from the folder listing, when ``save_pretrained``'s naming leaves no
-    doubt: every one of ``model-00001-of-0000N.safetensors`` to N (next to the index), or ``model.safetensors``
-    alone (no index). None otherwise."""
+def _guess_shards(repo: HubRepo, listed: Iterable[str], index_name: str, single_name: str) -> list[str] | None:
+    """The weight files the index will name, from the names of the repo's files, when ``save_pretrained``'s
+    naming leaves no doubt: every one of ``model-00001-of-0000N.safetensors`` to N (next to the index), or
+    ``model.safetensors`` alone (no index). None otherwise."""
     prefix = f"{repo.subfolder}/" if repo.subfolder else ""
     names = {path.removeprefix(prefix) for path in listed if path.startswith(prefix)}
     if index_name not in names:

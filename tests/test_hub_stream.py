@@ -105,14 +105,13 @@ def test_load_costs_one_metadata_call_and_one_request_per_header_then_weights_in
         model = stream(complete_download=False, max_connections=1, budget=60_000)
         log = server.log
 
-        # Revision resolved once, one listing of the folder for every shard, no HEAD on a shard: one resolve call
-        # per shard (302 to the bridge), then its header probe from the bridge.
+        # Revision resolved once, by the call that names the files (no listing): one resolve call per shard (a HEAD
+        # answered 302 to the bridge, which says what the file is), then its header probe from the bridge.
         api = [r.path for r in log if r.path.startswith("/api/")]
-        assert api == [f"/api/models/{REPO}", f"/api/models/{REPO}/tree/{server.add_repo(REPO, tiny)}"]
+        assert api == [f"/api/models/{REPO}"]
         shard_requests = [r for r in log if r.file and r.file.endswith(".safetensors")]
-        assert not [r for r in shard_requests if r.method == "HEAD"]
-        assert sorted((r.origin, r.status, r.file) for r in shard_requests) == sorted(
-            [("hub", 302, name) for name in sizes] + [("bridge", 206, name) for name in sizes]
+        assert sorted((r.origin, r.method, r.status, r.file) for r in shard_requests) == sorted(
+            [("hub", "HEAD", 302, name) for name in sizes] + [("bridge", "GET", 206, name) for name in sizes]
         )
         loaded = fetched(server)
         assert sorted(loaded) == sorted((name, 0, min(size, TEST_PROBE_BYTES)) for name, size in sizes.items())
@@ -163,7 +162,8 @@ def test_a_repo_opened_ahead_is_taken_by_the_load_and_its_revision_resolved_once
         assert opened is future.result() and opened.commit == commit
         _opened.append(opened.source)
         api = [r.path for r in server.log if r.path.startswith("/api/")]
-        assert api == [f"/api/models/{REPO}", f"/api/models/{REPO}/tree/{commit}"], "the revision resolved once"
+        assert api == [f"/api/models/{REPO}"], "the revision resolved once, by the call that named the shards"
+        assert (repo_cache(tmp_path) / "refs" / "main").read_text() == commit, "recorded as huggingface_hub does"
         assert [r.method for r in server.log if r.file == SAFE_INDEX] == ["HEAD", "GET"]
         assert server.resolve_calls(".safetensors") == len(shard_sizes(tiny))
         assert opened.source._finalizer.alive
@@ -176,13 +176,52 @@ def test_a_load_that_fails_leaves_no_request_of_ours_behind(tiny: Path, tmp_path
     client on a connect error)."""
     with served(tiny, tmp_path) as server:
         server.add_fault(Fault(file=SAFE_INDEX, delay=0.5, times=None))  # in flight when the load fails
-        server.add_fault(Fault(path="/api/models/*/tree/*", delay=0.5, times=None))  # the folder listing too
+        server.add_fault(Fault(file="*.safetensors", method="HEAD", delay=0.5, times=None))  # the shards' too
         server.add_fault(Fault(file="config.json", status=404, times=None))
         with pytest.raises(OSError):
             AutoModelForCausalLM.from_pretrained(REPO, device_map="stream")
         wait_for_metadata_threads()
         assert any(r.file == SAFE_INDEX for r in server.log), "the repo was being opened ahead"
-        assert [r.file for r in server.log if r.file and r.file.endswith(".safetensors")] == []
+        assert [r.method for r in server.log if r.file and r.file.endswith(".safetensors")] == ["HEAD"] * 3
+
+
+def test_the_shards_own_resolve_answers_describe_them_while_the_index_is_on_its_way(tiny: Path, tmp_path: Path) -> None:
+    """The call that resolves the branch names the repo's files: each shard's resolve answer (a 302 with its
+    sha256, size, Xet hash and signed URL) is asked for at once, and the headers come from the bridge before the
+    index does; no folder listing, and one resolve call per shard, as before."""
+    sizes = shard_sizes(tiny)
+    with served(tiny, tmp_path) as server:
+        server.add_fault(Fault(file=SAFE_INDEX, method="GET", delay=1.0, times=None))
+        model = stream()
+        log = server.log
+        index_came = max(r.end for r in log if r.file == SAFE_INDEX and r.method == "GET")
+        headers = {r.file: r for r in log if r.origin == "bridge" and r.range and r.range.startswith("bytes=0-")}
+        assert set(headers) == set(sizes) and all(r.time < index_came for r in headers.values())
+        assert not [r for r in log if "/tree/" in r.path], "no folder listing"
+        resolves = sorted((r.file, r.method) for r in log if r.is_resolve and r.file.endswith(".safetensors"))
+        assert resolves == [(name, "HEAD") for name in sorted(sizes)]
+        assert generate(model) == reference_tokens(tiny)
+        assert {k: v.verified for k, v in wait_until_cached(model, timeout=30).items()} == dict.fromkeys(sizes, True)
+    assert_cache_verified(tmp_path, tiny)
+
+
+@pytest.mark.parametrize("answer", ["error", "reset"])
+def test_a_shard_its_resolve_answer_does_not_describe_is_described_by_the_listing(
+    tiny: Path, tmp_path: Path, answer: str
+) -> None:
+    sizes = shard_sizes(tiny)
+    odd = sorted(sizes)[1]
+    with served(tiny, tmp_path) as server:
+        if answer == "error":
+            server.add_fault(Fault(file=odd, method="HEAD", status=500, times=None))
+        else:
+            server.add_fault(Fault(file=odd, method="HEAD", reset=True, times=None))
+        model = stream()
+        assert [r.path for r in server.log if "/tree/" in r.path], "the listing describes it"
+        assert generate(model) == reference_tokens(tiny)
+        wait_until_cached(model, timeout=30)
+        assert_each_byte_once(fetched(server), sizes)
+    assert_cache_verified(tmp_path, tiny)
 
 
 def test_the_gil_changes_hands_often_while_a_repo_is_opened_ahead_and_the_interval_is_put_back(
@@ -885,7 +924,8 @@ def test_committed_blobs_go_to_the_shared_store_and_another_repo_links_them_with
         assert generate(copy) == reference_tokens(tiny)
         second = wait_until_cached(copy, timeout=30)
         log = server.log
-    assert not [r for r in log if r.file and r.file.endswith(".safetensors")], "nothing fetched for the copy"
+    # What the resolve answers say (sha256, Xet hash), as huggingface_hub's own HEAD before it links from the store
+    assert [r.method for r in log if r.file and r.file.endswith(".safetensors")] == ["HEAD"] * len(sizes)
     assert source_of(copy).streamed_shards == []
     assert {k: v.sha256 for k, v in second.items()} == {k: sha256_of(tiny / k) for k in sizes}
     assert_cache_verified(tmp_path, tiny, "org/copy")
@@ -1154,8 +1194,9 @@ def test_a_cold_load_asks_for_the_metadata_and_the_generation_config_while_the_i
     listing = [r for r in log if "/tree/" in r.path]
     generation = [r for r in log if r.path.endswith("generation_config.json")]
     headers = [r for r in log if r.file and r.file.endswith(".safetensors")]
-    assert len(listing) == 1 and not [r for r in log if "/paths-info/" in r.path], "one metadata call"
-    assert listing[0].time < min(r.end for r in index), "the listing went out with the index, not after it"
+    located = [r for r in headers if r.method == "HEAD"]
+    assert not listing and not [r for r in log if "/paths-info/" in r.path], "the shards' resolve answers say it all"
+    assert max(r.time for r in located) < min(r.end for r in index), "they went out with the index, not after it"
     assert max(r.time for r in generation) < max(r.end for r in headers), "generation config: not after the load"
 
 
@@ -1178,6 +1219,7 @@ def api_route(record: RequestRecord) -> str:
 @pytest.mark.parametrize("status", [403, 500], ids=["refused", "retried"])
 def test_a_failed_or_late_folder_listing_falls_back_to_paths_info(tiny: Path, tmp_path: Path, status: int) -> None:
     with served(tiny, tmp_path) as server:
+        server.add_fault(Fault(file="*.safetensors", method="HEAD", status=500, times=None))  # the listing is asked
         server.add_fault(Fault(path="*/tree/*", status=status, times=None))  # huggingface_hub retries a 500 for 23 s
         start = time.monotonic()
         model = stream(complete_download=False)

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import calendar
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ HEADER_PROBE_BYTES = 100_001  # what parse_safetensors_file_metadata reads at on
 BODY_CHUNK_BYTES = 256 << 10  # response bytes handed on at a time (small: each thread allocates it)
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _EXPIRY_SLACK_S = 1.0  # a 403 this close to an URL's expiry is taken for its expiry
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # also the form of a Xet hash
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,50 @@ def list_remote_files(repo: HubRepo) -> dict[str, Any]:
         response = client.get(url, headers=build_hf_headers(token=repo.token), timeout=constants.HF_HUB_ETAG_TIMEOUT)
         hf_raise_for_status(response)
         return {item["path"]: RepoFile(**item) for item in response.json() if item.get("type") == "file"}
+
+
+def locate_remote_files(repo: HubRepo, shards: list[str]) -> dict[str, RemoteFile]:
+    """The shards that their own resolve answer describes, each with where its bytes are.
+
+    One ``HEAD /resolve/<commit>/<file>`` each, all at once, not followed: today's Hub answers 302 with the file's
+    sha256 (``X-Linked-Etag``), size (``X-Linked-Size``), Xet hash and signed URL (``Location``), which is what
+    the folder listing and the first range request would tell, in one round trip instead of two. It is the resolve
+    call the shard's first range request would have made: the requests after it go to ``Location``. A shard whose
+    answer does not describe it that way (an error, a renamed repo's redirect, a mirror without the headers, a
+    file outside LFS) is left out, for the listing to describe; like the listing, this is only a shortcut, with no
+    retry.
+    """
+    headers = build_hf_headers(token=repo.token)
+    headers["Accept-Encoding"] = "identity"
+
+    def locate(client: httpx2.Client, shard: str) -> RemoteFile | None:
+        url = hf_hub_url(repo.repo_id, repo.path_in_repo(shard), revision=repo.commit)
+        try:
+            response = client.head(url, headers=headers, timeout=constants.HF_HUB_ETAG_TIMEOUT, follow_redirects=False)
+        except httpx2.HTTPError as err:
+            logger.debug("Locating %s failed (%r)", shard, err)
+            return None
+        sha256 = _normalize_etag(response.headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_ETAG))
+        size = response.headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_SIZE, "")
+        commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT, repo.commit)
+        if not (response.has_redirect_location or response.status_code == 200) or commit != repo.commit:
+            return None
+        if sha256 is None or not _SHA256.fullmatch(sha256) or not size.isdigit():
+            return None  # not a file in LFS (no sha256 to verify a stream against), or a server that does not say
+        xet_hash = response.headers.get(constants.HUGGINGFACE_HEADER_X_XET_HASH)
+        remote = RemoteFile(
+            repo, shard, sha256, int(size), xet_hash if xet_hash and _SHA256.fullmatch(xet_hash) else None
+        )
+        with remote.location.lock:
+            if response.has_redirect_location:
+                remote.location.set(urljoin(url, response.headers["Location"]), mirror=False)
+            else:  # a mirror: /resolve/ serves the bytes itself
+                remote.location.set(url, mirror=True)
+        return remote
+
+    with take_client() as client, ThreadPoolExecutor(max(1, len(shards)), "hf_ws-locate") as pool:
+        located = dict(zip(shards, pool.map(lambda shard: locate(client, shard), shards), strict=True))
+    return {shard: remote for shard, remote in located.items() if remote is not None}
 
 
 def describe_remote_files(
