@@ -2,9 +2,9 @@
 
 For a Hub repo, the commit is pinned once and only the small files are fetched the normal way (config,
 generation config, index, all by commit hash). Shards already in the Hub cache are read in place, with no copy.
-Shards that are not cached are not downloaded: one metadata call describes them all, `hub` reads their
-safetensors headers with one range request each now and their weights when the forward pass needs them, and puts
-the completed files into the Hub cache.
+Shards that are not cached are not downloaded: their own resolve answers (or one metadata call) describe them,
+`hub` reads their safetensors headers with one range request each now and their weights when the forward pass
+needs them, and puts the completed files into the Hub cache.
 """
 
 from __future__ import annotations

@@ -5,15 +5,17 @@ Round trips are what a cold start pays for, so they are counted:
 - The revision is resolved to a commit once (transformers' ``resolve_revision`` usually did it already: a
   ``ResolvedRevision``); everything after is fetched by commit hash, so the index and the shards cannot come from
   different commits if the branch moves meanwhile.
-- One call answers size, sha256 (the LFS oid) and Xet hash of every shard: no HEAD per shard. On a cold cache it
-  is a listing of the weights' folder (``list_repo_tree``) sent together with the index download, so it costs no
-  round trip of its own; otherwise ``get_paths_info`` for the shards the index names.
-- The first request of a shard is the header probe (``HEADER_PROBE_BYTES`` from byte 0, like huggingface_hub's own
-  ``parse_safetensors_file_metadata``: one request covers nearly every safetensors header). It goes to
-  ``/resolve/<commit>/<file>``. Today's Hub answers 302 to a signed URL on a bridge host, with the file's
-  ``X-Linked-Etag`` (checked against the sha256 we expect); every later range of the file goes straight to that
-  URL, so a shard costs one call to the Hub's rate-limited ``/resolve/`` route. A mirror that does not redirect
-  answers the range itself; then every request is a resolve call.
+- Each shard is described by its own resolve answer when the files' names are known as the commit is pinned
+  (`locate_remote_files`: a HEAD of ``/resolve/<commit>/<file>``, which today's Hub answers 302 to a signed URL on
+  a bridge host, with the file's sha256, size and Xet hash), sent together with the index download. Otherwise one
+  call describes every shard: on a cold cache, a listing of the weights' folder (``list_repo_tree``) sent together
+  with the index download; else ``get_paths_info`` for the shards the index names.
+- The first range of a shard is the header probe (``HEADER_PROBE_BYTES`` from byte 0, like huggingface_hub's own
+  ``parse_safetensors_file_metadata``: one request covers nearly every safetensors header). Unless the HEAD above
+  told where the bytes are, it goes to ``/resolve/<commit>/<file>``, whose 302 carries the file's ``X-Linked-Etag``
+  (checked against the sha256 we expect). Every later range of the file goes straight to the redirect's URL, so a
+  shard costs one call to the Hub's rate-limited ``/resolve/`` route. A mirror that does not redirect answers the
+  range itself; then every request is a resolve call.
 - Signed URLs expire (about an hour on the Hub). A 403 on an URL that has expired (its ``Expires`` or
   ``X-Amz-Date``/``X-Amz-Expires``), or whose expiry cannot be read, re-resolves it, once for all the threads
   fetching that file (`Location`). A 403 on an URL that has not expired (seen in the wild on Xet bridges) is
