@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 # How long a load waits for the folder listing once the index is read (they normally come together): a listing that
 # is slower (huggingface_hub retrying a 5xx) is left behind for a paths-info call.
 LISTING_GRACE_S = 1.0
+# How many shards are described by their own resolve answers, sent at once (`open_hub_repo`); a listing describes
+# the others in the same round trip (a model of 160 shards would otherwise send 160 requests at once).
+LOCATE_AT_ONCE = 16
 # The name of `_in_background`'s threads (tests wait for them before they point huggingface_hub elsewhere).
 METADATA_THREAD = "hf_ws-meta"
 _DOWNLOAD_OPTIONS = (
@@ -366,12 +369,14 @@ def open_hub_repo(
 
     def locate_and_open(guess: list[str]) -> Checkpoint:
         uncached = [shard for shard in guess if repo.force_download or _cached_path(repo, shard) is None]
-        located = locate_remote_files(repo, uncached)
+        first = uncached[:LOCATE_AT_ONCE]  # the forward pass starts with the first shards; the listing says the rest
+        rest = _in_background(list_remote_files, repo) if len(first) < len(uncached) else None
+        located = locate_remote_files(repo, first)
         _go_on(abandoned)
         listed = None
         if any(shard not in located for shard in uncached):
             try:
-                listed = list_remote_files(repo)
+                listed = rest.result() if rest is not None else list_remote_files(repo)
             except Exception as err:  # noqa: BLE001 - only a shortcut: paths-info describes them instead
                 logger.debug("Listing the weights' folder failed (%r); asking paths-info instead", err)
         return open_shards(guess, listed, located)

@@ -205,6 +205,24 @@ def test_the_shards_own_resolve_answers_describe_them_while_the_index_is_on_its_
     assert_cache_verified(tmp_path, tiny)
 
 
+def test_past_the_first_shards_the_listing_describes_the_others_in_the_same_round_trip(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(checkpoint, "LOCATE_AT_ONCE", 1)
+    sizes = shard_sizes(tiny)
+    first = min(sizes)
+    with served(tiny, tmp_path, latency=0.2) as server:
+        model = stream()
+        log = server.log
+        heads = [r for r in log if r.method == "HEAD" and r.file and r.file.endswith(".safetensors")]
+        (listing,) = [r for r in log if "/tree/" in r.path]
+        assert [r.file for r in heads] == [first] and abs(listing.time - heads[0].time) < 0.15, "sent together"
+        assert generate(model) == reference_tokens(tiny)
+        wait_until_cached(model, timeout=30)
+        assert server.resolve_calls(".safetensors") == len(sizes), "the others: their first range's redirect"
+        assert_each_byte_once(fetched(server), sizes)
+
+
 @pytest.mark.parametrize("answer", ["error", "reset"])
 def test_a_shard_its_resolve_answer_does_not_describe_is_described_by_the_listing(
     tiny: Path, tmp_path: Path, answer: str
