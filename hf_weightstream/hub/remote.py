@@ -264,15 +264,15 @@ class RemoteFile:
 # Clients of our own made ahead of the requests that need them (`prepare_clients`), with the factory that made each.
 _spare_clients: list[tuple[Callable[[], httpx2.Client], httpx2.Client]] = []
 _spare_lock = threading.Lock()
-SPARE_CLIENTS = 2  # a load's first two: the folder listing's, and the range fetcher's (the header requests)
+SPARE_CLIENTS = 2  # a cold load's first two: its shards' HEADs (or the folder listing), the range fetcher's
 
 
 def prepare_clients() -> None:
     """Make the clients a cold load is about to need, in the background, while its revision resolves.
 
     Making one costs about 30 ms of CPU (httpx2 loads the CA bundle into a new SSL context), and a cold load makes
-    two on the path to its first weight byte, one after the other: the folder listing's, then the one its header
-    requests go through. Made ahead, they cost that path nothing.
+    two on the path to its first weight byte, one after the other: the one its shards' HEADs (or the folder
+    listing) go through, then the one its range requests do. Made ahead, they cost that path nothing.
     """
 
     def make() -> None:
