@@ -242,6 +242,25 @@ def test_a_shard_its_resolve_answer_does_not_describe_is_described_by_the_listin
     assert_cache_verified(tmp_path, tiny)
 
 
+def test_the_revision_is_resolved_as_transformers_would_when_the_hub_errs(tiny: Path, tmp_path: Path) -> None:
+    """The call that resolves the revision and names the files ends as transformers' ``resolve_revision`` does: the
+    commit (recorded in refs/ as huggingface_hub records it) and the names; when the Hub is down, the commit the
+    cache recorded and no names; when the Hub refuses (an unknown revision), the revision as asked, for the load's
+    own calls to report."""
+    options = {"token": None, "cache_dir": None}
+    with served(tiny, tmp_path) as server:
+        commit = server.add_repo(REPO, tiny)
+        revision, files = checkpoint._resolve_with_files(REPO, None, options)
+        assert isinstance(revision, ResolvedRevision) and revision.resolved == commit
+        assert sorted(files) == sorted(p.name for p in tiny.iterdir())
+        assert (repo_cache(tmp_path) / "refs" / "main").read_text() == commit
+        server.add_fault(Fault(path=f"/api/models/{REPO}*", status=503, times=None))
+        revision, files = checkpoint._resolve_with_files(REPO, None, options)
+        assert isinstance(revision, ResolvedRevision) and revision.resolved == commit and files is None
+        server.clear_faults()
+        assert checkpoint._resolve_with_files(REPO, "no-such-branch", options) == ("no-such-branch", None)
+
+
 def test_the_gil_changes_hands_often_while_a_repo_is_opened_ahead_and_the_interval_is_put_back(
     tiny: Path, tmp_path: Path, monkeypatch
 ) -> None:
