@@ -157,9 +157,11 @@ def test_a_body_not_read_to_its_end_closes_its_connection(tmp_path: Path) -> Non
     assert peers[0] != peers[1]
 
 
-def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stalls() -> None:
+@pytest.mark.parametrize("length", ["Content-Length: 100000", "Connection: close"], ids=["length", "until-close"])
+def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stalls(length: str) -> None:
     """Headers and the first 700 body bytes in one packet, then silence: a read that times out must have returned
-    those 700 bytes first (a buffered reader would hold them while it waits for more, and lose them)."""
+    those 700 bytes first (a buffered reader would hold them while it waits for more, and lose them), whether the
+    body's length is given or it ends with the connection."""
     listener = socket.create_server(("127.0.0.1", 0))
     release = threading.Event()
 
@@ -167,7 +169,7 @@ def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stall
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            head = b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100000\r\nContent-Range: bytes 0-99999/100000\r\n"
+            head = b"HTTP/1.1 206 Partial Content\r\n%s\r\nContent-Range: bytes 0-99999/100000\r\n" % length.encode()
             head += b"\r\n"
             conn.sendall(head + b"x" * 700)  # one send: the bytes arrive with the headers
             release.wait(10)
@@ -188,6 +190,77 @@ def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stall
         connections.close()
         listener.close()
     assert got == 700 and buffer[:700] == b"x" * 700
+
+
+def _serve_once(listener: socket.socket, packets: list[bytes], release: threading.Event) -> threading.Thread:
+    """Answer one request on ``listener`` with ``packets``, each sent on its own a moment after the one before."""
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.recv(65536)
+            for packet in packets:
+                conn.sendall(packet)
+                time.sleep(0.02)
+            release.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_answers_headers_are_read_a_packet_at_a_time(monkeypatch) -> None:
+    """A status line, ten header lines and a short body in one packet take one or two reads of the socket, not a
+    read per byte of the headers (the CPU a fetch thread takes from the forward pass, per request)."""
+    reads = []
+    real = socket.SocketIO.readinto
+
+    def counted(self, b):
+        n = real(self, b)
+        reads.append(n)
+        return n
+
+    monkeypatch.setattr(socket.SocketIO, "readinto", counted)
+    head = b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100\r\nContent-Range: bytes 0-99/1000\r\n"
+    head += b"".join(b"X-Header-%d: %s\r\n" % (i, b"v" * 40) for i in range(8)) + b"\r\n"
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+    _serve_once(listener, [head + bytes(range(100))], release)
+    connections = direct_http.DirectConnections()
+    try:
+        answer = connections.get(f"http://127.0.0.1:{listener.getsockname()[1]}/f", {"Range": "bytes=0-99"}, 5.0)
+        assert answer.status_code == 206 and answer.headers["x-header-7"] == "v" * 40
+        assert answer.read() == bytes(range(100))
+        answer.close()
+    finally:
+        release.set()
+        connections.close()
+        listener.close()
+    assert len(reads) <= 2, f"{len(reads)} reads of the socket for {len(head) + 100} bytes"
+
+
+def test_a_chunked_answer_split_across_packets_is_read_whole() -> None:
+    """Chunk sizes, chunk data and their line ends in separate packets: every read ``http.client`` makes of an exact
+    length gets that length, not what the first packet held."""
+    body = [b"hello ", b"direct ", b"world"]
+    packets = [b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"]
+    for chunk in body:
+        packets += [b"%x\r\n" % len(chunk), chunk[:2], chunk[2:], b"\r", b"\n"]
+    packets.append(b"0\r\n\r\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+    _serve_once(listener, packets, release)
+    connections = direct_http.DirectConnections()
+    try:
+        answer = connections.get(f"http://127.0.0.1:{listener.getsockname()[1]}/f", {"Range": "bytes=0-99"}, 5.0)
+        assert answer.status_code == 403
+        assert answer.read() == b"".join(body)
+        answer.close()
+    finally:
+        release.set()
+        connections.close()
+        listener.close()
 
 
 def test_https_locations_are_verified_with_httpx2s_certificate_settings() -> None:
