@@ -212,6 +212,9 @@ def test_signed_bridge_urls_expire_and_a_new_resolve_gives_a_fresh_one(tiny_llam
     assert ranged.headers["Content-Range"] == f"bytes 0-99/{len(data)}"
     assert tampered.status_code == 403 and b"Invalid signature" in tampered.content
     assert expired.status_code == 403 and b"Request has expired" in expired.content
+    for refused in (tampered, expired):  # the storage's error documents: XML, chunked as S3 sends them
+        assert refused.headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in refused.headers
+        assert refused.headers["Content-Type"] == "application/xml" and b"<Code>AccessDenied</Code>" in refused.content
     assert fresh != first and (again.status_code, again.content) == (206, data[100:200])
     assert calls == 2, "two HEADs; the bridge requests are not resolve calls"
 
@@ -587,9 +590,11 @@ def test_every_nth_request_fault_is_occasional_and_can_hit_valid_ranges_on_the_b
     with hub_server({REPO: tiny_llama}, mode="xet") as srv:
         location = get_hf_file_metadata(_resolve_url(srv, SHARD)).location
         forbidden = srv.add_fault(Fault(origin="bridge", ranged_only=True, status=403, every=3, times=None))
-        statuses = [httpx2.get(location, headers={"Range": f"bytes={i}-{i}"}).status_code for i in range(7)]
-    assert statuses == [206, 206, 403, 206, 206, 403, 206]
+        answers = [httpx2.get(location, headers={"Range": f"bytes={i}-{i}"}) for i in range(7)]
+    assert [a.status_code for a in answers] == [206, 206, 403, 206, 206, 403, 206]
     assert (forbidden.seen, forbidden.fired) == (7, 2)
+    refused = answers[2]  # as the storage answers, not the Hub
+    assert refused.headers["Transfer-Encoding"] == "chunked" and b"<Code>InjectedFault</Code>" in refused.content
 
 
 def test_mirror_mode_serves_ranges_itself_each_a_resolve_call_optionally_without_content_range(

@@ -18,7 +18,8 @@ Two ways to serve LFS files (``mode``), as read from ``huggingface_hub`` 2.4 and
   ``Link: <.../api/models/{repo}/xet-read-token/{commit}>; rel="xet-auth"``. ``Location`` is a signed URL on a
   second host name and port, the "bridge" (``http://localhost:PORT/xet-bridge-us/<repo>/<xet hash>?Expires=...
   &Signature=...``), which serves byte ranges and answers 403 once ``url_ttl`` seconds have passed (or when the
-  signature is wrong). The ``xet-auth`` route answers a token and a CAS URL, but this server has no Xet CAS:
+  signature is wrong). Its errors, injected faults included, are S3-style XML documents sent chunked, as S3 and
+  CloudFront send theirs. The ``xet-auth`` route answers a token and a CAS URL, but this server has no Xet CAS:
   ``hf_xet`` cannot download from it, so plain ``huggingface_hub`` downloads need ``HF_HUB_DISABLE_XET=1``, with
   which huggingface_hub follows ``Location`` over HTTP as it does when hf_xet is not installed.
 - ``"mirror"`` (default): ``/resolve/`` serves the bytes itself, with ``X-Linked-Etag``/``X-Linked-Size`` for LFS
@@ -217,9 +218,10 @@ def _error_response(error: HttpError) -> _Response:
 
 
 def _storage_error(status: int, code: str, message: str) -> _Response:
-    """An error of the storage behind the bridge: S3/CloudFront style XML, no Hub headers."""
+    """An error of the storage behind the bridge: S3/CloudFront style XML, no Hub headers, sent chunked as S3 sends
+    its error documents."""
     body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
-    return _Response(status, {"Content-Type": "application/xml"}, body.encode())
+    return _Response(status, {"Content-Type": "application/xml"}, body.encode(), chunked=True)
 
 
 class _RangeNotSatisfiable(Exception):
@@ -268,6 +270,7 @@ class _Response:
     headers: dict[str, str]
     body: bytes | _FileSlice = b""
     file: str | None = None
+    chunked: bool = False  # sent with Transfer-Encoding: chunked (an error document of the storage)
 
     @classmethod
     def json(cls, status: int, payload: Any, headers: dict[str, str] | None = None) -> _Response:
@@ -408,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reset_connection()
                 return
             if action is not None:
-                response = _fault_response(action, response.file)
+                response = _fault_response(action, response.file, ctx.origin)
             try:
                 self._send(ctx, response, head_only)
             except OSError:
@@ -555,23 +558,43 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, ctx: _RequestContext, response: _Response, head_only: bool) -> None:
         hub = self.server.hub
         length = response.length
-        body_fault = hub._take_body_fault(ctx) if not head_only and length > 0 else None
+        chunked = response.chunked and isinstance(response.body, bytes)
+        body_fault = hub._take_body_fault(ctx) if not head_only and length > 0 and not chunked else None
         limit = body_fault.truncate_after if body_fault is not None else None
         self.send_response(response.status)
         for key, value in response.headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(length))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(length))
         if self._served >= _MAX_REQUESTS_PER_CONNECTION or limit is not None:
             self.send_header("Connection", "close")
         record = hub._log(ctx, status=response.status)
         try:
             self.end_headers()
+            if head_only:
+                return
+            if chunked:
+                self._write_chunked(record, bytes(response.body))
+                return
             count = length if limit is None else min(limit, length)
             stall = (body_fault.stall_after, body_fault.stall) if body_fault and body_fault.stall else None
-            if not head_only and self._write_body(record, response.body, count, stall) < length:
+            if self._write_body(record, response.body, count, stall) < length:
                 self.close_connection = True  # cut short (fault, stop, or the file shrank): client sees EOF
         finally:
             hub._finish(record)
+
+    def _write_chunked(self, record: RequestRecord, body: bytes) -> None:
+        """``body`` in two chunks, each write its own packet (``TCP_NODELAY``): a client reads sizes, data and line
+        ends as they come, not all at once."""
+        self.server.hub._count(record, len(body))
+        half = len(body) // 2
+        for piece in (body[:half], body[half:]):
+            if piece:
+                self.wfile.write(b"%x\r\n" % len(piece))
+                self.wfile.write(piece + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
 
     def _write_body(
         self, record: RequestRecord, body: bytes | _FileSlice, count: int, stall: tuple[int, float] | None
@@ -607,12 +630,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
 
 
-def _fault_response(fault: Fault, file: str | None) -> _Response:
+def _fault_response(fault: Fault, file: str | None, origin: str) -> _Response:
+    """The fault's status, as the Hub answers it (JSON) or, on the bridge, as its storage does (chunked XML)."""
     assert fault.status is not None
-    headers = {"X-Error-Message": f"injected fault: HTTP {fault.status}"}
+    message = f"injected fault: HTTP {fault.status}"
+    if origin == "bridge":
+        response = _storage_error(fault.status, "InjectedFault", message)
+    else:
+        response = _Response.json(fault.status, {"error": message}, {"X-Error-Message": message})
     if fault.retry_after is not None:
-        headers["Retry-After"] = str(fault.retry_after)
-    response = _Response.json(fault.status, {"error": f"injected fault: HTTP {fault.status}"}, headers)
+        response.headers["Retry-After"] = str(fault.retry_after)
     response.file = file
     return response
 
