@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -217,6 +219,24 @@ def test_signed_bridge_urls_expire_and_a_new_resolve_gives_a_fresh_one(tiny_llam
         assert refused.headers["Content-Type"] == "application/xml" and b"<Code>AccessDenied</Code>" in refused.content
     assert fresh != first and (again.status_code, again.content) == (206, data[100:200])
     assert calls == 2, "two HEADs; the bridge requests are not resolve calls"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the TLS bridge's certificate is made with openssl")
+def test_the_bridge_can_serve_https_to_clients_that_trust_its_certificate(tiny_llama: Path) -> None:
+    data = (tiny_llama / SHARD).read_bytes()
+    with hub_server({REPO: tiny_llama}, mode="xet", tls=True) as srv:
+        location = get_hf_file_metadata(_resolve_url(srv, SHARD)).location
+        trusting = ssl.create_default_context(cafile=srv.ca_file)
+        ranged = httpx2.get(location, headers={"Range": "bytes=0-99"}, verify=trusting)
+        with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx2.get(location, headers={"Range": "bytes=0-99"}, verify=ssl.create_default_context())
+        again = httpx2.get(location, headers={"Range": "bytes=100-199"}, verify=trusting)  # still serving
+        hub_scheme = urlsplit(srv.url).scheme
+    assert location.startswith("https://localhost:") and hub_scheme == "http"
+    assert (ranged.status_code, ranged.content) == (206, data[:100])
+    assert (again.status_code, again.content) == (206, data[100:200])
+    with pytest.raises(ValueError, match="mode='xet'"):
+        HubServer(tls=True)
 
 
 def test_xet_mode_plain_download_over_http_sends_no_token_to_the_bridge(

@@ -19,7 +19,10 @@ Two ways to serve LFS files (``mode``), as read from ``huggingface_hub`` 2.4 and
   second host name and port, the "bridge" (``http://localhost:PORT/xet-bridge-us/<repo>/<xet hash>?Expires=...
   &Signature=...``), which serves byte ranges and answers 403 once ``url_ttl`` seconds have passed (or when the
   signature is wrong). Its errors, injected faults included, are S3-style XML documents sent chunked, as S3 and
-  CloudFront send theirs. The ``xet-auth`` route answers a token and a CAS URL, but this server has no Xet CAS:
+  CloudFront send theirs. With ``tls=True`` the bridge speaks HTTPS, as the real one does, with a self-signed
+  certificate for ``localhost`` made by the ``openssl`` command: clients trust it with ``SSL_CERT_FILE`` set to
+  :attr:`HubServer.ca_file`. (The Hub itself stays plain HTTP: huggingface_hub's client is the only one to call it.)
+  The ``xet-auth`` route answers a token and a CAS URL, but this server has no Xet CAS:
   ``hf_xet`` cannot download from it, so plain ``huggingface_hub`` downloads need ``HF_HUB_DISABLE_XET=1``, with
   which huggingface_hub follows ``Location`` over HTTP as it does when hf_xet is not installed.
 - ``"mirror"`` (default): ``/resolve/`` serves the bytes itself, with ``X-Linked-Etag``/``X-Linked-Size`` for LFS
@@ -45,6 +48,7 @@ gets a plain 404 (e.g. the client's best-effort ``GET /api/agent-harnesses``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fnmatch
@@ -53,10 +57,14 @@ import hmac
 import json
 import math
 import os
+import shutil
 import socket
 import socketserver
+import ssl
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -306,6 +314,32 @@ class _TokenBucket:
             return self._next - now
 
 
+_certificate_lock = threading.Lock()
+_certificate: Path | None = None
+
+
+def _localhost_certificate() -> Path:
+    """The folder of a self-signed certificate for ``localhost`` (``cert.pem``, ``key.pem``), made once per process
+    with the ``openssl`` command: the standard library cannot make one. One per process, so that a client told to
+    trust it (``SSL_CERT_FILE``) trusts every TLS bridge this process starts."""
+    global _certificate
+    with _certificate_lock:
+        if _certificate is None:
+            openssl = shutil.which("openssl")
+            if openssl is None:
+                raise RuntimeError("HubServer(tls=True) makes its certificate with the openssl command: install it")
+            folder = Path(tempfile.mkdtemp(prefix="hubserver-tls-"))
+            atexit.register(shutil.rmtree, folder, True)
+            subprocess.run(
+                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-days", "7", "-subj", f"/CN={_BRIDGE_HOST}", "-addext", f"subjectAltName=DNS:{_BRIDGE_HOST}",
+                 "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            _certificate = folder
+        return _certificate
+
+
 class _OriginServer(ThreadingHTTPServer):
     """One listening socket ("hub" or "bridge") of a :class:`HubServer`."""
 
@@ -313,10 +347,17 @@ class _OriginServer(ThreadingHTTPServer):
     block_on_close = False  # HubServer.stop() joins handler threads itself, with a deadline
     request_queue_size = 128  # snapshot_download and streaming open 8+ connections at once
 
-    def __init__(self, hub: HubServer, origin: str, port: int) -> None:
+    def __init__(self, hub: HubServer, origin: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.hub = hub
         self.origin = origin
+        self.tls = tls
         super().__init__((_LOOPBACK, port), _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, address = super().get_request()
+        if self.tls is not None:  # the handshake is the handler thread's, not the accepting loop's
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, address
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can hang offline.
@@ -362,6 +403,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle(self) -> None:
         self.close_connection = True
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except OSError:  # the client does not trust the certificate, or went away
+                return
         self.handle_one_request()
         while not self.close_connection and self._served < _MAX_REQUESTS_PER_CONNECTION:
             self.handle_one_request()
@@ -679,7 +725,8 @@ class HubServer:
     ``huggingface_hub`` at :attr:`url` (``HF_ENDPOINT`` before importing it, or ``endpoint=``). See the module
     docstring for ``mode`` ("mirror" or "xet") and the link model (``latency``, ``connection_bandwidth``,
     ``bandwidth``). ``url_ttl``: seconds a signed bridge URL stays valid (xet mode). ``content_range=False``: 206
-    answers without ``Content-Range``. ``latency``, the bandwidths and ``url_ttl`` can be changed while serving.
+    answers without ``Content-Range``. ``tls=True``: the bridge over HTTPS (xet mode; see :attr:`ca_file`).
+    ``latency``, the bandwidths and ``url_ttl`` can be changed while serving.
     """
 
     def __init__(
@@ -693,6 +740,7 @@ class HubServer:
         latency: float = 0.0,
         url_ttl: float = 3600.0,
         content_range: bool = True,
+        tls: bool = False,
     ) -> None:
         if host not in (_LOOPBACK, "localhost"):
             raise ValueError("HubServer only binds 127.0.0.1: it serves test data without any access control")
@@ -705,6 +753,9 @@ class HubServer:
         self.latency = latency
         self.url_ttl = url_ttl
         self.content_range = content_range
+        if tls and mode != "xet":
+            raise ValueError("tls=True serves the bridge over HTTPS: it needs mode='xet'")
+        self.tls = tls
         self._bucket = _TokenBucket(bandwidth) if bandwidth is not None else None
         self._connection_rate = connection_bandwidth
         if connection_bandwidth is not None:
@@ -732,7 +783,7 @@ class HubServer:
         try:
             self._servers.append(_OriginServer(self, "hub", self._port))
             if self.mode == "xet":
-                self._servers.append(_OriginServer(self, "bridge", 0))
+                self._servers.append(_OriginServer(self, "bridge", 0, self._tls_context() if self.tls else None))
         except OSError:
             for srv in self._servers:
                 srv.server_close()
@@ -780,6 +831,17 @@ class HubServer:
     def bridge_url(self) -> str | None:
         """The second origin LFS files are redirected to (another host name), or None in mirror mode."""
         return self._origin_url("bridge", _BRIDGE_HOST) if self.mode == "xet" else None
+
+    @property
+    def ca_file(self) -> Path | None:
+        """With ``tls=True``, the certificate a client must trust to reach the bridge (``SSL_CERT_FILE``)."""
+        return _localhost_certificate() / "cert.pem" if self.tls else None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        folder = _localhost_certificate()
+        context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+        return context
 
     @property
     def bandwidth(self) -> float | None:
@@ -877,7 +939,7 @@ class HubServer:
     def _origin_url(self, origin: str, host: str) -> str:
         for srv in self._servers:
             if srv.origin == origin:
-                return f"http://{host}:{srv.server_address[1]}"
+                return f"{'https' if srv.tls else 'http'}://{host}:{srv.server_address[1]}"
         raise RuntimeError("HubServer is not started")
 
     def _signature(self, path: str, expires: str) -> str:
