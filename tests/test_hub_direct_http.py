@@ -5,6 +5,7 @@ with connections as httpx2 is. The fault tests of test_hub_today.py run through 
 from __future__ import annotations
 
 import http.client
+import shutil
 import socket
 import ssl
 import threading
@@ -28,11 +29,14 @@ from hubtools import (
 from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import _http
 
-from hf_weightstream import hub, wait_until_cached
+from hf_weightstream import StreamingRuntimeError, hub, wait_until_cached
 from hf_weightstream.hub import direct_http
+from hf_weightstream.hub.remote import RangeFetchError
 from hf_weightstream.testing import hub_server
+from hf_weightstream.testing.hub_server import Fault
 
 streaming = pytest.fixture(autouse=True)(streaming_defaults)
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the TLS bridge's certificate needs openssl")
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +277,61 @@ def test_https_locations_are_verified_with_httpx2s_certificate_settings() -> Non
         assert (connection.host, connection.port) == ("cdn.example", 443)
     finally:
         connections.close()
+
+
+# -- the bridge over HTTPS, as the real one is -------------------------------------------------------------------
+
+
+@needs_openssl
+def test_a_bridge_over_https_is_read_directly_through_stalls_and_refusals(
+    tiny: Path, tmp_path: Path, monkeypatch, direct_calls: list[str]
+) -> None:
+    """TLS under the direct reader: a read that times out on an encrypted stream keeps what it decrypted, and the
+    storage's chunked 403 documents are read whole."""
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)  # a stall longer than this is a cut
+    with served(tiny, tmp_path, tls=True) as server:
+        monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))
+        model = stream(max_connections=2)
+        stall = server.add_fault(Fault(origin="bridge", ranged_only=True, stall=3.0, stall_after=700, times=2))
+        refused = server.add_fault(Fault(origin="bridge", ranged_only=True, status=403, every=2, times=2))
+        assert generate(model) == reference_tokens(tiny)
+        wait_until_cached(model, timeout=30)
+        assert stall.fired == 2 and refused.fired == 2
+        assert_each_byte_once(fetched(server), shard_sizes(tiny))
+        bridge = server.bridge_url
+    assert bridge.startswith("https://localhost:")
+    assert direct_calls and all(url.startswith(f"{bridge}/") for url in direct_calls)
+    assert_cache_verified(tmp_path, tiny)
+
+
+@needs_openssl
+@pytest.mark.parametrize("client", ["direct", "user-factory"])
+def test_an_untrusted_certificate_is_reported_at_once_with_the_fix(
+    tiny: Path, tmp_path: Path, monkeypatch, direct_calls: list[str], client: str
+) -> None:
+    """No retry passes a certificate check: each read ends at its first attempt (it used to retry with backoff
+    for a minute), and the error says which setting trusts the certificate."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    calls = {"fetch": 0, "attempt": 0}
+    for name in calls:
+        real = getattr(hub.remote.RangeFetcher, f"_{name}" if name == "attempt" else name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(hub.remote.RangeFetcher, f"_{name}" if name == "attempt" else name, counted)
+    if client == "user-factory":
+        set_client_factory(lambda: _http.default_client_factory())  # a user's own: ranges go through httpx2
+    try:
+        with served(tiny, tmp_path, tls=True), pytest.raises((StreamingRuntimeError, RangeFetchError)) as caught:
+            generate(stream(complete_download=False, max_connections=2))
+    finally:
+        set_client_factory(_http.default_client_factory)
+    error = caught.value if isinstance(caught.value, RangeFetchError) else caught.value.__cause__
+    assert isinstance(error, RangeFetchError)
+    message = str(error)
+    assert "TLS certificate of localhost is not trusted" in message and "SSL_CERT_FILE" in message
+    assert calls["fetch"] >= 1 and calls["attempt"] == calls["fetch"], calls
+    assert bool(direct_calls) == (client == "direct")

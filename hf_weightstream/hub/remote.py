@@ -33,6 +33,7 @@ from __future__ import annotations
 import calendar
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -482,6 +483,8 @@ class RangeFetcher:
                     raise self._gave_up(remote, position, end, busy.error) from busy.error
                 delay = busy.retry_after
             except httpx2.TransportError as err:  # no answer at all (connection refused, DNS, timeout)
+                if (untrusted := _untrusted_certificate(err)) is not None:  # no retry passes it
+                    raise self._untrusted(remote, position, end, err, untrusted) from err
                 http_failures += 1
                 if http_failures > policy.http_retries:
                     raise self._gave_up(remote, position, end, err) from err
@@ -693,6 +696,21 @@ class RangeFetcher:
         )
 
     @staticmethod
+    def _untrusted(
+        remote: RemoteFile, start: int, end: int, error: httpx2.TransportError, cause: ssl.SSLCertVerificationError
+    ) -> RangeFetchError:
+        try:
+            host = error.request.url.host
+        except RuntimeError:  # an error raised without its request
+            host = "the server"
+        return RangeFetchError(
+            f"Could not fetch {remote.describe(start, end)}: the TLS certificate of {host} is not trusted "
+            f"({cause.verify_message}). If a proxy or a private mirror sits between you and the Hub, point "
+            "SSL_CERT_FILE at a CA bundle that includes its certificate (huggingface_hub's client reads it too). The "
+            "bytes fetched so far are kept in the Hub cache."
+        )
+
+    @staticmethod
     def _forbidden(
         remote: RemoteFile, start: int, end: int, denied: _Forbidden, forbidden: int, refreshes: int
     ) -> RangeFetchError:
@@ -703,6 +721,17 @@ class RangeFetcher:
             "refuses a valid request (seen on some Xet bridge regions): try again later, or point HF_ENDPOINT at a "
             "mirror. The bytes fetched so far are kept in the Hub cache: the next run resumes from there."
         )
+
+
+def _untrusted_certificate(error: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The failed certificate check under ``error`` (httpx2 wraps it in its own errors), if there is one."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class _Forbidden(Exception):
