@@ -39,6 +39,9 @@ Setup, all local and reproducible:
 * This machine is shared and has 2 cores: the contenders run in ``--repeat`` rounds (each once per round, so that
   the machine's drift favours none) and each keeps its run with the shortest TTFT; every run's TTFT is shown.
 
+``--tls``: the bridge over HTTPS, as the real one is (a self-signed certificate the contenders trust through
+``SSL_CERT_FILE``): the CPU that encrypting and decrypting take from the forward pass on a small machine.
+
 ``--sweep``: the measurements the request sizes and connection count of ``hf_weightstream.hub.schedule`` were
 chosen from: throughput of back-to-back range requests of each size over each number of connections, against the
 same link model.
@@ -265,8 +268,10 @@ def run_sweep_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- parent side
 def _env(server: Any, cache: Path) -> dict[str, str]:
+    trust = {"SSL_CERT_FILE": str(server.ca_file)} if server.ca_file is not None else {}
     return dict(
         os.environ,
+        **trust,
         HF_ENDPOINT=server.url,
         HF_HUB_CACHE=str(cache),
         HF_HUB_DISABLE_PROGRESS_BARS="1",
@@ -557,7 +562,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{setup['command']}`",
         "",
         f"Model: {setup['model']} ({setup['model_bytes'] / 1e6:.0f} MB in {setup['shards']} shards), served by the "
-        f"local Hub in xet mode (302 to a signed bridge URL): {link['latency'] * 1000:.0f} ms to first byte, "
+        f"local Hub in xet mode (302 to a signed bridge URL{' over HTTPS' if link.get('tls') else ''}): "
+        f"{link['latency'] * 1000:.0f} ms to first byte, "
         f"{link['connection_bandwidth'] / 1e6:.0f} MB/s per connection, {link['bandwidth'] / 1e6:.0f} MB/s in all; "
         f"{setup['batch']} prompts of {setup['prompt_len']} tokens for (a), (b); best of {setup['repeat']} "
         f"interleaved rounds; streaming budget {setup['budget'] / 1e6:.0f} MB. Machine: {setup['machine']}. Code: git "
@@ -667,6 +673,7 @@ def _setup(args: argparse.Namespace, argv: list[str] | None, spec: Any, folder: 
             "bandwidth": args.bandwidth,
             "connection_bandwidth": args.connection_bandwidth,
             "latency": args.latency,
+            "tls": args.tls,
         },
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "git_head": _git("rev-parse", "--short", "HEAD"),
@@ -698,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth", type=float, default=100e6, help="bytes/s of the whole link (100 MB/s)")
     parser.add_argument("--connection-bandwidth", type=float, default=20e6, help="bytes/s per connection (20 MB/s)")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds to first byte of every answer (0.2)")
+    parser.add_argument("--tls", action="store_true", help="the bridge over HTTPS, as the real one (needs openssl)")
     parser.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt of (a), (b) (default 512)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the batch of (a), (b) (default 8)")
     parser.add_argument("--budget-fraction", type=float, default=0.5, help="streaming budget / model size")
@@ -730,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     link = {"bandwidth": args.bandwidth, "connection_bandwidth": args.connection_bandwidth, "latency": args.latency}
-    with HubServer(mode="xet", **link) as server:
+    with HubServer(mode="xet", tls=args.tls, **link) as server:
         server.add_repo(REPO_ID, folder)
         if args.sweep:
             shard = shard_files(folder)[0]
