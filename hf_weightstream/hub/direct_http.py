@@ -53,11 +53,12 @@ class _SocketReader(io.RawIOBase):
     """The socket as an answer reads it: lines from a small buffer, body bytes straight from the socket.
 
     A bare ``SocketIO`` reads a line one byte per ``recv`` (with a ``poll`` before each, the socket having a
-    timeout): hundreds of system calls and Python calls per answer's headers, 1.4 ms of a fetch thread's CPU per
-    request measured here. A buffered reader reads ahead, and a read that times out loses the body bytes it holds
-    (see `_Answer`). So lines are read a packet at a time into ``_pending``; `recv_into`, the body's fast path, hands
-    out what is pending before it asks the socket, so what arrived is never held while waiting for more. Everything
-    ``http.client`` reads itself gets a buffered reader's full reads.
+    timeout): hundreds of system calls and Python calls per answer's headers, 1.3 ms of a fetch thread's CPU per
+    request against 0.3 ms this way (``benchmarks/bench_requests.py``). A buffered reader reads ahead, and a read
+    that times out loses the body bytes it holds (see `_Answer`). So lines are read a packet at a time into
+    ``_pending``; `recv_into`, the body's fast path, hands out what is pending before it asks the socket, so what
+    arrived is never held while waiting for more. Everything ``http.client`` reads itself gets a buffered reader's
+    full reads.
     """
 
     def __init__(self, raw: socket.SocketIO) -> None:
