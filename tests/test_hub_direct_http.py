@@ -124,12 +124,19 @@ def test_direct_reads_only_where_huggingface_hub_would_connect_the_same_way(
     assert not direct_http.usable(url)
 
 
-def test_a_kept_connection_the_server_closed_meanwhile_is_replaced(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=needs_openssl)], ids=["http", "https"])
+def test_a_kept_connection_the_server_closed_meanwhile_is_replaced(tmp_path: Path, monkeypatch, tls: bool) -> None:
+    """Over TLS too: the server's close shows as an SSL EOF or a reset, not only as an empty answer."""
     monkeypatch.setattr(hub_server._Handler, "timeout", 0.3)  # the server closes idle connections after 0.3 s
-    (tmp_path / "blob").write_bytes(bytes(range(256)) * 64)
-    with hub_server.HubServer() as server:
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)  # an LFS file: the xet bridge serves it
+    with hub_server.HubServer(mode="xet" if tls else "mirror", tls=tls) as server:
         server.add_repo("org/blob", tmp_path)
-        url = f"{server.url}/org/blob/resolve/main/blob"
+        url = f"{server.url}/org/blob/resolve/main/blob.bin"
+        if tls:
+            monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))
+            url = httpx2.head(url).headers["Location"]
+            assert url.startswith("https://")
+        server.clear_log()
         connections = direct_http.DirectConnections()
         bodies = []
         for pause in (0.0, 0.0, 0.6):
