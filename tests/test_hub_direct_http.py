@@ -168,41 +168,6 @@ def test_a_body_not_read_to_its_end_closes_its_connection(tmp_path: Path) -> Non
     assert peers[0] != peers[1]
 
 
-@pytest.mark.parametrize("length", ["Content-Length: 100000", "Connection: close"], ids=["length", "until-close"])
-def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stalls(length: str) -> None:
-    """Headers and the first 700 body bytes in one packet, then silence: a read that times out must have returned
-    those 700 bytes first (a buffered reader would hold them while it waits for more, and lose them), whether the
-    body's length is given or it ends with the connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    release = threading.Event()
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            head = b"HTTP/1.1 206 Partial Content\r\n%s\r\nContent-Range: bytes 0-99999/100000\r\n" % length.encode()
-            head += b"\r\n"
-            conn.sendall(head + b"x" * 700)  # one send: the bytes arrive with the headers
-            release.wait(10)
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    connections = direct_http.DirectConnections()
-    try:
-        answer = connections.get(f"http://127.0.0.1:{listener.getsockname()[1]}/f", {"Range": "bytes=0-99999"}, 0.3)
-        buffer = bytearray(1 << 20)
-        got = 0
-        with pytest.raises(httpx2.ReadTimeout), memoryview(buffer) as view:
-            while True:
-                got += answer.stream.readinto(view[got:])
-        answer.close()
-    finally:
-        release.set()
-        connections.close()
-        listener.close()
-    assert got == 700 and buffer[:700] == b"x" * 700
-
-
 def _serve_once(listener: socket.socket, packets: list[bytes], release: threading.Event) -> threading.Thread:
     """Answer one request on ``listener`` with ``packets``, each sent on its own a moment after the one before."""
 
@@ -219,6 +184,31 @@ def _serve_once(listener: socket.socket, packets: list[bytes], release: threadin
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return thread
+
+
+@pytest.mark.parametrize("length", ["Content-Length: 100000", "Connection: close"], ids=["length", "until-close"])
+def test_body_bytes_that_came_with_the_headers_are_kept_when_the_body_then_stalls(length: str) -> None:
+    """Headers and the first 700 body bytes in one packet, then silence: a read that times out must have returned
+    those 700 bytes first (a buffered reader would hold them while it waits for more, and lose them), whether the
+    body's length is given or it ends with the connection."""
+    head = b"HTTP/1.1 206 Partial Content\r\n%s\r\nContent-Range: bytes 0-99999/100000\r\n\r\n" % length.encode()
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+    _serve_once(listener, [head + b"x" * 700], release)  # one send: the bytes arrive with the headers
+    connections = direct_http.DirectConnections()
+    try:
+        answer = connections.get(f"http://127.0.0.1:{listener.getsockname()[1]}/f", {"Range": "bytes=0-99999"}, 0.3)
+        buffer = bytearray(1 << 20)
+        got = 0
+        with pytest.raises(httpx2.ReadTimeout), memoryview(buffer) as view:
+            while True:
+                got += answer.stream.readinto(view[got:])
+        answer.close()
+    finally:
+        release.set()
+        connections.close()
+        listener.close()
+    assert got == 700 and buffer[:700] == b"x" * 700
 
 
 def test_an_answers_headers_are_read_a_packet_at_a_time(monkeypatch) -> None:
