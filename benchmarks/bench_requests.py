@@ -35,8 +35,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx2
 
@@ -117,25 +119,13 @@ def run(requests: int, rounds: int) -> dict[str, Any]:
             with HubServer(mode="xet", tls=scheme == "https") as server:
                 server.add_repo("bench/blob", folder)
                 location = httpx2.head(f"{server.url}/bench/blob/resolve/main/blob.bin").headers["Location"]
-                saved = os.environ.get("SSL_CERT_FILE")
-                if server.ca_file is not None:
-                    os.environ["SSL_CERT_FILE"] = str(server.ca_file)
-                try:
+                trust = {"SSL_CERT_FILE": str(server.ca_file)} if server.ca_file is not None else {}
+                with mock.patch.dict(os.environ, trust):
                     for _ in range(rounds):  # interleaved: the machine's drift favours no variant
                         for name, patches in variants.items():
-                            originals = {k: getattr(direct_http._Answer, k) for k in patches}
-                            for key, value in patches.items():
-                                setattr(direct_http._Answer, key, value)
-                            try:
+                            patched = mock.patch.multiple(direct_http._Answer, **patches) if patches else nullcontext()
+                            with patched:
                                 rows[name][scheme].append(measure(location, requests))
-                            finally:
-                                for key, value in originals.items():
-                                    setattr(direct_http._Answer, key, value)
-                finally:
-                    if saved is None:
-                        os.environ.pop("SSL_CERT_FILE", None)
-                    else:
-                        os.environ["SSL_CERT_FILE"] = saved
     return {"schemes": schemes, "rows": rows}
 
 
