@@ -452,15 +452,20 @@ def snapshot_code() -> tuple[Path, dict[str, Any]]:
     for path in sorted((root / "hf_weightstream").rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return root, {**code_state(), "hf_weightstream_sha256": digest.hexdigest()[:16]}
 
-    info = {
+
+def git(*args: str) -> str:
+    """A git command's output in this repository ('' outside a clone: a report then names no revision)."""
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def code_state() -> dict[str, Any]:
+    """Which code a report measured: the git HEAD and the package's uncommitted files."""
+    return {
         "git_head": git("rev-parse", "--short", "HEAD"),
         "uncommitted": git("status", "--porcelain", "--", "hf_weightstream").splitlines(),
-        "hf_weightstream_sha256": digest.hexdigest()[:16],
     }
-    return root, info
 
 
 def run_job(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:

@@ -65,7 +65,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_core import FULL, QUICK, ensure_model, shard_files, tensor_bytes, wait_for_quiet
+from benchmarks.bench_core import (
+    FULL,
+    QUICK,
+    code_state,
+    ensure_model,
+    git,
+    shard_files,
+    tensor_bytes,
+    wait_for_quiet,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "work" / "hub"
@@ -659,10 +668,6 @@ def render_sweep(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-
 def _setup(args: argparse.Namespace, argv: list[str] | None, spec: Any, folder: Path) -> dict[str, Any]:
     return {
         "command": " ".join(["python -m benchmarks.bench_hub", *(sys.argv[1:] if argv is None else argv)]),
@@ -676,8 +681,7 @@ def _setup(args: argparse.Namespace, argv: list[str] | None, spec: Any, folder: 
             "tls": args.tls,
         },
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-        "git_head": _git("rev-parse", "--short", "HEAD"),
-        "uncommitted": _git("status", "--porcelain", "--", "hf_weightstream").splitlines(),
+        **code_state(),
     }
 
 
@@ -688,7 +692,7 @@ def _render_again(path: Path) -> int:
     setup = report["setup"]
     link = setup["link"]
     report["ratios"] = compute_ratios(report["rows"], setup["model_bytes"], setup["shards"], setup["budget"], link)
-    head = _git("rev-parse", "--short", "HEAD")
+    head = git("rev-parse", "--short", "HEAD")
     report["rendered_again"] = {"by": f"git {head}", "date": dt.date.today().isoformat()}
     path.write_text(json.dumps(report, indent=1))
     markdown = render_markdown(report)

@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +41,7 @@ from unittest import mock
 
 import httpx2
 
+from benchmarks.bench_core import git
 from hf_weightstream.hub import direct_http
 from hf_weightstream.testing.hub_server import HubServer
 
@@ -160,14 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = run(args.requests, args.rounds)
     date = dt.date.today().isoformat()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report.update(
         date=date,
         requests=args.requests,
         rounds=args.rounds,
         command=" ".join(["python -m benchmarks.bench_requests", *(sys.argv[1:] if argv is None else argv)]),
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-        git_head=head,
+        git_head=git("rev-parse", "--short", "HEAD"),
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / (args.out or f"requests_{date}")
