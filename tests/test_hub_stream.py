@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -1312,3 +1313,29 @@ def test_files_the_index_does_not_name_are_not_taken_for_its_shards(tmp_path: Pa
         model = stream(complete_download=False)
         assert generate(model) == reference_tokens(folder)
         assert set(source_of(model).streamed_shards) == set(renamed.values())
+
+
+def test_a_full_disk_is_named_with_the_cache_folder_and_the_fix(tmp_path):
+    """On a real full disk (a 64 KiB tmpfs; needs root), a write of fetched bytes fails with what to do, not a bare
+    OSError, and what the record holds stays on disk."""
+    from hf_weightstream.hub.partial import PartialFile
+    from hf_weightstream.hub.ranges import RangeSet
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        partial = PartialFile(small / "partial", "ab" * 32, 1 << 20, {"filename": "model.safetensors"})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hub.partial.compat, "check_disk_space", lambda *args: None)  # warns only; we want the write
+            partial.open(None)
+        partial.write(0, b"x" * 4096, partial.generation)
+        partial.sync_and_record(RangeSet([(0, 4096)]), partial.generation)
+        with pytest.raises(CheckpointError, match=r"No space left .*model.safetensors .*partial.*HF_HUB_CACHE"):
+            partial.write(4096, b"y" * (512 << 10), partial.generation)
+        assert json.loads(partial.record_path.read_text())["ranges"] == [[0, 4096]]
+        partial.close()
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=False)  # even with a descriptor still open

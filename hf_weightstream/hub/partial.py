@@ -238,16 +238,32 @@ class PartialFile:
             return False
 
     def write(self, offset: int, data: bytes, generation: int) -> None:
-        with self.locked():
+        with self.locked(), self._disk_full_explained():
             if generation != self.generation or not self.is_current():
                 raise Superseded
             _pwrite_all(self.fd, offset, data)
 
+    @contextlib.contextmanager
+    def _disk_full_explained(self) -> Any:
+        """A full disk (or quota) named with the folder and what to do, instead of a bare ``OSError``."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            name = self._label.get("filename", self.data_path.name)
+            raise CheckpointError(
+                f"No space left on the disk of the Hub cache to store {self.size:,} bytes of {name} ({self.folder}): "
+                f"{err.strerror}. Free space there, or point HF_HUB_CACHE at a disk with room for the model. What was "
+                "fetched so far is kept in the cache and a later run resumes from it."
+            ) from err
+
     def sync_and_record(self, new: RangeSet, generation: int) -> RangeSet | None:
         """fsync the data, then add ``new`` (written to ``generation``) to the record; the merged record, or None if
         the file was replaced meanwhile."""
-        os.fsync(self.fd)
-        with self.locked():
+        with self._disk_full_explained():  # delayed allocation: a full disk can show only at fsync
+            os.fsync(self.fd)
+        with self.locked(), self._disk_full_explained():
             if generation != self.generation or not self.is_current():
                 return None
             merged = self._load_record() or RangeSet()
