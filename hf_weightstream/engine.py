@@ -56,6 +56,23 @@ def _view(buffer: torch.Tensor, position: int, nbytes: int, dtype: torch.dtype, 
     return typed.view(shape)
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None for a tensor read under ``torch.inference_mode``, which has none
+    (and which torch itself refuses to change outside inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _load_error(unit: Unit) -> BaseException:
+    """What a failed load raises in the thread that needed the unit: a Ctrl-C (or any other non-``Exception``) that
+    interrupted the read as itself, so that ``except KeyboardInterrupt`` and the shell's exit status see it."""
+    error = unit.error
+    if error is not None and not isinstance(error, Exception):
+        return error
+    wrapped = StreamingRuntimeError(f"Could not load weights of {unit.name!r}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
 class StreamEngine:
     """Streams one model's units through a `WeightPool`."""
 
@@ -466,8 +483,8 @@ class StreamEngine:
                 cond.wait()
             if unit.state != "resident":
                 self._unpin(unit, me)
-                error = unit.error
-                raise StreamingRuntimeError(f"Could not load weights of {unit.name!r}: {error}") from error
+                raise _load_error(unit)
+            self._refuse_written(unit, me)
             if not unit.installed:
                 self._install(unit)
             unit.prefetched = False
@@ -480,6 +497,24 @@ class StreamEngine:
             self.stall_seconds += now - start
             self.meter.stall(now - start)
         self._compute_start[id(unit)] = now
+
+    def _refuse_written(self, unit: Unit, me: int) -> None:
+        """Raise if a weight of this resident unit was written in place since it was read (pool lock held): its
+        values are no longer the checkpoint's, and the change would vanish at its next eviction, so outputs would
+        depend on what happened to be resident. The unit is dropped, so the next call computes with the checkpoint's
+        values again."""
+        written = [name for name, tensor in (unit.tensors or {}).items() if _version(tensor) != unit.versions.get(name)]
+        if not written:
+            return
+        self._unpin(unit, me)
+        if not unit.pins:
+            self.evict(unit)
+        raise StreamingRuntimeError(
+            f"{', '.join(written)} of {unit.name!r} changed in place since it was read (a write into a streamed "
+            "weight): streamed weights are read from the checkpoint and are read-only, and this call was stopped "
+            "before computing with the changed values, which are dropped. Load the model without "
+            "device_map='stream' to modify its weights."
+        )
 
     def release(self, unit: Unit) -> None:
         me = threading.get_ident()
@@ -723,9 +758,7 @@ class StreamEngine:
             if failed is not None:
                 for unit in units:
                     self._unpin(unit, me)
-                raise StreamingRuntimeError(f"Could not load weights of {failed.name!r}: {failed.error}") from (
-                    failed.error
-                )
+                raise _load_error(failed)
             tick = self.pool.tick()
             for unit in units:
                 unit.prefetched = False
@@ -859,6 +892,7 @@ class StreamEngine:
         end = time.perf_counter()
         with self.pool.cond:
             unit.tensors = tensors
+            unit.versions = {name: _version(tensor) for name, tensor in tensors.items()}
             extra = unit.held_bytes - unit.resident_bytes
             if extra > 0:  # the raw bytes were only needed to cast or convert: they are gone now
                 self.pool.refund(unit, extra)
@@ -1050,21 +1084,38 @@ class StreamEngine:
                 self.pool.device = self.device = device
                 self.copy_to_device = device.type != "cpu"
             if dtype is not None:
-                for unit in self.units:
-                    for spec in unit.specs:
-                        if spec.dtype.is_floating_point and spec.dtype != dtype:
-                            spec.dtype = dtype
-                    measure(unit)
-                for layer in self.expert_layers:  # the full-size placeholders put back after each experts call
-                    for attr, placeholder in layer.placeholders.items():
-                        if placeholder.is_floating_point() and placeholder.dtype != dtype:
-                            meta = torch.empty(placeholder.shape, dtype=dtype, device="meta")
-                            layer.placeholders[attr] = layer.module._parameters[attr] = nn.Parameter(meta)
-                self.model_bytes = sum(full_bytes(unit) for unit in self.units)
-                self.check_budget()
+                before = [spec.dtype for unit in self.units for spec in unit.specs]
+                self._cast_specs(dtype)
+                try:
+                    self.check_budget()
+                except BudgetError:  # refused as a whole: the model still computes as before
+                    dtypes = iter(before)
+                    for unit in self.units:
+                        for spec in unit.specs:
+                            spec.dtype = next(dtypes)
+                        measure(unit)
+                    self.model_bytes = sum(full_bytes(unit) for unit in self.units)
+                    raise
+                self._cast_expert_placeholders(dtype)
                 if self.schedule:
                     self._set_schedule(self.schedule, self._cycle_start)
             placeholders.install(self.units, self.device)  # the new device and dtype
+
+    def _cast_specs(self, dtype: torch.dtype) -> None:
+        for unit in self.units:
+            for spec in unit.specs:
+                if spec.dtype.is_floating_point and spec.dtype != dtype:
+                    spec.dtype = dtype
+            measure(unit)
+        self.model_bytes = sum(full_bytes(unit) for unit in self.units)
+
+    def _cast_expert_placeholders(self, dtype: torch.dtype) -> None:
+        """The full-size placeholders put back after each experts call, in the new dtype."""
+        for layer in self.expert_layers:
+            for attr, placeholder in layer.placeholders.items():
+                if placeholder.is_floating_point() and placeholder.dtype != dtype:
+                    meta = torch.empty(placeholder.shape, dtype=dtype, device="meta")
+                    layer.placeholders[attr] = layer.module._parameters[attr] = nn.Parameter(meta)
 
     # ------------------------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -1169,4 +1220,3 @@ class StreamEngine:
             self.read_seconds = 0.0
             self.events.clear()
             self.pool.peak_held = self.pool.held
-

@@ -322,6 +322,8 @@ def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torc
 
 def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
     """Change where (and in which dtype) a streamed model computes; weights are re-read on next use."""
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"nn.Module.to only accepts floating point or complex dtypes, but got desired dtype={dtype}")
     engine = engine_of(model)
     engine.retarget(device, dtype)
     _move_real_buffers(model, engine.device, dtype)
@@ -349,3 +351,4 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
     model.half = lambda: retarget(model, None, torch.float16)
     model.float = lambda: retarget(model, None, torch.float32)
     model.bfloat16 = lambda: retarget(model, None, torch.bfloat16)
+    model.double = lambda: retarget(model, None, torch.float64)

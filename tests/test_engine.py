@@ -198,6 +198,53 @@ def test_to_dtype_recasts_on_next_read(checkpoints):
         assert torch.equal(ref(PROMPT).logits, model(PROMPT).logits)
 
 
+def test_double_casts_the_weights_as_torch_does(checkpoints):
+    folder = checkpoints("llama")
+    ref = AutoModelForCausalLM.from_pretrained(folder).double()
+    model = stream(folder)
+    assert model.double() is model and model.dtype == torch.float64
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+        assert logits.dtype == torch.float64 and torch.equal(ref(PROMPT).logits, logits)
+
+
+def test_a_refused_dtype_change_leaves_the_model_as_it_was(checkpoints):
+    folder = checkpoints("llama")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(folder)(PROMPT).logits
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "300KB"})
+    before = hf_weightstream.stats(model)["model_bytes"]
+    with pytest.raises(TypeError, match="only accepts floating point or complex dtypes.*int8"):  # as torch says
+        model.to(torch.int8)
+    with pytest.raises(hf_weightstream.BudgetError, match="smaller than unit"):  # float64 does not fit 300 KB
+        model.to(torch.float64)
+    assert model.dtype == torch.float32 and hf_weightstream.stats(model)["model_bytes"] == before
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, expected)
+
+
+def test_ctrl_c_during_a_read_raises_keyboard_interrupt_and_the_model_stays_usable(checkpoints, monkeypatch):
+    """A Ctrl-C lands while a weight is read (the slow part of a streamed forward): it must reach the caller as
+    itself, not wrapped in a load error that ``except KeyboardInterrupt`` and the shell's exit status miss."""
+    folder = checkpoints("llama")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(folder)(PROMPT).logits
+    model = stream(folder, lookahead=0)
+    engine = model._hf_weightstream
+    read = engine._read_and_materialize
+
+    def interrupted(unit):
+        monkeypatch.setattr(engine, "_read_and_materialize", read)  # once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_read_and_materialize", interrupted)
+    with torch.no_grad():
+        with pytest.raises(KeyboardInterrupt):
+            model(PROMPT)
+        assert torch.equal(model(PROMPT).logits, expected)
+    assert all(unit.pins == 0 for unit in engine.units)
+
+
 def test_to_dtype_keeps_a_gathered_table_out_of_the_budget(checkpoints):
     model = stream(checkpoints("llama"))
     before = hf_weightstream.stats(model)["model_bytes"]

@@ -56,6 +56,25 @@ def test_writing_into_a_streamed_weight_is_refused(checkpoints):
     assert is_placeholder(model.lm_head.weight) and model._hf_weightstream.units[0].pins == 0
 
 
+def test_a_write_into_a_resident_weight_stops_the_next_call_and_is_dropped(checkpoints):
+    """torch cannot make the tensor a resident unit installed read-only: the write lands, and is found by the
+    tensor's version before any output is computed with it."""
+    folder = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")  # the default budget: all stays
+    with torch.no_grad():
+        expected = reference(PROMPT).logits
+        assert torch.equal(model(PROMPT).logits, expected)
+        kept = model.lm_head.weight
+        assert not is_placeholder(kept), "resident after the forward: the module holds the real tensor"
+        kept.zero_()  # through a reference kept from the forward, as through the module
+        with pytest.raises(StreamingRuntimeError, match=r"lm_head.weight of 'lm_head' changed in place.*read-only"):
+            model(PROMPT)
+        assert is_placeholder(model.lm_head.weight), "the changed values were dropped"
+        assert torch.equal(model(PROMPT).logits, expected), "the next call reads the checkpoint's values again"
+    assert all(unit.pins == 0 for unit in model._hf_weightstream.units)
+
+
 def test_rwkv_is_refused_at_load_time_with_what_to_do(tmp_path):
     torch.manual_seed(0)
     config = RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, attention_hidden_size=32,
