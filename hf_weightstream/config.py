@@ -49,6 +49,10 @@ def parse_size(value: int | float | str, what: str = "budget") -> int:
     if isinstance(value, (int, float)):
         if value <= 0:
             raise StreamConfigError(f"{what} must be positive, got {value!r}.")
+        if isinstance(value, float) and not value.is_integer():  # 0.5 would be 0 bytes, not half of anything
+            raise StreamConfigError(
+                f"{what} is a number of bytes, not a fraction: got {value!r}. Use e.g. 150_000_000 or '150MB'."
+            )
         return int(value)
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
@@ -124,6 +128,8 @@ class StreamConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise StreamConfigError(f"{name} must be an integer >= 0, got {value!r}.")
+        if not isinstance(self.complete_download, bool):
+            raise StreamConfigError(f"complete_download must be True or False, got {self.complete_download!r}.")
         for name in ("num_workers", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -135,6 +141,11 @@ class StreamConfig:
                 self.device = torch.device(self.device)
             except (RuntimeError, TypeError) as err:
                 raise StreamConfigError(f"Cannot use device={self.device!r}: {err}") from None
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise StreamConfigError(
+                    f"Cannot use device={str(self.device)!r}: CUDA is not available on this machine (torch "
+                    f"{torch.__version__}). Use device='cpu', or install a CUDA build of torch on a machine with a GPU."
+                )
         if self.pool is not None and self.budget is not None:
             raise StreamConfigError(
                 "Pass either budget= or pool=, not both: a pool's budget is shared by all its models."
@@ -172,6 +183,8 @@ def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
     device_map = kwargs.get("device_map")
     streaming = kwargs.pop("streaming", None)
     config = kwargs.pop("stream_config", None)
+    if streaming is not None and not isinstance(streaming, bool):  # "no" would be true
+        raise StreamConfigError(f"streaming must be True or False, got {streaming!r}.")
     if streaming is False:  # an explicit no wins over a stream_config (e.g. a flag that turns streaming off)
         if isinstance(device_map, str) and device_map == "stream":
             raise StreamConfigError("streaming=False contradicts device_map='stream': drop one of the two.")

@@ -38,7 +38,7 @@ def test_unknown_stream_config_field_suggests_the_right_one():
         StreamConfig(lookahaed=2)
 
 
-@pytest.mark.parametrize("bad", ["150 parsecs", "-5MB", "", "MB", 0, True])
+@pytest.mark.parametrize("bad", ["150 parsecs", "-5MB", "", "MB", 0, True, 0.5, 1.5])
 def test_bad_budget_strings(bad):
     with pytest.raises(StreamConfigError, match="budget"):
         StreamConfig(budget=bad)
@@ -63,6 +63,18 @@ def test_bad_options(checkpoints):
         load(folder, quantization_config={"quant_method": "bitsandbytes"})
     with pytest.raises(StreamConfigError, match="Unknown StreamConfig field"):
         load(folder, stream_config={"budjet": "1MB"})
+    with pytest.raises(StreamConfigError, match="streaming must be True or False, got 'no'"):
+        AutoModelForCausalLM.from_pretrained(folder, streaming="no")
+    with pytest.raises(StreamConfigError, match="complete_download must be True or False"):
+        StreamConfig(complete_download="no")
+    assert StreamConfig(budget=1.5e8).budget_bytes == 150_000_000, "a whole number of bytes as a float is fine"
+
+
+def test_a_cuda_device_without_cuda_is_refused_with_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(StreamConfigError, match="device='cuda'.*CUDA is not available.*device='cpu'"):
+        StreamConfig(device="cuda", budget="1GB")
 
 
 def test_missing_shard_file(checkpoints, tmp_path):
