@@ -87,6 +87,10 @@ def test_text_generation_pipeline(checkpoints):
     pipe = pipeline("text-generation", model=str(folder), device_map="stream")
     assert hasattr(pipe.model, "_hf_weightstream")
     assert pipe("the cat sat", max_new_tokens=5, do_sample=False) == expected
+    # A pipeline's own keyword arguments go to the pipeline: streaming options go in model_kwargs, as documented.
+    pipe = pipeline("text-generation", model=str(folder), model_kwargs={"stream_config": {"budget": "300KB"}})
+    assert hf_weightstream.stats(pipe.model)["budget_bytes"] == 300_000
+    assert pipe("the cat sat", max_new_tokens=5, do_sample=False) == expected
 
 
 def test_feature_extraction_pipeline_encoder(checkpoints):
