@@ -1126,7 +1126,7 @@ def test_range_locks_see_exactly_the_ranges_another_holder_has(tmp_path: Path) -
 def test_a_range_another_process_holds_is_waited_for_then_fetched_if_it_records_nothing(
     tiny: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(hub.source, "FOREIGN_PATIENCE_S", 0.5)
+    monkeypatch.setattr(hub.stream, "FOREIGN_PATIENCE_S", 0.5)
     monkeypatch.setattr(hub.schedule, "READAHEAD_BYTES", 0)
     with served(tiny, tmp_path) as server:
         model = stream(complete_download=False)
@@ -1142,6 +1142,26 @@ def test_a_range_another_process_holds_is_waited_for_then_fetched_if_it_records_
         got = [(s, e) for name, s, e in fetched(server) if name == rng.shard and s < rng.offset + rng.length]
     assert waited >= 0.5, "the read waited for the other process first"
     assert any(s <= rng.offset < e for s, e in got), "then fetched the range itself"
+
+
+def test_the_filler_takes_over_a_range_another_process_holds_and_records_nothing(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A process suspended (SIGSTOP) with ranges locked: wait_until_cached used to wait for it forever."""
+    monkeypatch.setattr(hub.stream, "FOREIGN_PATIENCE_S", 0.5)
+    with served(tiny, tmp_path) as server:
+        model = stream(complete_download=False)
+        shard = max(shard_sizes(tiny), key=shard_sizes(tiny).get)
+        claims = repo_cache(tmp_path) / ".weightstream" / "partial" / f"{sha256_of(tiny / shard)}.claims"
+        other = hub.partial.RangeLocks(claims)  # another descriptor: to our source, another process
+        assert other.acquire(0, shard_sizes(tiny)[shard])  # the whole file, and it never records anything
+        try:
+            cached = wait_until_cached(model, timeout=30)
+        finally:
+            other.close()
+        got = sum(e - s for name, s, e in fetched(server) if name == shard)
+    assert sha256_of(cached[shard].blob) == sha256_of(tiny / shard)
+    assert got >= shard_sizes(tiny)[shard], "every byte fetched by this process, once it stopped waiting"
 
 
 @pytest.mark.slow

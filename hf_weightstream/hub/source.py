@@ -20,6 +20,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 from ..errors import CheckpointError, StreamingRuntimeError
 from ..sources import LocalFileSource, map_range
 from . import cache
+from . import stream as shard_stream
 from .cache import CachedShard
 from .partial import PARTIAL_FOLDER, PartialFile, Superseded, pread_into, sweep_committed
 from .ranges import RangeSet, even_pieces
@@ -29,7 +30,6 @@ from .schedule import DEMAND, Background, FetchScheduler, Job
 from .stream import Claim, ShardStream
 
 FOREIGN_POLL_S = 0.02  # how often a read re-checks ranges another process is fetching
-FOREIGN_PATIENCE_S = 60.0  # a read fetches a range itself when the process holding it recorded nothing this long
 # Rows of one lookup closer than this are fetched as one range: a request costs a round trip, about what one
 # connection of the link modelled in benchmarks/bench_hub.py (0.2 s to first byte, 12 connections sharing
 # 100 MB/s) moves in 2 MiB. A long prompt's rows span the whole table, which is then fetched in large pieces.
@@ -115,7 +115,7 @@ class _Session:
         """
         filled = RangeSet()
         base = spans[0][0]
-        patience = time.monotonic() + FOREIGN_PATIENCE_S
+        patience = time.monotonic() + shard_stream.FOREIGN_PATIENCE_S
         seen = -1
         jobs: list[Job] = []  # fetched for this read, not waited for yet
         began = time.monotonic()
@@ -155,7 +155,7 @@ class _Session:
                         raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
                     held = stream.present.total
                     if held != seen:  # the other process is making progress: keep waiting for it
-                        seen, patience = held, time.monotonic() + FOREIGN_PATIENCE_S
+                        seen, patience = held, time.monotonic() + shard_stream.FOREIGN_PATIENCE_S
                 errors = [job.error for job in jobs if job.error is not None and not isinstance(job.error, Superseded)]
                 if errors and isinstance(errors[0], Cancelled):
                     raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ from . import cache
 from .partial import PartialFile, Superseded
 from .ranges import RangeSet
 from .remote import RangeFetcher, RemoteFile, Yielded
+
+# A read, or the background filler, fetches a range itself once the other process holding it (suspended, hung)
+# has let nothing be recorded in the file for this long.
+FOREIGN_PATIENCE_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +96,7 @@ class ShardStream:
         self.verified: str | None = None  # the sha256 we checked when we committed it
         self.failure: BaseException | None = None  # why the background stopped fetching this shard
         self._mismatches = 0
+        self._progress_seen: tuple[int, float] | None = None  # (present bytes, since when): see `_others_stalled`
 
     @property
     def size(self) -> int:
@@ -172,7 +178,9 @@ class ShardStream:
                 return None
             claim = None
             for gap_start, gap_end in self._taken().gaps(start, end):
-                got, _ = self._lock_range(gap_start, min(gap_end, gap_start + limit))
+                got, elsewhere = self._lock_range(gap_start, min(gap_end, gap_start + limit))
+                if not got and elsewhere and self._others_stalled():
+                    got = [(gap_start, min(gap_end, gap_start + limit))]  # taken over, as a demand read would
                 if got:
                     claim = Claim(*got[0])
                     self._release_locks(got[1:])
@@ -182,6 +190,15 @@ class ShardStream:
             self._claims.append(claim)
         dropped = self._drop_recorded([claim])
         return dropped[0] if dropped else None
+
+    def _others_stalled(self) -> bool:
+        """Whether nothing was recorded in this file for `FOREIGN_PATIENCE_S` (lock held): the process holding
+        the rest (suspended with SIGSTOP, hung) is taken over instead of waited for forever."""
+        now, present = time.monotonic(), self.present.total
+        if self._progress_seen is None or self._progress_seen[0] != present:
+            self._progress_seen = (present, now)
+            return False
+        return now - self._progress_seen[1] > FOREIGN_PATIENCE_S
 
     def _lock_range(self, start: int, end: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Take byte-range locks on the parts of ``[start, end)`` no other process holds: (taken, held elsewhere)."""
