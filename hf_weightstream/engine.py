@@ -222,7 +222,13 @@ class StreamEngine:
         self._depth += 1
         if self._depth == 1:
             if hasattr(self.source, "forward_began"):  # a Hub source verifies complete shards between passes
-                self.source.forward_began()
+                try:
+                    self.source.forward_began()
+                except BaseException:  # a shard failed its sha256: what was read from it goes, then we say so
+                    self.release_all()
+                    self._depth -= 1
+                    self.forward_lock.release()
+                    raise
             self._log_start = log.forward_snapshot(self)
             self.meter.begin_pass(time.perf_counter())
             if not self.schedule and self._trace is None:

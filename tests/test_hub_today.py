@@ -23,6 +23,7 @@ from hubtools import (
     shard_sizes,
     stream,
     streaming_defaults,
+    units_of,
 )
 from huggingface_hub import constants
 
@@ -186,6 +187,33 @@ def test_a_mirror_that_does_not_redirect_is_streamed_from_and_every_request_is_a
 
 
 # -- integrity --------------------------------------------------------------------------------------------------
+
+
+def test_outputs_computed_from_bytes_that_then_fail_their_sha256_are_reported_at_the_next_call(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """Bytes are checked when their file is complete, after the passes that read them: the pass after a mismatch
+    says so (once) instead of the wrong outputs going unnoticed, and later passes read the re-fetched bytes."""
+    folder = tmp_path / "repo"
+    shutil.copytree(tiny, folder)
+    expected = reference_tokens(tiny)
+    with served(folder, tmp_path / "cache"):
+        model = stream(complete_download=False)
+        layer = next(u for u in units_of(model) if u.name == "model.layers.0")
+        rng = max(layer.ranges, key=lambda r: r.length)
+        good = (folder / rng.shard).read_bytes()
+        bad = bytearray(good)
+        middle = rng.offset + rng.length // 2
+        bad[middle : middle + 64] = b"\x7f" * 64  # weights of layer 0 become huge, under the announced sha256
+        (folder / rng.shard).write_bytes(bytes(bad))
+        assert generate(model) != expected, "computed with the corrupted weight"
+        (folder / rng.shard).write_bytes(good)  # the corruption was transient: the file is fetched again whole
+        cached = wait_until_cached(model, timeout=30)
+        with pytest.raises(CheckpointError, match=rf"{rng.shard}.* did not match its sha256.*may be wrong"):
+            generate(model)
+        assert generate(model) == expected, "said once; the weights were dropped and are read again, checked"
+    assert cached[rng.shard].verified and not any(u.state == "resident" and u.pins for u in units_of(model))
+    assert_cache_verified(tmp_path / "cache", tiny)
 
 
 def test_bytes_that_do_not_match_the_announced_sha256_never_reach_the_cache(tiny: Path, tmp_path: Path) -> None:

@@ -385,7 +385,18 @@ class HubSource:
         return bytes(out)
 
     def forward_began(self) -> None:
-        """A forward pass of the model computes from now on: complete shards wait for it to end to be verified."""
+        """A forward pass of the model computes from now on: complete shards wait for it to end to be verified.
+
+        Bytes are checked when their file is complete, after the forward passes that read them: a file that failed
+        its sha256 since the last pass stops this one with a `CheckpointError` (once), so the wrong outputs of
+        earlier passes do not go unnoticed; the engine drops the weights it holds before raising it."""
+        reports = []
+        for stream in self._session.streams.values():
+            report, stream.mismatch_report = stream.mismatch_report, None
+            if report:
+                reports.append(report)
+        if reports:
+            raise CheckpointError(" ".join(reports))
         self._session.recorder.may_verify.clear()
 
     def forward_ended(self) -> None:

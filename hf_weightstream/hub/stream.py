@@ -96,6 +96,7 @@ class ShardStream:
         self.verified: str | None = None  # the sha256 we checked when we committed it
         self.failure: BaseException | None = None  # why the background stopped fetching this shard
         self._mismatches = 0
+        self.mismatch_report: str | None = None  # said once, at the next forward pass (`HubSource.forward_began`)
         self._progress_seen: tuple[int, float] | None = None  # (present bytes, since when): see `_others_stalled`
 
     @property
@@ -397,6 +398,12 @@ class ShardStream:
         recorded = self.partial.open(self.remote.repo.blob_path(self.remote.sha256)) or RangeSet()
         with self._lock:
             self.present, self.unrecorded = recorded, RangeSet()
+            self.mismatch_report = (
+                f"{self.remote.describe()} did not match its sha256 (the Hub says {self.remote.sha256}, the bytes "
+                f"fetched hash to {digest}): the server or the network corrupted it. Outputs computed since the "
+                "model read this file may be wrong; its weights were dropped and the file is fetched again, so the "
+                "next call reads checked bytes once it is complete."
+            )
             if self._mismatches >= MAX_MISMATCHES:
                 self.failure = CheckpointError(
                     f"{self.remote.describe()} did not match its sha256 {self._mismatches} times in a row: the "
