@@ -1091,27 +1091,23 @@ class StreamEngine:
                 self.copy_to_device = device.type != "cpu"
             if dtype is not None:
                 before = [spec.dtype for unit in self.units for spec in unit.specs]
-                self._cast_specs(dtype)
+                self._set_spec_dtypes([dtype if old.is_floating_point else old for old in before])
                 try:
                     self.check_budget()
                 except BudgetError:  # refused as a whole: the model still computes as before
-                    dtypes = iter(before)
-                    for unit in self.units:
-                        for spec in unit.specs:
-                            spec.dtype = next(dtypes)
-                        measure(unit)
-                    self.model_bytes = sum(full_bytes(unit) for unit in self.units)
+                    self._set_spec_dtypes(before)
                     raise
                 self._cast_expert_placeholders(dtype)
                 if self.schedule:
                     self._set_schedule(self.schedule, self._cycle_start)
             placeholders.install(self.units, self.device)  # the new device and dtype
 
-    def _cast_specs(self, dtype: torch.dtype) -> None:
+    def _set_spec_dtypes(self, dtypes: list[torch.dtype]) -> None:
+        """Every spec's dtype, in the order of the units and their specs; what each unit takes is measured again."""
+        given = iter(dtypes)
         for unit in self.units:
             for spec in unit.specs:
-                if spec.dtype.is_floating_point and spec.dtype != dtype:
-                    spec.dtype = dtype
+                spec.dtype = next(given)
             measure(unit)
         self.model_bytes = sum(full_bytes(unit) for unit in self.units)
 

@@ -105,7 +105,7 @@ class Unit:
     tensors: dict[str, torch.Tensor] | None = None
     # Each tensor's version counter when it was read: torch cannot make a tensor read-only, so a write into a
     # resident weight (through the module or a reference kept from an earlier forward) is found by its version.
-    versions: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int | None] = field(default_factory=dict)  # None: read under inference_mode, no counter
     chunks: list[torch.Tensor] | None = None  # the bytes of each range, kept alive while tensors view them
     held_bytes: int = 0  # bytes charged to the budget while loading/resident
     installed: bool = False
