@@ -1149,13 +1149,15 @@ def test_the_filler_takes_over_a_range_another_process_holds_and_records_nothing
 ) -> None:
     """A process suspended (SIGSTOP) with ranges locked: wait_until_cached used to wait for it forever."""
     monkeypatch.setattr(hub.stream, "FOREIGN_PATIENCE_S", 0.5)
+    shard = max(shard_sizes(tiny), key=shard_sizes(tiny).get)
+    claims = repo_cache(tmp_path) / ".weightstream" / "partial" / f"{sha256_of(tiny / shard)}.claims"
+    claims.parent.mkdir(parents=True)
+    other = hub.partial.RangeLocks(claims)  # another descriptor: to our source, another process
+    # The whole file, before the load starts anything (a head start of ours would hold part of it), never recorded.
+    assert other.acquire(0, shard_sizes(tiny)[shard])
     with served(tiny, tmp_path) as server:
-        model = stream(complete_download=False)
-        shard = max(shard_sizes(tiny), key=shard_sizes(tiny).get)
-        claims = repo_cache(tmp_path) / ".weightstream" / "partial" / f"{sha256_of(tiny / shard)}.claims"
-        other = hub.partial.RangeLocks(claims)  # another descriptor: to our source, another process
-        assert other.acquire(0, shard_sizes(tiny)[shard])  # the whole file, and it never records anything
         try:
+            model = stream(complete_download=False)  # its header read takes over the header's bytes only
             cached = wait_until_cached(model, timeout=30)
         finally:
             other.close()
