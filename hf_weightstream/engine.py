@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .experts import ExpertLayer
     from .residency import WeightPool
     from .sources import ByteSource, Reader
-    from .units import Unit
+    from .units import Slot, TensorSpec, Unit
 
 _EVENT_LOG_SIZE = 20_000
 TOGETHER_BYTES = 64 << 20  # one reader's share of a run of adjacent units read together
@@ -155,6 +155,7 @@ class StreamEngine:
                     measure(unit)
         self.model_bytes = sum(full_bytes(unit) for unit in self.units)
         placeholders.install(self.units, device)  # weights read outside their module's forward are served, not meta
+        placeholders.install_experts(self.expert_layers, device)
         pool.register(self)
 
     def required_budget(self) -> tuple[int, Unit]:
@@ -490,6 +491,8 @@ class StreamEngine:
             if unit.state != "resident":
                 self._unpin(unit, me)
                 raise _load_error(unit)
+            if unit.installed:
+                self._adopt_replaced(unit)  # before the check: the user's tensor may share a version counter
             self._refuse_written(unit, me)
             if not unit.installed:
                 self._install(unit)
@@ -509,7 +512,12 @@ class StreamEngine:
         values are no longer the checkpoint's, and the change would vanish at its next eviction, so outputs would
         depend on what happened to be resident. The unit is dropped, so the next call computes with the checkpoint's
         values again."""
-        written = [name for name, tensor in (unit.tensors or {}).items() if _version(tensor) != unit.versions.get(name)]
+        adopted = {spec.name for spec in unit.specs if not spec.slots}  # the user's (adopt): theirs to write
+        written = [
+            name
+            for name, tensor in (unit.tensors or {}).items()
+            if name not in adopted and _version(tensor) != unit.versions.get(name)
+        ]
         if not written:
             return
         self._unpin(unit, me)
@@ -1049,7 +1057,10 @@ class StreamEngine:
     # ------------------------------------------------------------------------------------ attach/detach
     def _install(self, unit: Unit) -> None:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._adopt_replaced(unit)
         for spec in unit.specs:
+            if not spec.slots:  # every place of it now holds the user's own tensor
+                continue
             tensor = unit.tensors[spec.name]
             if stream is not None:
                 tensor.record_stream(stream)
@@ -1062,10 +1073,71 @@ class StreamEngine:
         unit.installed = True
 
     def _uninstall(self, unit: Unit) -> None:
+        self._adopt_replaced(unit)
         for spec in unit.specs:
             for slot in spec.slots:
                 (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = slot.placeholder
         unit.installed = False
+
+    # ------------------------------------------------------------------------------------ the user's own tensors
+    def _replaced(self, unit: Unit, spec: TensorSpec, slot: Slot) -> bool:
+        """Whether ``slot`` holds a tensor the user put there instead of the streamed weight: ``module.weight =
+        ...``, or ``weight.data = ...`` on the installed weight (what ``resize_token_embeddings`` does)."""
+        current = (slot.module._parameters if slot.is_param else slot.module._buffers).get(slot.attr)
+        if current is slot.placeholder:
+            return False
+        if unit.rows is not None and unit.rows.installed and slot.module is unit.gather_from:
+            return False  # a call's looked-up rows, put there by the engine
+        if unit.installed and unit.tensors is not None and isinstance(current, torch.Tensor):
+            ours = unit.tensors[spec.name]
+            return (current.data_ptr(), current.shape, current.dtype) != (ours.data_ptr(), ours.shape, ours.dtype)
+        return True
+
+    def _adopt_replaced(self, unit: Unit) -> None:
+        """Stop streaming the places of ``unit`` where the user put tensors of their own (pool lock held)."""
+        for spec in unit.specs:
+            replaced = [slot for slot in spec.slots if self._replaced(unit, spec, slot)]
+            if replaced:
+                self.adopt(unit, spec, replaced)
+
+    def adopt(self, unit: Unit, spec: TensorSpec, slots: list[Slot]) -> None:
+        """Leave ``slots`` to the tensors the user put there, as a plain model would keep them: they stay in memory,
+        outside the budget, and are never replaced by the checkpoint's values again.
+
+        A weight whose every place was replaced is still read with its unit (a read plan is fixed once made) but
+        installed nowhere. An embedding that looked up rows from the checkpoint stops doing so: its table is the
+        user's now.
+        """
+        for slot in slots:
+            spec.slots.remove(slot)
+        if unit.gather_from is not None and any(slot.module is unit.gather_from for slot in slots):
+            unit.gather_from, unit.gather, unit.rows = None, False, None
+            measure(unit)
+        names = ", ".join(f"{type(slot.module).__name__}.{slot.attr}" for slot in slots)
+        log.logger.info("%s: %s now holds a tensor of your own; it is no longer streamed", spec.name, names)
+
+    def take_data(self, placeholder: torch.Tensor, value: torch.Tensor) -> None:
+        """``weight.data = value`` on a weight that is not resident: ``value`` takes every place that weight fills
+        (see `adopt`)."""
+        unit, spec = placeholder.unit, placeholder.spec
+        with self.pool.cond:
+            slots = [
+                slot
+                for slot in spec.slots
+                if (slot.module._parameters if slot.is_param else slot.module._buffers).get(slot.attr) is placeholder
+            ]
+            if not slots:
+                return
+            held = nn.Parameter(value, requires_grad=placeholder.requires_grad) if slots[0].is_param else value
+            for slot in slots:
+                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = held
+            self.adopt(unit, spec, slots)
+
+    def adopt_all_replaced(self) -> None:
+        """Find every streamed place the user replaced (before saving: what is saved is what the model holds)."""
+        with self.pool.cond:
+            for unit in self.units:
+                self._adopt_replaced(unit)
 
     # ------------------------------------------------------------------------------------ retarget
     def retarget(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
@@ -1097,10 +1169,10 @@ class StreamEngine:
                 except BudgetError:  # refused as a whole: the model still computes as before
                     self._set_spec_dtypes(before)
                     raise
-                self._cast_expert_placeholders(dtype)
                 if self.schedule:
                     self._set_schedule(self.schedule, self._cycle_start)
             placeholders.install(self.units, self.device)  # the new device and dtype
+            placeholders.install_experts(self.expert_layers, self.device, dtype)
 
     def _set_spec_dtypes(self, dtypes: list[torch.dtype]) -> None:
         """Every spec's dtype, in the order of the units and their specs; what each unit takes is measured again."""
@@ -1110,14 +1182,6 @@ class StreamEngine:
                 spec.dtype = next(given)
             measure(unit)
         self.model_bytes = sum(full_bytes(unit) for unit in self.units)
-
-    def _cast_expert_placeholders(self, dtype: torch.dtype) -> None:
-        """The full-size placeholders put back after each experts call, in the new dtype."""
-        for layer in self.expert_layers:
-            for attr, placeholder in layer.placeholders.items():
-                if placeholder.is_floating_point() and placeholder.dtype != dtype:
-                    meta = torch.empty(placeholder.shape, dtype=dtype, device="meta")
-                    layer.placeholders[attr] = layer.module._parameters[attr] = nn.Parameter(meta)
 
     # ------------------------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

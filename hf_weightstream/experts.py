@@ -38,6 +38,7 @@ from accelerate.hooks import ModelHook
 from torch import nn
 
 from ._transformers_compat import ConversionGroup, expected_targets
+from .errors import not_copyable
 from .index import TensorEntry
 from .units import Holding, TensorSpec, Unit, _plan_reads, measure
 
@@ -323,6 +324,25 @@ def held_out_names(layers: list[ExpertLayer]) -> set[str]:
     return {full for layer in layers for full in layer.full_names.values()}
 
 
+def assemble(layer: ExpertLayer, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The full ``[E, ...]`` parameters ``names`` (state-dict names; all by default) of an experts module, for a
+    read outside its calls: one expert unit resident at a time under the budget, copied into new tensors."""
+    engine = layer.units[0].engine
+    names = list(layer.full_names.values()) if names is None else names
+    out: dict[str, torch.Tensor] = {}
+    for unit in layer.units:
+        engine.acquire_many([unit], layer)  # experts have no module slots: read, not installed
+        try:
+            for full in names:
+                part = unit.tensors[full]
+                if full not in out:
+                    out[full] = torch.empty((layer.num_experts, *part.shape[1:]), dtype=part.dtype, device=part.device)
+                out[full][unit.expert_id] = part[0]
+        finally:
+            engine.release_many([unit])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- the call
 def _routed_ids(layer: ExpertLayer, args: tuple, kwargs: dict) -> torch.Tensor:
     if layer.ids_name in kwargs:
@@ -425,3 +445,9 @@ class ExpertsHook(ModelHook):
 
     def __repr__(self) -> str:
         return f"ExpertsHook(layer={self.layer.name!r}, experts={self.layer.num_experts})"
+
+    def __deepcopy__(self, memo: dict) -> ExpertsHook:
+        raise not_copyable(f"The experts module {self.layer.name!r}")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise not_copyable(f"The experts module {self.layer.name!r}")

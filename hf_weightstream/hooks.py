@@ -18,7 +18,7 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
-from .errors import StreamingRuntimeError
+from .errors import StreamingRuntimeError, not_copyable
 from .experts import ExpertsHook
 
 if TYPE_CHECKING:
@@ -55,6 +55,12 @@ class StreamHook(ModelHook):
 
     def __repr__(self) -> str:
         return f"StreamHook(unit={self.unit.name!r})"
+
+    def __deepcopy__(self, memo: dict) -> StreamHook:
+        raise not_copyable(f"Module(s) {self.unit.name!r}")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise not_copyable(f"Module(s) {self.unit.name!r}")
 
 
 BACKWARD_MESSAGE = (

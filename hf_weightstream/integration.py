@@ -28,7 +28,7 @@ from . import log, quantization, saving
 from .checkpoint import download_kwargs_of, open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size, stream_request
 from .engine import StreamEngine
-from .errors import BudgetError, StreamConfigError, StreamingRuntimeError
+from .errors import BudgetError, StreamConfigError, StreamingRuntimeError, not_copyable
 from .experts import build_expert_layers, held_out_names
 from .hooks import attach
 from .limits import MemoryLimits, default_budget, memory_limits
@@ -262,7 +262,7 @@ def load_streamed(
     if hf_quantizer is not None:
         compat.finish_quantized(model, hf_quantizer)
     if device.type != "cpu":
-        _move_real_buffers(model, device)
+        _move_real_tensors(model, device)
     attach(model, engine)
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
@@ -305,19 +305,23 @@ def _default_budget(need: int, model_bytes: int, limits: MemoryLimits) -> int:
     return chosen.bytes
 
 
-def _move_real_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
-    """Move what the skeleton holds for real (non-persistent buffers, weights computed on load) to ``device``."""
+def _move_real_tensors(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move what the model holds for real (non-persistent buffers, weights computed on load, tensors the user put in
+    place of streamed ones) to ``device`` and ``dtype``; parameters in place, as ``nn.Module._apply`` does, so a
+    tied parameter stays one tensor."""
+    seen: set[int] = set()
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device.type != "meta":
                 cast = dtype if dtype is not None and buf.is_floating_point() else None
                 module._buffers[name] = buf.to(device=device, dtype=cast)
-        for name, param in module._parameters.items():
-            if param is not None and param.device.type not in ("meta", device.type) and not is_placeholder(param):
-                cast = dtype if dtype is not None and param.is_floating_point() else None
-                module._parameters[name] = torch.nn.Parameter(
-                    param.detach().to(device=device, dtype=cast), requires_grad=param.requires_grad
-                )
+        for param in module._parameters.values():
+            if param is None or param.device.type == "meta" or is_placeholder(param) or id(param) in seen:
+                continue
+            seen.add(id(param))
+            cast = dtype if dtype is not None and param.is_floating_point() else param.dtype
+            if param.device != device or param.dtype != cast:
+                param.data = param.data.to(device=device, dtype=cast)
 
 
 def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
@@ -326,7 +330,7 @@ def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype 
         raise TypeError(f"nn.Module.to only accepts floating point or complex dtypes, but got desired dtype={dtype}")
     engine = engine_of(model)
     engine.retarget(device, dtype)
-    _move_real_buffers(model, engine.device, dtype)
+    _move_real_tensors(model, engine.device, dtype)
     return model
 
 
@@ -342,8 +346,12 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
         target = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", index)
         return retarget(model, target)
 
+    def refuse_copy(*_args: Any) -> Any:
+        raise not_copyable(f"This {type(model).__name__}")
+
     model.to = to
     model.cuda = cuda
+    model.__deepcopy__ = model.__reduce_ex__ = refuse_copy  # copy.copy goes through __reduce_ex__ too
     # Saving and state_dict stream unit by unit (saving.py): the weights are not in memory to hand over at once.
     model.save_pretrained = functools.partial(saving.save_pretrained, model)
     model.state_dict = functools.partial(saving.state_dict, model)

@@ -19,6 +19,7 @@ read (under the budget) when it is looked up. Iterating it visits the model unit
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -34,12 +35,12 @@ from torch import nn
 from . import _transformers_compat as compat
 from .config import parse_size
 from .errors import StreamConfigError
+from .experts import ExpertLayer, assemble
 from .index import DTYPE_NAMES
 from .placeholders import serve
 
 if TYPE_CHECKING:
     from .engine import StreamEngine
-    from .experts import ExpertLayer
     from .units import Unit
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -50,34 +51,36 @@ def _engine(model: Any) -> StreamEngine:
     return model.__dict__["_hf_weightstream"]
 
 
-def _owners(engine: StreamEngine) -> dict[str, tuple[Unit, str]]:
-    """State-dict name -> (its unit, the name of the tensor the unit materialises for it); per-expert units aside."""
-    return {
-        alias: (unit, spec.name)
-        for unit in engine.units
-        if unit.expert is None
-        for spec in unit.specs
-        for alias in spec.aliases
-    }
+def _filled_by(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """The module and attribute that state-dict ``name`` is read from in the model as it is now."""
+    path, _, attr = name.rpartition(".")
+    try:
+        return model.get_submodule(path), attr
+    except AttributeError:
+        return None
 
 
-def _expert_layer_of(engine: StreamEngine) -> dict[str, ExpertLayer]:
-    return {full: layer for layer in engine.expert_layers for full in layer.full_names.values()}
+def _owners(model: nn.Module, engine: StreamEngine) -> dict[str, tuple[Unit | ExpertLayer, str]]:
+    """State-dict name -> (the unit or experts layer that streams it, the name it materialises it under).
 
-
-def _assemble(engine: StreamEngine, layer: ExpertLayer) -> dict[str, torch.Tensor]:
-    """The full ``[E, ...]`` parameters of an experts module, read one expert unit at a time (under the budget)."""
-    out: dict[str, torch.Tensor] = {}
-    for unit in layer.units:
-        engine.acquire_many([unit], layer)  # experts have no module slots: read, not installed
-        try:
-            for full in layer.full_names.values():
-                part = unit.tensors[full]
-                if full not in out:
-                    out[full] = torch.empty((layer.num_experts, *part.shape[1:]), dtype=part.dtype, device=part.device)
-                out[full][unit.expert_id] = part[0]
-        finally:
-            engine.release_many([unit])
+    Only names whose module the engine still fills: a module the user swapped in (``resize_token_embeddings``,
+    a new head) holds its own real tensors and is saved from them.
+    """
+    engine.adopt_all_replaced()  # a weight the user replaced while it was resident is theirs now
+    out: dict[str, tuple[Unit | ExpertLayer, str]] = {}
+    for unit in engine.units:
+        if unit.expert is not None:
+            continue
+        for spec in unit.specs:
+            slots = {(id(slot.module), slot.attr) for slot in spec.slots}
+            for alias in spec.aliases:
+                here = _filled_by(model, alias)
+                if here is not None and (id(here[0]), here[1]) in slots:
+                    out[alias] = (unit, spec.name)
+    for layer in engine.expert_layers:
+        for attr, full in layer.full_names.items():
+            if _filled_by(model, full) == (layer.module, attr):
+                out[full] = (layer, full)
     return out
 
 
@@ -88,29 +91,29 @@ class _Reading:
     parameters, which are kept until the next name outside that module is asked for.
     """
 
-    def __init__(self, engine: StreamEngine):
-        self.engine = engine
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.engine = _engine(model)
+        self.owners = _owners(model, self.engine)
         self.unit: Unit | None = None
-        self.experts = _expert_layer_of(engine)
         self.layer: ExpertLayer | None = None
         self.assembled: dict[str, torch.Tensor] = {}
 
-    def tensor(self, model: nn.Module, owners: dict[str, tuple[Unit, str]], name: str) -> torch.Tensor:
-        layer = self.experts.get(name)
-        if layer is not None:
-            if layer is not self.layer:
-                self.close()
-                self.layer, self.assembled = layer, _assemble(self.engine, layer)
-            return self.assembled[name]
-        owner = owners.get(name)
+    def tensor(self, name: str) -> torch.Tensor:
+        owner = self.owners.get(name)
         if owner is None:  # not streamed: a buffer or weight the skeleton holds for real
-            return model.get_parameter_or_buffer(name).detach()
-        unit, spec_name = owner
-        if unit is not self.unit:
+            return self.model.get_parameter_or_buffer(name).detach()
+        source, spec_name = owner
+        if isinstance(source, ExpertLayer):
+            if source is not self.layer:
+                self.close()
+                self.layer, self.assembled = source, assemble(source)
+            return self.assembled[name]
+        if source is not self.unit:
             self.close()
-            serve(self.engine, unit)
-            self.unit = unit
-        return unit.tensors[spec_name].detach()
+            serve(self.engine, source)
+            self.unit = source
+        return source.tensors[spec_name].detach()
 
     def close(self) -> None:
         self.layer, self.assembled = None, {}
@@ -134,9 +137,9 @@ class StreamedStateDict(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._index:
             raise KeyError(name)
-        reading = _Reading(_engine(self._model))
+        reading = _Reading(self._model)
         try:
-            return reading.tensor(self._model, _owners(_engine(self._model)), name)
+            return reading.tensor(name)
         finally:
             reading.close()
 
@@ -148,11 +151,10 @@ class StreamedStateDict(Mapping):
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:  # type: ignore[override]
         """Pairs in model order, each unit read once."""
-        engine = _engine(self._model)
-        owners, reading = _owners(engine), _Reading(engine)
+        reading = _Reading(self._model)
         try:
             for name in self._keys:
-                yield name, reading.tensor(self._model, owners, name)
+                yield name, reading.tensor(name)
         finally:
             reading.close()
 
@@ -160,8 +162,9 @@ class StreamedStateDict(Mapping):
         return (value for _name, value in self.items())
 
     def __reduce__(self) -> tuple:
-        # torch.save / pickle: the values themselves (as many bytes as the model), not a handle on the model.
-        return (dict, (list(self.items()),))
+        # torch.save / pickle: the values themselves (as many bytes as the model), not a handle on the model; as
+        # the OrderedDict a plain state_dict() is, which torch.load(weights_only=True) accepts.
+        return (collections.OrderedDict, (), None, None, self.items())
 
     def __repr__(self) -> str:
         return f"StreamedStateDict({len(self)} tensors, read on lookup)"
@@ -203,14 +206,14 @@ def _plan_groups(model: nn.Module, engine: StreamEngine) -> list[_Group]:
         tensors.pop(name, None)
     meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in tensors.items()}
     kept = compat.remove_tied_weights(meta, model)
-    owners, experts = _owners(engine), _expert_layer_of(engine)
+    owners = _owners(model, engine)
     groups: dict[int, _Group] = {}
     # Model order: an experts module right after the block unit that runs it.
     order = {id(unit): float(i) for i, unit in enumerate(engine.units) if unit.expert is None}
     for layer in engine.expert_layers:
         order[id(layer)] = order.get(id(layer.block), len(order)) + 0.5
     for name in kept:
-        owner = experts.get(name) or (owners[name][0] if name in owners else None)
+        owner = owners[name][0] if name in owners else None
         groups.setdefault(id(owner), _Group([], owner)).names.append(name)
     ordered = sorted(groups.values(), key=lambda g: order.get(id(g.unit), float(len(order))))
     for group in ordered:
@@ -249,12 +252,12 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
 
 def _write_shard(path: Path, model: nn.Module, engine: StreamEngine, pieces: list[tuple[_Group, list[str]]]) -> None:
     entries = [(name, *group.out[name]) for group, names in pieces for name in names]
-    owners, reading = _owners(engine), _Reading(engine)
+    reading = _Reading(model)
     with open(path, "wb") as f:
         f.write(_header(entries))
         try:
             for group, names in pieces:
-                real = {name: reading.tensor(model, owners, name) for name in group.names}
+                real = {name: reading.tensor(name) for name in group.names}
                 reverted = compat.revert_weight_conversion(model, real)
                 for name in names:
                     tensor = reverted[name]

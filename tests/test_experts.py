@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, Llama4ForCausalLM
 from workloads import BATCH, MASK, PROMPT, assert_same_outputs, workload
 
 import hf_weightstream
-from hf_weightstream import BudgetError, StreamConfig
+from hf_weightstream import BudgetError, StreamConfig, StreamingRuntimeError
 from hf_weightstream.experts import renumber, survey
+from hf_weightstream.placeholders import is_placeholder
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +144,8 @@ def test_experts_are_restored_when_a_forward_raises(moe):
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         streamed(PROMPT)
     experts._old_forward = original
-    assert experts.num_experts == EXPERTS and experts.gate_up_proj.device.type == "meta"
+    assert experts.num_experts == EXPERTS and is_placeholder(experts.gate_up_proj)
+    assert experts.gate_up_proj.shape[0] == EXPERTS
     assert all(layer.stack.held_bytes == 0 for layer in engine.expert_layers)
     assert all(unit.pins == 0 for unit in engine.units)
     with torch.no_grad():
@@ -283,4 +285,28 @@ def test_a_dtype_retarget_reaches_the_experts(moe):
     assert experts.gate_up_proj.dtype == torch.bfloat16 and streamed.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
-    assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.device.type == "meta"
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and is_placeholder(experts.gate_up_proj)
+    plain = reference.model.layers[0].mlp.experts
+    assert torch.equal(experts.gate_up_proj.detach(), plain.gate_up_proj.detach())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_fused_expert_parameters_read_outside_a_call_are_the_plain_values(moe, family):
+    """Between calls the fused [E, ...] parameters answer with their full values, never a meta tensor."""
+    folder = moe(family)
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    layer = streamed._hf_weightstream.expert_layers[1]
+    plain = reference.get_submodule(layer.name)
+    for attr in layer.params:
+        got, expected = getattr(layer.module, attr), getattr(plain, attr)
+        assert got.shape == expected.shape and got.dtype == expected.dtype and got.device.type == "cpu"
+        assert got.requires_grad == expected.requires_grad
+        assert torch.equal(got.sum(), expected.sum()) and torch.equal(got[3], expected[3])
+        assert torch.equal(got.detach().clone(), expected.detach())
+        assert "StreamedExperts" in repr(got.detach())
+    assert hf_weightstream.stats(streamed)["peak_resident_bytes"] <= hf_weightstream.stats(streamed)["budget_bytes"]
+    with pytest.raises(StreamingRuntimeError, match="read-only"), torch.no_grad():
+        layer.module.down_proj.mul_(2)
+    with torch.no_grad():
+        assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)

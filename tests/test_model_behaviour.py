@@ -75,6 +75,86 @@ def test_a_write_into_a_resident_weight_stops_the_next_call_and_is_dropped(check
     assert all(unit.pins == 0 for unit in model._hf_weightstream.units)
 
 
+def _resized(model, tokens):
+    """``resize_token_embeddings`` with the new rows set to fixed values (mean resizing draws random ones)."""
+    model.resize_token_embeddings(tokens, mean_resizing=False)
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.lm_head.weight)}.values():
+            weight[-(tokens - weight.shape[0] + 12) :] = torch.linspace(-1, 1, weight.shape[1])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_tied"])
+def test_resized_embeddings_stay_the_users_under_eviction_and_are_saved(checkpoints, tmp_path, kind):
+    """resize_token_embeddings sets ``weight.data`` on the embedding and the head: those tensors are the user's
+    from then on, never put back to the checkpoint's by an eviction, and save_pretrained writes them."""
+    folder = checkpoints(kind)
+    reference = _resized(AutoModelForCausalLM.from_pretrained(folder), 140)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    with torch.no_grad():
+        model(PROMPT)  # the embedding and the head are resident when resized: .data is set on their real tensors
+    _resized(model, 140)
+    ids = torch.tensor([[1, 139, 7, 130, 9]])
+    with torch.no_grad():
+        for _ in range(3):  # a budget smaller than the model: every unit is evicted between calls
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert hf_weightstream.stats(model)["evictions"] > 0
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=4, do_sample=False),
+        reference.generate(ids, max_new_tokens=4, do_sample=False),
+    )
+    model.save_pretrained(tmp_path / "saved")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+def test_a_weight_replaced_while_not_resident_is_kept(checkpoints):
+    folder = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    head = torch.randn_like(reference.lm_head.weight)
+    norm = torch.rand_like(reference.model.norm.weight)
+    model.lm_head.weight = torch.nn.Parameter(head.clone())  # assigned over the placeholder
+    placeholder = model.model.norm.weight
+    placeholder.data = norm.clone()  # .data set on the placeholder itself
+    reference.lm_head.weight = torch.nn.Parameter(head.clone())
+    reference.model.norm.weight.data = norm.clone()
+    assert torch.equal(placeholder.sum(), norm.sum()), "the handle the user set reads the user's tensor"
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(PROMPT).logits, reference(PROMPT).logits)
+    model.to(torch.bfloat16)
+    reference.to(torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, reference(PROMPT).logits)
+
+
+def test_copying_or_pickling_a_streamed_model_is_refused_with_what_to_do(checkpoints, tmp_path):
+    import copy
+    import pickle
+
+    folder = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps, lambda m: torch.save(m, tmp_path / "model.pt")):
+        with pytest.raises(StreamingRuntimeError, match="LlamaForCausalLM cannot be copied or pickled.*device_map"):
+            attempt(model)
+    with pytest.raises(StreamingRuntimeError, match=r"Weight lm_head.weight cannot be copied.*detach\(\).clone"):
+        copy.deepcopy(model.lm_head.weight)
+    with pytest.raises(StreamingRuntimeError, match="cannot be copied or pickled"):
+        pickle.dumps(model.model.layers[0])
+    experts = AutoModelForCausalLM.from_pretrained(checkpoints("qwen3_moe"), device_map="stream")
+    with pytest.raises(StreamingRuntimeError, match="cannot be copied or pickled"):
+        copy.deepcopy(experts.model.layers[0].mlp.experts)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")  # what to do instead: the values, loadable safely
+    loaded = torch.load(tmp_path / "weights.pt", weights_only=True)
+    reference = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert list(loaded) == list(reference) and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, AutoModelForCausalLM.from_pretrained(folder)(PROMPT).logits)
+
+
 def test_rwkv_is_refused_at_load_time_with_what_to_do(tmp_path):
     torch.manual_seed(0)
     config = RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, attention_hidden_size=32,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 
@@ -121,7 +122,8 @@ def test_state_dict_hands_out_real_tensors_one_unit_at_a_time(checkpoints):
     stats = hf_weightstream.stats(streamed)
     assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
     copied = pickle.loads(pickle.dumps(state))  # torch.save: the values, not a handle on the model
-    assert type(copied) is dict and torch.equal(copied["lm_head.weight"], reference["lm_head.weight"])
+    assert type(copied) is collections.OrderedDict, "as a plain state_dict(), which weights_only loads take"
+    assert torch.equal(copied["lm_head.weight"], reference["lm_head.weight"])
     assert streamed.state_dict(keep_vars=True)["lm_head.weight"] is streamed.lm_head.weight  # torch's, for internals
     with pytest.raises(KeyError):
         state["nope"]
