@@ -27,6 +27,7 @@ import hf_weightstream
 from hf_weightstream import cli
 from hf_weightstream.cli import _common, _read_speed
 from hf_weightstream.cli import generate as generate_command
+from hf_weightstream.hub.partial import RangeLocks
 from hf_weightstream.planner import Timing, plan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -306,6 +307,52 @@ def test_generate_bad_options_exit_2(
     assert message in err
 
 
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An encoder-decoder (T5ForConditionalGeneration) with a tokenizer."""
+    import zoo
+
+    arch = next(a for a in zoo.architectures() if a.id == "seq2seq_lm:t5")
+    folder = tmp_path_factory.mktemp("t5") / "model"
+    zoo.build_and_save(arch, folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+def test_generate_and_inspect_take_an_encoder_decoder(
+    capsys: pytest.CaptureFixture[str], tiny_t5: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    record_path = tmp_path / "answer.json"
+    argv = ["generate", tiny_t5, PROMPT, "--no-chat-template", "--max-new-tokens", 5, "--budget", "400KB"]
+    code, out, err = run(capsys, *argv, "--stats-json", record_path)
+    assert code == 0, err
+    record = json.loads(record_path.read_text())
+    inputs = AutoTokenizer.from_pretrained(tiny_t5)(PROMPT, return_tensors="pt")
+    with torch.inference_mode():
+        expected = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert record["new_token_ids"] == expected[0, 1:].tolist(), "the decoder's start token is not part of the answer"
+    assert out.strip() == record["text"].strip()
+    full = tmp_path / "full.json"
+    assert run(capsys, *argv[:-2], "--full-load", "--quiet", "--stats-json", full)[0] == 0
+    assert json.loads(full.read_text())["new_token_ids"] == record["new_token_ids"]
+    code, out, err = run(capsys, "inspect", tiny_t5, "--budget", "400KB", "--run", 2)
+    assert code == 0, err
+    assert "T5ForConditionalGeneration" in out and "Streamed 2 token(s) for real" in out
+
+
+def test_a_model_that_generates_no_text_is_refused_with_what_to_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    code, _, err = run(capsys, "generate", tmp_path / "vit", PROMPT)
+    assert code == 2
+    assert "'vit' model" in err and "neither a causal nor a sequence-to-sequence" in err and "device_map" in err
+
+
 def test_generate_missing_folder_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(capsys, "generate", tmp_path / "missing", PROMPT)
     assert code == 2
@@ -361,9 +408,7 @@ def test_runtime_failures_exit_1(
 
 
 # --------------------------------------------------------------------------------------------------- inspect
-def test_inspect_plans_what_the_engine_keeps_after_tracing(
-    capsys: pytest.CaptureFixture[str], tiny: Path
-) -> None:
+def test_inspect_plans_what_the_engine_keeps_after_tracing(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
     budget, lookahead = 80_000, 1
     code, out, err = run(capsys, "inspect", tiny, "--budget", budget, "--lookahead", lookahead)
     assert code == 0, err
@@ -476,6 +521,29 @@ def test_cache_reports_complete_missing_and_partial_shards(
     assert re.search(rf"{shards[1]} +partial +1.5 KB of {_common.format_bytes(size)}", out), out
     assert f"1 of {len(shards)} shard(s) complete, 1 partial, {len(shards) - 2} missing" in out
     assert f"another revision: {shards[2]} at commit 000000000000" in out
+
+    # --prune: the other revision's partial goes, and the leftover of a shard already complete in blobs/; the
+    # current revision's partial stays, and so does another revision's that a process is fetching right now.
+    blob = next(p.name for p in (repo_dir / "blobs").iterdir() if len(p.name) == 64 and p.stat().st_size > 1000)
+    for etag, name, at in ((blob, shards[0], commit), ("e3", shards[3], "1" * 40)):
+        record = {"repo_id": "org/tiny", "filename": name, "commit": at, "etag": etag, "size": size, "ranges": []}
+        (partial / f"{etag}.ranges.json").write_text(json.dumps(record))
+        (partial / f"{etag}.part").write_bytes(bytes(size))
+    fetching = RangeLocks(partial / "e3.claims")
+    assert fetching.acquire(0, 100)
+    try:
+        code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")
+    finally:
+        fetching.close()
+    assert code == 0
+    assert f"Removed partial shard {shards[2]} (000000000000)" in out and "Pruned 2 partial shard(s)" in out
+    assert sorted(p.name for p in partial.glob("*.part")) == ["e1.part", "e3.part"]
+    assert (repo_dir / "blobs" / blob).is_file(), "complete shards are never touched"
+    code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")
+    assert "Removed partial shard" in out and not (partial / "e3.part").exists(), "no longer fetched: pruned"
+    code, _, err = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune", "--revision", "v9")
+    assert code == 2 and "does not say which commit 'v9' is" in err
+    assert (partial / "e1.part").exists()
 
 
 def test_cache_of_an_uncached_repo_and_of_a_folder(

@@ -253,13 +253,40 @@ def torch_dtype(name: str) -> str | torch.dtype:
     return name if name == "auto" else getattr(torch, name)
 
 
+def generator_class(model_id: str) -> Any:
+    """The Auto class that builds a text generator from ``model_id``'s config.
+
+    Sequence-to-sequence where the config names such an architecture or only that kind exists for its type (T5,
+    BART: BART also has a decoder-only class, which would drop the encoder), else causal; anything else (an
+    encoder, a vision model) is refused with what to do instead of transformers' list of 200 config classes.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as SEQ2SEQ,
+    )
+
+    config = AutoConfig.from_pretrained(model_id)
+    named = set(config.architectures or [])
+    if named & set(SEQ2SEQ.values()) or (config.model_type in SEQ2SEQ and config.model_type not in CAUSAL):
+        return AutoModelForSeq2SeqLM
+    if config.model_type in CAUSAL:
+        return AutoModelForCausalLM
+    raise UsageError(
+        f"{model_id} is a {config.model_type!r} model ({', '.join(sorted(named)) or 'no architecture named'}), "
+        "neither a causal nor a sequence-to-sequence language model, and the CLI generates text. Stream it from "
+        "Python with its own class: from_pretrained(..., device_map='stream')."
+    )
+
+
 def load_streamed(model_id: str, config: StreamConfig, dtype: str = "auto") -> PreTrainedModel:
     import torch
-    from transformers import AutoModelForCausalLM
 
     if config.device is not None and config.device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {config.device}: this torch build or machine has no CUDA GPU.")
-    return AutoModelForCausalLM.from_pretrained(
+    return generator_class(model_id).from_pretrained(
         model_id, device_map="stream", stream_config=config, dtype=torch_dtype(dtype)
     )
 
@@ -271,9 +298,7 @@ def load_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(
-            f"Cannot load a tokenizer for {model_id} (generation needs one): {first_line}"
-        ) from None
+        raise UsageError(f"Cannot load a tokenizer for {model_id} (generation needs one): {first_line}") from None
 
 
 def stream_config(**fields: Any) -> StreamConfig:

@@ -52,9 +52,7 @@ def encode(
     models expect."""
     if use_template and tokenizer.chat_template:
         return dict(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         )
     text = "\n".join(m["content"] for m in messages)
     return dict(tokenizer(text, return_tensors="pt"))
@@ -79,7 +77,9 @@ def run_generate(
     with torch.inference_mode():
         output = model.generate(**inputs, **options)
     total = time.perf_counter() - start
-    new_ids = output[0, inputs["input_ids"].shape[1] :].tolist()
+    # A decoder-only model's output repeats the prompt; an encoder-decoder's starts with the decoder's start token.
+    skip = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+    new_ids = output[0, skip:].tolist()
     times = streamer.token_times
     first = times[0] - start if times else None
     per_token = (times[-1] - times[0]) * 1000 / (len(times) - 1) if len(times) > 1 else None
@@ -113,9 +113,7 @@ def chat_loop(
             return
         messages.append({"role": "user", "content": line.strip()})
         print("model> ", end="", flush=True)
-        answer = run_generate(
-            model, tokenizer, encode(tokenizer, messages, True), max_new_tokens, sample=sample
-        )
+        answer = run_generate(model, tokenizer, encode(tokenizer, messages, True), max_new_tokens, sample=sample)
         messages.append({"role": "assistant", "content": answer.text})
         if after_turn is not None:
             after_turn(answer)

@@ -3,6 +3,7 @@
 For a Hub repo: each safetensors shard the cached index lists is complete (a normal Hub cache entry), partial (a
 range record kept by lazy Hub streaming under ``.weightstream/partial``) or missing; interrupted plain downloads
 (``blobs/*.incomplete``) are counted. For a local folder, whether every shard its index lists is present.
+``--prune`` removes partial shards of other revisions, which huggingface_hub's cache tools do not see.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ._common import check_repo_id, format_bytes, table
+from ._common import UsageError, check_repo_id, format_bytes, table
 
 NAME = "cache"
 ORDER = 50
@@ -23,13 +25,20 @@ HELP = "which shards of a Hub repo are in the local Hub cache"
 DESCRIPTION = """\
 For a Hub repo id, list its safetensors shards in the local Hub cache as complete or missing,
 interrupted downloads, and partial shards kept by hf_weightstream. For a local folder, check
-that every shard its index lists is present."""
+that every shard its index lists is present. --prune removes partial shards of other
+revisions (huggingface_hub's cache tools do not see them)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="repo id (org/name) or folder")
     parser.add_argument("--cache-dir", help="Hub cache folder (default: HF_HUB_CACHE)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove partial shards of other revisions and leftovers of complete ones (hf cache prune and "
+        "delete_revisions do not see them); shards another process is fetching now are kept",
+    )
 
 
 def _cached_file(repo_id: str, filename: str, cache_dir: str, revision: str) -> Path | None:
@@ -136,18 +145,38 @@ def run(args: argparse.Namespace) -> int:
             f"Partial shard of another revision: {other.filename} at commit {other.commit[:12]}, "
             f"{format_bytes(other.held)} of {format_bytes(other.size)}."
         )
+    if args.prune:
+        _prune(repo_dir, args.revision, commit, names)
     return 0
+
+
+def _prune(repo_dir: Path, revision: str, commit: str, names: list[str]) -> None:
+    """Partial shards no streaming of ``revision`` will use: of another commit, or of a file its index does not
+    list. huggingface_hub's cache tools know nothing of ``.weightstream``: this is how they are reclaimed."""
+    from ..hub.partial import remove_partials
+
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise UsageError(
+            f"--prune: the cache does not say which commit {revision!r} is (no refs/{revision}), so it cannot tell "
+            "which partial shards are of another revision. Pass --revision with a branch the cache knows, or a "
+            "commit hash."
+        )
+
+    def unwanted(record: dict) -> bool:
+        return record.get("commit") != commit or bool(names) and record.get("filename") not in names
+
+    removed = remove_partials(repo_dir, unwanted)
+    freed = sum(int(start_end[1]) - int(start_end[0]) for record in removed for start_end in record.get("ranges", []))
+    for record in removed:
+        print(f"Removed partial shard {record.get('filename', record['etag'])} ({record.get('commit', '?')[:12]}).")
+    print(f"Pruned {len(removed)} partial shard(s), {format_bytes(freed)} on disk.")
 
 
 def _local_folder_shards(folder: Path) -> None:
     """A local folder has no cache: say so, and whether every shard its index lists is there."""
     print(f"{folder} is a local folder, not a Hub repo: it is read in place, nothing is cached.")
     index_file = folder / "model.safetensors.index.json"
-    names = (
-        _shard_names(index_file)
-        if index_file.is_file()
-        else sorted(p.name for p in folder.glob("*.safetensors"))
-    )
+    names = _shard_names(index_file) if index_file.is_file() else sorted(p.name for p in folder.glob("*.safetensors"))
     missing = [n for n in names if not (folder / n).is_file()]
     if not names:
         print("It holds no safetensors weights, which streaming needs.")

@@ -22,6 +22,7 @@ from ._common import (
     Overlap,
     UsageError,
     add_model_options,
+    generator_class,
     load_streamed,
     load_tokenizer,
     peak_rss_bytes,
@@ -135,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_full(model_id: str, args: argparse.Namespace) -> Any:
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if args.device and args.device != "cpu":
@@ -143,7 +143,7 @@ def _load_full(model_id: str, args: argparse.Namespace) -> Any:
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would land in the middle of the answer
     try:
-        return AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype(args.dtype))
+        return generator_class(model_id).from_pretrained(model_id, dtype=torch_dtype(args.dtype))
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

@@ -28,6 +28,7 @@ import struct
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,17 +341,42 @@ class PartialFile:
 def sweep_committed(storage_folder: Path) -> None:
     """Remove the partial files of shards that are in ``blobs/`` (a run killed between moving a verified file into
     the cache and removing its record leaves the record behind)."""
+    remove_partials(storage_folder, lambda _record: False)
+
+
+def remove_partials(storage_folder: Path, unwanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Remove the partial files of shards already in ``blobs/`` and those whose record ``unwanted`` rejects (an
+    unreadable record is passed as ``{}``), except any another process is fetching right now (it holds claims on
+    them); the records of what was removed.
+
+    Each is removed under its file lock, as `PartialFile.discard` does, so a process streaming it meanwhile sees it
+    superseded and starts a new one. The tiny ``.lock`` and ``.claims`` files stay, as huggingface_hub's lock
+    files do: unlinking a lock file another process may be about to take is a race.
+    """
     folder = storage_folder / PARTIAL_FOLDER
-    for path in list(folder.glob("*.ranges.json")) if folder.is_dir() else ():
+    removed = []
+    for path in sorted(folder.glob("*.ranges.json")) if folder.is_dir() else ():
         etag = path.name.removesuffix(".ranges.json")
-        if (storage_folder / "blobs" / etag).exists():
-            lock = _FileLock(folder / f"{etag}.lock")
-            try:
-                with lock:
-                    (folder / f"{etag}.part").unlink(missing_ok=True)
-                    path.unlink(missing_ok=True)
-            finally:
-                lock.close()
+        try:
+            record = json.loads(path.read_text())
+            size = int(record["size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record, size = {}, 0
+        if not (storage_folder / "blobs" / etag).exists() and not unwanted(record):
+            continue
+        claims = RangeLocks(folder / f"{etag}.claims")
+        lock = _FileLock(folder / f"{etag}.lock")
+        try:
+            with lock:
+                if size and claims.busy(0, size):
+                    continue
+                (folder / f"{etag}.part").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                removed.append({**record, "etag": etag})
+        finally:
+            claims.close()
+            lock.close()
+    return removed
 
 
 def recorded_bytes(storage_folder: Path, filename: str, commit: str) -> int | None:
