@@ -469,6 +469,10 @@ def test_inspect_shows_routed_experts_and_the_quantized_format(
     assert "Checkpoint: mxfp4, dequantized at load on cpu" in out
     assert "Experts: 2 MoE layers read per routed expert (128 experts of" in out and "4 routed per token" in out
     assert "+ 128 experts read per routed expert" in out and "of routed experts the cache does not hold" in out
+    code, out, err = run(capsys, "inspect", folder, "--budget", "100MB")  # more than the model: nothing re-read
+    assert code == 0, err
+    assert "the cache does not hold" not in out and "each routed expert is read once and stays cached" in out
+    assert "the whole model stays resident once read" in out
     # Room for one expert while it loads (with the dequantizer's working copies), not for a decode step's four.
     code, out, err = run(capsys, "inspect", folder, "--budget", "200KB")
     assert code == 2 and "one decode step of 'model.layers.0.mlp.experts' needs" in err

@@ -310,7 +310,12 @@ def summary(plan: Plan) -> list[str]:
     experts = sum(
         min(layer.top_k or 1, layer.num_experts) * layer.units[0].raw_bytes for layer in plan.engine.expert_layers
     )
-    routed = f", plus up to {format_bytes(experts)} of routed experts the cache does not hold" if experts else ""
+    if experts and plan.budget >= plan.engine.model_bytes:  # every expert stays cached once read
+        routed = "; each routed expert is read once and stays cached (the budget holds them all)"
+    elif experts:
+        routed = f", plus up to {format_bytes(experts)} of routed experts the cache does not hold"
+    else:
+        routed = ""
     lines = [
         f"Kept resident: {len(plan.kept)} units, {format_bytes(kept_bytes)}. Streamed: {len(plan.streamed)} units, "
         f"about {format_bytes(per_token)} read per token{routed}."
