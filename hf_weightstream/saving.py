@@ -342,7 +342,8 @@ def save_pretrained(
         if len(shards) > 1:
             index_name = SAFE_INDEX.replace(".safetensors", f".{variant}.safetensors") if variant else SAFE_INDEX
             total = sum(group.nbytes for group in groups)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            metadata = {"total_parameters": model.num_parameters(), "total_size": total}  # as transformers writes
+            index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
             (staging / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _commit(staging, target, weights)
     finally:

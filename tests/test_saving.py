@@ -41,8 +41,12 @@ def test_save_pretrained_streams_into_shards_that_load_normally(checkpoints, tmp
     shards = sorted(out.glob("model-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    plain = auto_class(kind).from_pretrained(folder)
+    plain.save_pretrained(tmp_path / "plain", max_shard_size="30KB")
+    expected = json.loads((tmp_path / "plain" / "model.safetensors.index.json").read_text())["metadata"]
+    assert index["metadata"] == expected, "total_parameters and total_size, as transformers writes them"
     assert json.loads((out / "config.json").read_text())["architectures"] == [type(streamed).__name__]
-    assert [p.name for p in tmp_path.iterdir()] == ["saved"], "no temporary folder is left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "saved"], "no temporary folder is left behind"
     cls = auto_class(kind)
     _assert_same_weights(cls.from_pretrained(folder), cls.from_pretrained(out))
     if kind == "qwen3_moe128":  # experts are written back in the checkpoint's per-expert layout
