@@ -140,6 +140,8 @@ class StreamEngine:
         self._staging_lock = threading.Lock()
         self.staging_bytes = 0
         self._moe_trace: list[ExpertLayer] = []
+        # The model's real buffers as loaded, so that dtype changes cast from them (integration._move_real_tensors).
+        self.buffer_origins: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.quantization: dict[str, Any] = {}  # the checkpoint's format, set by the loader (quantization.describe)
         owner = {id(sub): unit for unit in units for module in unit.modules for sub in module.modules()}
         for layer in self.expert_layers:

@@ -305,16 +305,33 @@ def _default_budget(need: int, model_bytes: int, limits: MemoryLimits) -> int:
     return chosen.bytes
 
 
-def _move_real_tensors(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+def _move_real_tensors(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    origins: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     """Move what the model holds for real (non-persistent buffers, weights computed on load, tensors the user put in
     place of streamed ones) to ``device`` and ``dtype``; parameters in place, as ``nn.Module._apply`` does, so a
-    tied parameter stays one tensor."""
+    tied parameter stays one tensor.
+
+    Buffers are cast from ``origins``, (module, name) -> (the buffer as first seen, the one made from it), while the
+    module still holds the one made: the streamed weights are read from the checkpoint again at each change, so a
+    round trip (``.half().float()``) is lossless for them, and must be for the buffers computed with them (rotary
+    frequencies) too.
+    """
     seen: set[int] = set()
     for module in model.modules():
         for name, buf in module._buffers.items():
-            if buf is not None and buf.device.type != "meta":
-                cast = dtype if dtype is not None and buf.is_floating_point() else None
-                module._buffers[name] = buf.to(device=device, dtype=cast)
+            if buf is None or buf.device.type == "meta":
+                continue
+            key = (id(module), name)
+            origin, made = origins.get(key, (buf, buf)) if origins is not None else (buf, buf)
+            source = origin if made is buf else buf  # a buffer the model replaced since is cast from itself
+            cast = (dtype or buf.dtype) if buf.is_floating_point() else None
+            module._buffers[name] = source.to(device=device, dtype=cast)
+            if origins is not None:
+                origins[key] = (source, module._buffers[name])
         for param in module._parameters.values():
             if param is None or param.device.type == "meta" or is_placeholder(param) or id(param) in seen:
                 continue
@@ -330,7 +347,7 @@ def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype 
         raise TypeError(f"nn.Module.to only accepts floating point or complex dtypes, but got desired dtype={dtype}")
     engine = engine_of(model)
     engine.retarget(device, dtype)
-    _move_real_tensors(model, engine.device, dtype)
+    _move_real_tensors(model, engine.device, dtype, engine.buffer_origins)
     return model
 
 

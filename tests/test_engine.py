@@ -208,6 +208,22 @@ def test_double_casts_the_weights_as_torch_does(checkpoints):
         assert logits.dtype == torch.float64 and torch.equal(ref(PROMPT).logits, logits)
 
 
+def test_a_dtype_round_trip_is_lossless_as_the_weights_are_read_again(checkpoints):
+    """Streamed weights are read from the checkpoint at each dtype change, so ``.half().float()`` computes as the
+    float load does; the real buffers computed with them (rotary frequencies) are cast from their loaded values
+    too, not rounded through float16 (which left outputs matching neither a float nor a round-tripped plain load)."""
+    folder = checkpoints("llama")
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    model = stream(folder)
+    ids = torch.arange(1, 40).unsqueeze(0)  # long enough for rounded rotary frequencies to show
+    with torch.no_grad():
+        expected_half = plain.half()(ids).logits
+        assert torch.equal(model.half()(ids).logits, expected_half), "a single cast is torch's"
+        expected = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+        assert torch.equal(model.float()(ids).logits, expected)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
 def test_a_refused_dtype_change_leaves_the_model_as_it_was(checkpoints):
     folder = checkpoints("llama")
     with torch.no_grad():
