@@ -1155,6 +1155,7 @@ class StreamEngine:
             while any(u.state == "loading" for u in self.units):
                 self.pool.cond.wait()
             self.release_all()
+            self.adopt_all_replaced()  # placeholders are made anew below: a slot the user replaced must keep theirs
             if device is not None and device != self.device:
                 if any(e is not self for e in self.pool.engines()):
                     raise BudgetError(

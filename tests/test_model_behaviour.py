@@ -124,9 +124,13 @@ def test_a_weight_replaced_while_not_resident_is_kept(checkpoints):
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(model(PROMPT).logits, reference(PROMPT).logits)
+    replaced = torch.rand_like(reference.model.layers[1].mlp.up_proj.weight)
+    model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(replaced.clone())  # then cast before any forward
+    reference.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(replaced.clone())
     model.to(torch.bfloat16)
     reference.to(torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    assert not is_placeholder(model.model.layers[1].mlp.up_proj.weight)
     with torch.no_grad():
         assert torch.equal(model(PROMPT).logits, reference(PROMPT).logits)
 
