@@ -524,27 +524,48 @@ def test_cache_reports_complete_missing_and_partial_shards(
     code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path)
     assert re.search(rf"{shards[1]} +partial +1.5 KB of {_common.format_bytes(size)}", out), out
     assert f"1 of {len(shards)} shard(s) complete, 1 partial, {len(shards) - 2} missing" in out
-    assert f"another revision: {shards[2]} at commit 000000000000" in out
+    assert f"Partial shard recorded at commit 000000000000: {shards[2]}," in out
 
-    # --prune: the other revision's partial goes, and the leftover of a shard already complete in blobs/; the
-    # current revision's partial stays, and so does another revision's that a process is fetching right now.
+    # --prune removes what no file of the revision has: the other revision's e2 (the Hub says its file has other
+    # content now), and the leftover of a shard already complete in blobs/. Kept: the current commit's partials
+    # (e1, and a variant's, which the default index does not list), another commit's partial whose content the
+    # revision's file still has (a README-only commit changes no shard), and one a process is fetching right now.
+    import hashlib
+
+    from huggingface_hub import constants
+
     blob = next(p.name for p in (repo_dir / "blobs").iterdir() if len(p.name) == 64 and p.stat().st_size > 1000)
-    for etag, name, at in ((blob, shards[0], commit), ("e3", shards[3], "1" * 40)):
+    same = hashlib.sha256((tiny / shards[3]).read_bytes()).hexdigest()
+    for etag, name, at in (
+        (blob, shards[0], commit),
+        ("e3", shards[4], "1" * 40),
+        (same, shards[3], "2" * 40),
+        ("e4", "model.fp16.safetensors", commit),
+    ):
         record = {"repo_id": "org/tiny", "filename": name, "commit": at, "etag": etag, "size": size, "ranges": []}
         (partial / f"{etag}.ranges.json").write_text(json.dumps(record))
         (partial / f"{etag}.part").write_bytes(bytes(size))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        offline = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")[1]
+    assert "Cannot ask the Hub which files commit" in offline and "Pruned 1 partial shard(s)" in offline, offline
+    assert not (partial / f"{blob}.part").exists() and (partial / "e2.part").exists()
     fetching = RangeLocks(partial / "e3.claims")
     assert fetching.acquire(0, 100)
     try:
-        code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")
+        with hub_server({"org/tiny": tiny}) as server, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(constants, "ENDPOINT", server.url)
+            code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")
+            assert code == 0
+            assert f"Removed partial shard {shards[2]} (000000000000)" in out and "Pruned 1 partial shard(s)" in out
+            kept = ["e1.part", "e3.part", "e4.part", f"{same}.part"]
+            assert sorted(p.name for p in partial.glob("*.part")) == sorted(kept)
+            fetching.close()
+            code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")
+            assert not (partial / "e3.part").exists(), "no longer fetched: pruned"
     finally:
         fetching.close()
-    assert code == 0
-    assert f"Removed partial shard {shards[2]} (000000000000)" in out and "Pruned 2 partial shard(s)" in out
-    assert sorted(p.name for p in partial.glob("*.part")) == ["e1.part", "e3.part"]
     assert (repo_dir / "blobs" / blob).is_file(), "complete shards are never touched"
-    code, out, _ = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune")
-    assert "Removed partial shard" in out and not (partial / "e3.part").exists(), "no longer fetched: pruned"
     code, _, err = run(capsys, "cache", "org/tiny", "--cache-dir", tmp_path, "--prune", "--revision", "v9")
     assert code == 2 and "does not say which commit 'v9' is" in err
     assert (partial / "e1.part").exists()

@@ -3,13 +3,15 @@
 For a Hub repo: each safetensors shard the cached index lists is complete (a normal Hub cache entry), partial (a
 range record kept by lazy Hub streaming under ``.weightstream/partial``) or missing; interrupted plain downloads
 (``blobs/*.incomplete``) are counted. For a local folder, whether every shard its index lists is present.
-``--prune`` removes partial shards of other revisions, which huggingface_hub's cache tools do not see.
+``--prune`` removes partial shards whose content the revision no longer has, which huggingface_hub's cache
+tools do not see.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import sys
@@ -25,8 +27,8 @@ HELP = "which shards of a Hub repo are in the local Hub cache"
 DESCRIPTION = """\
 For a Hub repo id, list its safetensors shards in the local Hub cache as complete or missing,
 interrupted downloads, and partial shards kept by hf_weightstream. For a local folder, check
-that every shard its index lists is present. --prune removes partial shards of other
-revisions (huggingface_hub's cache tools do not see them)."""
+that every shard its index lists is present. --prune removes partial shards whose
+content the revision no longer has (huggingface_hub's cache tools do not see them)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prune",
         action="store_true",
-        help="remove partial shards of other revisions and leftovers of complete ones (hf cache prune and "
-        "delete_revisions do not see them); shards another process is fetching now are kept",
+        help="remove partial shards whose content no file of the revision has (asks the Hub) and leftovers of "
+        "complete ones (hf cache prune and delete_revisions do not see them); shards another process is fetching "
+        "now are kept",
     )
 
 
@@ -141,19 +144,27 @@ def run(args: argparse.Namespace) -> int:
     if not partial:
         print(f"Partial shards ({PARTIAL_FOLDER}): none found.")
     for other in others:
-        print(
-            f"Partial shard of another revision: {other.filename} at commit {other.commit[:12]}, "
-            f"{format_bytes(other.held)} of {format_bytes(other.size)}."
+        where = (
+            "not in this revision's index (a variant or subfolder?)"
+            if other.commit == commit
+            else f"recorded at commit {other.commit[:12]}"
         )
+        print(f"Partial shard {where}: {other.filename}, {format_bytes(other.held)} of {format_bytes(other.size)}.")
     if args.prune:
-        _prune(repo_dir, args.revision, commit, names)
+        _prune(repo_id, repo_dir, args.revision, commit)
     return 0
 
 
-def _prune(repo_dir: Path, revision: str, commit: str, names: list[str]) -> None:
-    """Partial shards no streaming of ``revision`` will use: of another commit, or of a file its index does not
-    list. huggingface_hub's cache tools know nothing of ``.weightstream``: this is how they are reclaimed."""
-    from ..hub.partial import remove_partials
+def _prune(repo_id: str, repo_dir: Path, revision: str, commit: str) -> None:
+    """Remove the partial shards no streaming of ``revision`` can use, and leftovers of complete shards.
+
+    Partial files are named by the content's sha256 and labelled with the commit that wrote them, but a later commit
+    that changed only a README has the same shard files: a partial is of no use only when no file of ``revision``
+    has its content. The Hub says which content the revision's files have (``get_paths_info``, one call); offline,
+    partials of other commits are kept. huggingface_hub's cache tools know nothing of ``.weightstream``: this is
+    how they are reclaimed.
+    """
+    from ..hub.partial import PARTIAL_FOLDER, remove_partials
 
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise UsageError(
@@ -161,15 +172,42 @@ def _prune(repo_dir: Path, revision: str, commit: str, names: list[str]) -> None
             "which partial shards are of another revision. Pass --revision with a branch the cache knows, or a "
             "commit hash."
         )
+    others = set()
+    for path in (repo_dir / PARTIAL_FOLDER).glob("*.ranges.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            record = json.loads(path.read_text())
+            if record["commit"] != commit:
+                others.add(record["filename"])
+    contents = _contents_at(repo_id, commit, sorted(others)) if others else {}
 
     def unwanted(record: dict) -> bool:
-        return record.get("commit") != commit or bool(names) and record.get("filename") not in names
+        if not record:  # unreadable: a streaming run would start that shard afresh anyway
+            return True
+        if record.get("commit") == commit or contents is None:
+            return False
+        return contents.get(record.get("filename")) != record.get("etag")
 
     removed = remove_partials(repo_dir, unwanted)
     freed = sum(int(start_end[1]) - int(start_end[0]) for record in removed for start_end in record.get("ranges", []))
     for record in removed:
         print(f"Removed partial shard {record.get('filename', record['etag'])} ({record.get('commit', '?')[:12]}).")
     print(f"Pruned {len(removed)} partial shard(s), {format_bytes(freed)} on disk.")
+
+
+def _contents_at(repo_id: str, commit: str, filenames: list[str]) -> dict[str, str] | None:
+    """The sha256 each of ``filenames`` has at ``commit`` (absent: not there, or not in LFS), or None when the Hub
+    cannot be asked."""
+    from huggingface_hub import HfApi
+
+    try:
+        infos = HfApi().get_paths_info(repo_id, filenames, revision=commit)
+    except Exception as err:  # offline, unreachable, no access: whatever it is, keeping everything is safe
+        print(
+            f"Cannot ask the Hub which files commit {commit[:12]} has ({type(err).__name__}): partial shards of "
+            "other commits are kept (they may hold the same content); only leftovers of complete shards go."
+        )
+        return None
+    return {info.path: info.lfs.sha256 for info in infos if getattr(info, "lfs", None) is not None}
 
 
 def _local_folder_shards(folder: Path) -> None:
