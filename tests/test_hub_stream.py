@@ -1166,6 +1166,27 @@ def test_the_filler_takes_over_a_range_another_process_holds_and_records_nothing
     assert got >= shard_sizes(tiny)[shard], "every byte fetched by this process, once it stopped waiting"
 
 
+def test_a_slow_fetch_records_its_bytes_as_it_goes_not_only_every_few_mib(
+    big: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """On a slow link a connection takes seconds to reach RECORD_EVERY_BYTES; what it wrote must be recorded
+    within about RECORD_EVERY_SECONDS all the same, or a kill -9 loses it (12 connections: up to 24 MiB)."""
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 128 << 20)  # fetches of MiBs right after the load
+    storage = repo_cache(tmp_path)
+    with served(big, tmp_path, connection_bandwidth=400_000) as server:
+        model = stream(complete_download=True)
+        deadline = time.monotonic() + 30
+        while server.bytes_sent(".safetensors") < 5_000_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the recorder's period
+        sent = server.bytes_sent(".safetensors")
+        in_flight = [r.bytes_sent for r in server.log if r.end is None and r.bytes_sent > 0]
+        recorded = sum(e - s for spans in recorded_ranges(storage).values() for s, e in spans)
+        source_of(model).close()
+    assert len(in_flight) >= 4 and max(in_flight) < hub.stream.RECORD_EVERY_BYTES, "slow fetches still running"
+    assert recorded >= 0.6 * sent, f"{recorded:,} of {sent:,} bytes received are recorded"
+
+
 @pytest.mark.slow
 def test_kill_9_mid_download_then_the_next_run_resumes(big: Path, tmp_path: Path) -> None:
     sizes = shard_sizes(big)
