@@ -12,6 +12,8 @@ in a notebook), so no unit stays pinned and the model keeps working.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -146,3 +148,25 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
     for root in roots:
         root.register_forward_pre_hook(begin, with_kwargs=True)
         root.register_forward_hook(end, with_kwargs=True, always_call=True)
+        _end_on_interrupt(root, end)
+
+
+def _end_on_interrupt(root: nn.Module, end: Callable[..., Any]) -> None:
+    """Close the session when a ``KeyboardInterrupt`` (Ctrl-C in a notebook) or ``SystemExit`` leaves the forward.
+
+    torch runs ``always_call`` hooks for an ``Exception`` only: after a Ctrl-C the forward lock stayed held (a call
+    from another thread then waited forever), the interrupted unit pinned, and grad mode off for the thread.
+    """
+    inner = root.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        except Exception:
+            raise  # torch's always_call hook ends the session
+        except BaseException:
+            end(root, args, kwargs, None)
+            raise
+
+    root.forward = forward

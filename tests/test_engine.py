@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -259,6 +260,40 @@ def test_ctrl_c_during_a_read_raises_keyboard_interrupt_and_the_model_stays_usab
             model(PROMPT)
         assert torch.equal(model(PROMPT).logits, expected)
     assert all(unit.pins == 0 for unit in engine.units)
+
+
+def test_ctrl_c_inside_a_forward_closes_the_session(checkpoints):
+    """torch runs always_call hooks for an Exception only: a Ctrl-C inside a forward left the forward lock held
+    (another thread's call then waited forever), the interrupted unit pinned and grad mode off."""
+
+    folder = checkpoints("llama")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(folder)(PROMPT).logits
+    model = stream(folder)
+    engine = model._hf_weightstream
+    engine.pool.budget = engine.minimum_budget()
+
+    def interrupt(*_args):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[2].mlp.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the forward with gradients enabled says it runs without
+        model(PROMPT)
+    handle.remove()
+    assert torch.is_grad_enabled(), "grad mode is the caller's again"
+    assert all(unit.pins == 0 for unit in engine.units) and not engine.forward_lock._is_owned()
+    got = {}
+
+    def other_thread():
+        with torch.no_grad():
+            got["logits"] = model(PROMPT).logits
+
+    worker = threading.Thread(target=other_thread, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "another thread's call does not wait for the interrupted one"
+    assert torch.equal(got["logits"], expected)
 
 
 def test_to_dtype_keeps_a_gathered_table_out_of_the_budget(checkpoints):
