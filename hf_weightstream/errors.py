@@ -29,12 +29,13 @@ class StreamingUnsupportedError(StreamConfigError):
 
 
 def not_copyable(what: str, fix: str = "") -> StreamingRuntimeError:
-    """Why ``copy.deepcopy``/``pickle`` of a streamed model (or a part of it) is refused, and what to do instead."""
+    """Why ``copy.deepcopy``/``pickle``/``share_memory`` of a streamed model (or a part of it) is refused, and what
+    to do instead."""
     fix = fix or (
         "Load another copy with from_pretrained(..., device_map='stream') (nothing is read until it runs), or "
         "write the weights out with save_pretrained() or state_dict()."
     )
     return StreamingRuntimeError(
-        f"{what} cannot be copied or pickled: it belongs to a streamed model, whose weights are not in memory "
-        f"but read on use by its streaming engine (with its threads and open files). {fix}"
+        f"{what} cannot be copied, pickled or shared between processes: it belongs to a streamed model, whose "
+        f"weights are not in memory but read on use by its streaming engine (with its threads and open files). {fix}"
     )

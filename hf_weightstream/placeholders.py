@@ -84,6 +84,16 @@ class StreamedTensor(torch.Tensor):
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise not_copyable(f"Weight {self.weight_name}", "Copy its values with .detach().clone().")
 
+    def share_memory_(self) -> Any:  # torch's own crashes the process (SIGSEGV) on a tensor without storage
+        raise not_copyable(f"Weight {self.weight_name}", "Copy its values with .detach().clone().")
+
+    # Conversions that leave torch (its own refuse tensor subclasses): the values, as for any other read.
+    def numpy(self, *, force: bool = False) -> Any:
+        return self.clone().numpy(force=force)
+
+    def tolist(self) -> Any:
+        return self.clone().tolist()
+
     def handle(self) -> torch.Tensor:
         """Another placeholder for the same absent weight (``detach``, ``alias``): nothing is read."""
         if self.adopted is not None:
