@@ -1187,6 +1187,29 @@ def test_a_slow_fetch_records_its_bytes_as_it_goes_not_only_every_few_mib(
     assert recorded >= 0.6 * sent, f"{recorded:,} of {sent:,} bytes received are recorded"
 
 
+def test_patience_with_another_process_is_measured_by_its_progress_not_ours(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Measured by all the bytes of the shard, our own fetches of its other ranges kept renewing the patience with
+    a suspended process's ranges: it was waited for as long as this process had anything else of that shard to
+    fetch (118 s in a helper's audit instead of 60)."""
+    monkeypatch.setattr(hub.stream, "FOREIGN_PATIENCE_S", 0.2)
+    with served(tiny, tmp_path):
+        model = stream(complete_download=False)
+        shard_stream = next(iter(source_of(model)._session.streams.values()))
+        with shard_stream._lock:
+            assert not shard_stream._others_stalled()  # starts counting
+        for step in range(3):  # our own fetches land meanwhile
+            time.sleep(0.1)
+            with shard_stream._lock:
+                end = shard_stream.partial.size - 10 * step  # past the header: bytes not present yet
+                shard_stream.present.add(end - 10, end)
+        with shard_stream._lock:
+            assert shard_stream._others_stalled(), "our own progress does not renew the patience"
+            shard_stream.foreign_progress += 100  # the other process records something
+            assert not shard_stream._others_stalled(), "theirs does"
+
+
 @pytest.mark.slow
 def test_kill_9_mid_download_then_the_next_run_resumes(big: Path, tmp_path: Path) -> None:
     sizes = shard_sizes(big)

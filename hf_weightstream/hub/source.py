@@ -153,7 +153,7 @@ class _Session:
                 if foreign and not jobs and not waits:
                     if self.cancelled.wait(FOREIGN_POLL_S):
                         raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
-                    held = stream.present.total
+                    held = stream.foreign_progress  # theirs: our own fetches of other ranges do not count
                     if held != seen:  # the other process is making progress: keep waiting for it
                         seen, patience = held, time.monotonic() + shard_stream.FOREIGN_PATIENCE_S
                 errors = [job.error for job in jobs if job.error is not None and not isinstance(job.error, Superseded)]

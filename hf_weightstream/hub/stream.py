@@ -100,7 +100,10 @@ class ShardStream:
         self.failure: BaseException | None = None  # why the background stopped fetching this shard
         self._mismatches = 0
         self.mismatch_report: str | None = None  # said once, at the next forward pass (`HubSource.forward_began`)
-        self._progress_seen: tuple[int, float] | None = None  # (present bytes, since when): see `_others_stalled`
+        # Bytes other processes recorded that we did not have: their progress, which patience with the ranges they
+        # hold is measured by (our own fetches must not count, or a busy link waits for a stopped process forever).
+        self.foreign_progress = 0
+        self._progress_seen: tuple[int, float] | None = None  # (foreign progress, since when): `_others_stalled`
 
     @property
     def size(self) -> int:
@@ -196,11 +199,11 @@ class ShardStream:
         return dropped[0] if dropped else None
 
     def _others_stalled(self) -> bool:
-        """Whether nothing was recorded in this file for `FOREIGN_PATIENCE_S` (lock held): the process holding
-        the rest (suspended with SIGSTOP, hung) is taken over instead of waited for forever."""
-        now, present = time.monotonic(), self.present.total
-        if self._progress_seen is None or self._progress_seen[0] != present:
-            self._progress_seen = (present, now)
+        """Whether other processes recorded nothing in this file for `FOREIGN_PATIENCE_S` (lock held): the process
+        holding the rest (suspended with SIGSTOP, hung) is taken over instead of waited for forever."""
+        now, progress = time.monotonic(), self.foreign_progress
+        if self._progress_seen is None or self._progress_seen[0] != progress:
+            self._progress_seen = (progress, now)
             return False
         return now - self._progress_seen[1] > FOREIGN_PATIENCE_S
 
@@ -307,7 +310,9 @@ class ShardStream:
             self.reconcile()  # committed or discarded elsewhere
             return
         with self._lock:
+            before = self.present.total
             self.present.update(record)
+            self.foreign_progress += self.present.total - before
 
     def reconcile(self) -> None:
         """Our partial file was committed or discarded by someone else: follow it."""
