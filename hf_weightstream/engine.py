@@ -493,8 +493,6 @@ class StreamEngine:
             if unit.state != "resident":
                 self._unpin(unit, me)
                 raise _load_error(unit)
-            if unit.installed:
-                self._adopt_replaced(unit)  # before the check: the user's tensor may share a version counter
             self._refuse_written(unit, me)
             if not unit.installed:
                 self._install(unit)
@@ -514,12 +512,13 @@ class StreamEngine:
         values are no longer the checkpoint's, and the change would vanish at its next eviction, so outputs would
         depend on what happened to be resident. The unit is dropped, so the next call computes with the checkpoint's
         values again."""
-        adopted = {spec.name for spec in unit.specs if not spec.slots}  # the user's (adopt): theirs to write
-        written = [
-            name
-            for name, tensor in (unit.tensors or {}).items()
-            if name not in adopted and _version(tensor) != unit.versions.get(name)
-        ]
+        written = self._written(unit)
+        if written and unit.installed:
+            # ``weight.data = t`` on an installed weight keeps its version counter, shared with ours: a write into
+            # the user's tensor then looks like one into ours until that slot is adopted (found here, off the path of
+            # every call, as at the next eviction).
+            self._adopt_replaced(unit)
+            written = self._written(unit)
         if not written:
             return
         self._unpin(unit, me)
@@ -531,6 +530,16 @@ class StreamEngine:
             "before computing with the changed values, which are dropped. Load the model without "
             "device_map='stream' to modify its weights."
         )
+
+    @staticmethod
+    def _written(unit: Unit) -> list[str]:
+        """The resident tensors of ``unit`` changed in place since read; weights the user took over aside (adopt)."""
+        adopted = {spec.name for spec in unit.specs if not spec.slots}
+        return [
+            name
+            for name, tensor in (unit.tensors or {}).items()
+            if name not in adopted and _version(tensor) != unit.versions.get(name)
+        ]
 
     def release(self, unit: Unit) -> None:
         me = threading.get_ident()
@@ -1071,21 +1080,21 @@ class StreamEngine:
             grad = spec.requires_grad if spec.requires_grad is not None else tensor.is_floating_point()
             value: torch.Tensor = nn.Parameter(tensor, requires_grad=grad) if spec.slots[0].is_param else tensor
             for slot in spec.slots:
-                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = value
+                slot.store[slot.attr] = value
         unit.installed = True
 
     def _uninstall(self, unit: Unit) -> None:
         self._adopt_replaced(unit)
         for spec in unit.specs:
             for slot in spec.slots:
-                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = slot.placeholder
+                slot.store[slot.attr] = slot.placeholder
         unit.installed = False
 
     # ------------------------------------------------------------------------------------ the user's own tensors
     def _replaced(self, unit: Unit, spec: TensorSpec, slot: Slot) -> bool:
         """Whether ``slot`` holds a tensor the user put there instead of the streamed weight: ``module.weight =
         ...``, or ``weight.data = ...`` on the installed weight (what ``resize_token_embeddings`` does)."""
-        current = (slot.module._parameters if slot.is_param else slot.module._buffers).get(slot.attr)
+        current = slot.store.get(slot.attr)
         if current is slot.placeholder:
             return False
         if unit.rows is not None and unit.rows.installed and slot.module is unit.gather_from:
@@ -1123,16 +1132,12 @@ class StreamEngine:
         (see `adopt`)."""
         unit, spec = placeholder.unit, placeholder.spec
         with self.pool.cond:
-            slots = [
-                slot
-                for slot in spec.slots
-                if (slot.module._parameters if slot.is_param else slot.module._buffers).get(slot.attr) is placeholder
-            ]
+            slots = [slot for slot in spec.slots if slot.store.get(slot.attr) is placeholder]
             if not slots:
                 return
             held = nn.Parameter(value, requires_grad=placeholder.requires_grad) if slots[0].is_param else value
             for slot in slots:
-                (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = held
+                slot.store[slot.attr] = held
             self.adopt(unit, spec, slots)
 
     def adopt_all_replaced(self) -> None:

@@ -217,7 +217,7 @@ def install(units: list[Unit], device: torch.device) -> None:
             for slot in spec.slots:
                 slot.placeholder = placeholder
                 if not (unit.installed or (unit.rows is not None and unit.rows.installed)):
-                    (slot.module._parameters if slot.is_param else slot.module._buffers)[slot.attr] = placeholder
+                    slot.store[slot.attr] = placeholder
 
 
 def install_experts(layers: list[ExpertLayer], device: torch.device, dtype: torch.dtype | None = None) -> None:

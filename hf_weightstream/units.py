@@ -28,6 +28,11 @@ class Slot:
     is_param: bool
     placeholder: torch.Tensor  # the meta tensor put back on eviction
 
+    @property
+    def store(self) -> dict[str, Any]:
+        """The module's dict this slot lives in (``_parameters`` or ``_buffers``)."""
+        return self.module._parameters if self.is_param else self.module._buffers
+
 
 @dataclass
 class TensorSpec:
