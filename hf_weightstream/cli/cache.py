@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import re
 import sys
@@ -151,11 +150,11 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"Partial shard {where}: {other.filename}, {format_bytes(other.held)} of {format_bytes(other.size)}.")
     if args.prune:
-        _prune(repo_id, repo_dir, args.revision, commit)
+        _prune(repo_id, repo_dir, args.revision, commit, partial)
     return 0
 
 
-def _prune(repo_id: str, repo_dir: Path, revision: str, commit: str) -> None:
+def _prune(repo_id: str, repo_dir: Path, revision: str, commit: str, partial: list[PartialShard]) -> None:
     """Remove the partial shards no streaming of ``revision`` can use, and leftovers of complete shards.
 
     Partial files are named by the content's sha256 and labelled with the commit that wrote them, but a later commit
@@ -164,7 +163,7 @@ def _prune(repo_id: str, repo_dir: Path, revision: str, commit: str) -> None:
     partials of other commits are kept. huggingface_hub's cache tools know nothing of ``.weightstream``: this is
     how they are reclaimed.
     """
-    from ..hub.partial import PARTIAL_FOLDER, remove_partials
+    from ..hub.partial import remove_partials
 
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise UsageError(
@@ -172,13 +171,8 @@ def _prune(repo_id: str, repo_dir: Path, revision: str, commit: str) -> None:
             "which partial shards are of another revision. Pass --revision with a branch the cache knows, or a "
             "commit hash."
         )
-    others = set()
-    for path in (repo_dir / PARTIAL_FOLDER).glob("*.ranges.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            record = json.loads(path.read_text())
-            if record["commit"] != commit:
-                others.add(record["filename"])
-    contents = _contents_at(repo_id, commit, sorted(others)) if others else {}
+    others = sorted({shard.filename for shard in partial if shard.commit != commit})
+    contents = _contents_at(repo_id, commit, others) if others else {}
 
     def unwanted(record: dict) -> bool:
         if not record:  # unreadable: a streaming run would start that shard afresh anyway
