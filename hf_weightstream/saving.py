@@ -60,8 +60,11 @@ def _filled_by(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
         return None
 
 
-def _owners(model: nn.Module, engine: StreamEngine) -> dict[str, tuple[Unit | ExpertLayer, str]]:
-    """State-dict name -> (the unit or experts layer that streams it, the name it materialises it under).
+def _owners(
+    model: nn.Module, engine: StreamEngine, names: set[str] | None = None
+) -> dict[str, tuple[Unit | ExpertLayer, str]]:
+    """State-dict name -> (the unit or experts layer that streams it, the name it materialises it under), for
+    ``names`` (all by default: one lookup asks for its own name only, not the module path of every weight).
 
     Only names whose module the engine still fills: a module the user swapped in (``resize_token_embeddings``,
     a new head) holds its own real tensors and is saved from them.
@@ -74,12 +77,12 @@ def _owners(model: nn.Module, engine: StreamEngine) -> dict[str, tuple[Unit | Ex
         for spec in unit.specs:
             slots = {(id(slot.module), slot.attr) for slot in spec.slots}
             for alias in spec.aliases:
-                here = _filled_by(model, alias)
+                here = _filled_by(model, alias) if names is None or alias in names else None
                 if here is not None and (id(here[0]), here[1]) in slots:
                     out[alias] = (unit, spec.name)
     for layer in engine.expert_layers:
         for attr, full in layer.full_names.items():
-            if _filled_by(model, full) == (layer.module, attr):
+            if (names is None or full in names) and _filled_by(model, full) == (layer.module, attr):
                 out[full] = (layer, full)
     return out
 
@@ -91,10 +94,10 @@ class _Reading:
     parameters, which are kept until the next name outside that module is asked for.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: set[str] | None = None):
         self.model = model
         self.engine = _engine(model)
-        self.owners = _owners(model, self.engine)
+        self.owners = _owners(model, self.engine, names)
         self.unit: Unit | None = None
         self.layer: ExpertLayer | None = None
         self.assembled: dict[str, torch.Tensor] = {}
@@ -137,7 +140,7 @@ class StreamedStateDict(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._index:
             raise KeyError(name)
-        reading = _Reading(self._model)
+        reading = _Reading(self._model, {name})
         try:
             return reading.tensor(name)
         finally:
