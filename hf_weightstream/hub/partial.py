@@ -341,13 +341,16 @@ class PartialFile:
 def sweep_committed(storage_folder: Path) -> None:
     """Remove the partial files of shards that are in ``blobs/`` (a run killed between moving a verified file into
     the cache and removing its record leaves the record behind)."""
-    remove_partials(storage_folder, lambda _record: False)
+    remove_partials(storage_folder)
 
 
-def remove_partials(storage_folder: Path, unwanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+def remove_partials(
+    storage_folder: Path, unwanted: Callable[[dict[str, Any]], bool] | None = None
+) -> list[dict[str, Any]]:
     """Remove the partial files of shards already in ``blobs/`` and those whose record ``unwanted`` rejects (an
     unreadable record is passed as ``{}``), except any another process is fetching right now (it holds claims on
-    them); the records of what was removed.
+    them); the records of what was removed. Without ``unwanted`` (each load's sweep) only the names are looked at
+    until one is in ``blobs/``.
 
     Each is removed under its file lock, as `PartialFile.discard` does, so a process streaming it meanwhile sees it
     superseded and starts a new one. The tiny ``.lock`` and ``.claims`` files stay, as huggingface_hub's lock
@@ -357,12 +360,15 @@ def remove_partials(storage_folder: Path, unwanted: Callable[[dict[str, Any]], b
     removed = []
     for path in sorted(folder.glob("*.ranges.json")) if folder.is_dir() else ():
         etag = path.name.removesuffix(".ranges.json")
+        committed = (storage_folder / "blobs" / etag).exists()
+        if not committed and unwanted is None:
+            continue
         try:
             record = json.loads(path.read_text())
             size = int(record["size"])
         except (OSError, ValueError, KeyError, TypeError):
             record, size = {}, 0
-        if not (storage_folder / "blobs" / etag).exists() and not unwanted(record):
+        if not committed and not unwanted(record):
             continue
         claims = RangeLocks(folder / f"{etag}.claims")
         lock = _FileLock(folder / f"{etag}.lock")
