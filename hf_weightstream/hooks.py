@@ -13,6 +13,7 @@ in a notebook), so no unit stays pinned and the model keeps working.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -116,14 +117,19 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
             add_hook_to_module(module, StreamHook(engine, unit), append=True)
     for layer in engine.expert_layers:
         add_hook_to_module(layer.module, ExpertsHook(engine, layer), append=True)
-    grad_modes: list[bool] = []  # per nested root call; callers are serialised by the engine's forward lock
+    # Per thread, per nested root call: the grad mode to restore, or None while the session has not begun. torch
+    # runs `end` also when `begin` raised (a shard that failed its sha256 is reported there), and begin_forward has
+    # then undone itself: ending it again drove the session depth below zero, after which no pass ended its session.
+    calls = threading.local()
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        modes = calls.__dict__.setdefault("modes", [])
+        modes.append(None)
         engine.begin_forward()
         # Autograd would keep every evicted weight alive until backward, far past the budget: a streamed forward
         # always runs as under torch.no_grad(). Users are told once (see StreamEngine.note_grad_forward).
         grad_was_enabled = torch.is_grad_enabled()
-        grad_modes.append(grad_was_enabled)
+        modes[-1] = grad_was_enabled
         if grad_was_enabled:
             engine.note_grad_forward()
             torch.set_grad_enabled(False)
@@ -132,8 +138,11 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
         return tuple(_to_device(a, device) for a in args), {k: _to_device(v, device) for k, v in kwargs.items()}
 
     def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        modes = calls.__dict__.get("modes")
+        grad_was_enabled = modes.pop() if modes else None
+        if grad_was_enabled is None:
+            return None  # the session did not begin
         try:
-            grad_was_enabled = grad_modes.pop() if grad_modes else False
             torch.set_grad_enabled(grad_was_enabled)
             if grad_was_enabled:  # a later backward() must say why it cannot run, not fail obscurely
                 return _inference_only(output)

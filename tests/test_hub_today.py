@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from huggingface_hub import constants
 
 from hf_weightstream import CheckpointError, StreamingRuntimeError, hub, wait_until_cached
 from hf_weightstream.hub import RangeFetchError
+from hf_weightstream.integration import engine_of
 from hf_weightstream.testing.hub_repo import xet_hash_stand_in
 from hf_weightstream.testing.hub_server import Fault
 
@@ -209,9 +211,13 @@ def test_outputs_computed_from_bytes_that_then_fail_their_sha256_are_reported_at
         assert generate(model) != expected, "computed with the corrupted weight"
         (folder / rng.shard).write_bytes(good)  # the corruption was transient: the file is fetched again whole
         cached = wait_until_cached(model, timeout=30)
-        with pytest.raises(CheckpointError, match=rf"{rng.shard}.* did not match its sha256.*may be wrong"):
+        mismatch = rf"{rng.shard}.* did not match its sha256.*may be wrong"
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError, match=mismatch):
+            warnings.simplefilter("always")
             generate(model)
+        assert not [str(w.message) for w in caught if "always_call" in str(w.message)], "the session ended once"
         assert generate(model) == expected, "said once; the weights were dropped and are read again, checked"
+        assert engine_of(model)._depth == 0, "and the passes after it are whole sessions"
     assert cached[rng.shard].verified and not any(u.state == "resident" and u.pins for u in units_of(model))
     assert_cache_verified(tmp_path / "cache", tiny)
 
