@@ -1187,6 +1187,14 @@ def test_a_slow_fetch_records_its_bytes_as_it_goes_not_only_every_few_mib(
     assert recorded >= 0.6 * sent, f"{recorded:,} of {sent:,} bytes received are recorded"
 
 
+def _another_process(shard_stream: Any) -> hub.partial.PartialFile:
+    """The partial file of ``shard_stream`` opened anew: to our source, another process's (locks and records)."""
+    partial = shard_stream.partial
+    other = hub.partial.PartialFile(partial.folder, partial.etag, partial.size, {})
+    other.open(None)
+    return other
+
+
 def test_patience_with_another_process_is_measured_by_its_progress_not_ours(
     tiny: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -1197,17 +1205,49 @@ def test_patience_with_another_process_is_measured_by_its_progress_not_ours(
     with served(tiny, tmp_path):
         model = stream(complete_download=False)
         shard_stream = next(iter(source_of(model)._session.streams.values()))
-        with shard_stream._lock:
-            assert not shard_stream._others_stalled()  # starts counting
+        other = _another_process(shard_stream)
+        end = shard_stream.size
+        assert other.claims.acquire(end - 100, end)
+        got = shard_stream.claim_missing(end - 100, end, lambda s, e: [(s, e)])
+        assert got.foreign and not got.mine and not shard_stream.others_stalled()  # starts counting
         for step in range(3):  # our own fetches land meanwhile
             time.sleep(0.1)
             with shard_stream._lock:
-                end = shard_stream.partial.size - 10 * step  # past the header: bytes not present yet
-                shard_stream.present.add(end - 10, end)
-        with shard_stream._lock:
-            assert shard_stream._others_stalled(), "our own progress does not renew the patience"
-            shard_stream.foreign_progress += 100  # the other process records something
-            assert not shard_stream._others_stalled(), "theirs does"
+                shard_stream.present.add(end - 200 - 10 * step, end - 190 - 10 * step)
+        assert shard_stream.others_stalled(), "our own progress does not renew the patience"
+        other.write(end - 400, b"x" * 10, other.generation)  # the other process records something
+        other.sync_and_record(hub.ranges.RangeSet([(end - 400, end - 390)]), other.generation)
+        shard_stream.refresh()
+        assert not shard_stream.others_stalled(), "theirs does"
+        other.close()
+
+
+def test_reads_and_the_filler_share_one_patience_with_another_process(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    """The filler started its own clock when it first met a range a suspended process held, so
+    wait_until_cached took up to twice the patience after a read had already waited one (88 s instead of 60 in a
+    helper's audit). A holder that lets go of a range without recording it (it died) restarts the clock: the next
+    process to hold ranges gets a whole patience."""
+    monkeypatch.setattr(hub.stream, "FOREIGN_PATIENCE_S", 0.3)
+    with served(tiny, tmp_path):
+        model = stream(complete_download=False)
+        shard_stream = next(iter(source_of(model)._session.streams.values()))
+        first, second = _another_process(shard_stream), _another_process(shard_stream)
+        end = shard_stream.size
+        assert first.claims.acquire(end - 100, end)
+        assert shard_stream.claim_missing(end - 100, end, lambda s, e: [(s, e)]).foreign  # a read waits
+        time.sleep(0.4)
+        claim = shard_stream.claim_next(end - 100, end, 1 << 20)  # the filler meets the range after one patience
+        assert claim is not None and (claim.start, claim.end) == (end - 100, end), "taken over at once"
+        shard_stream.release(claim)
+
+        first.close()  # it dies: the kernel drops its locks
+        assert second.claims.acquire(end - 300, end - 200)  # a new process starts fetching
+        got = shard_stream.claim_missing(end - 100, end, lambda s, e: [(s, e)])
+        assert got.mine and not got.foreign and not shard_stream.others_stalled()
+        assert shard_stream.claim_next(end - 300, end - 200, 1 << 20) is None, "the new process is waited for"
+        time.sleep(0.4)
+        assert shard_stream.claim_next(end - 300, end - 200, 1 << 20) is not None, "until it records nothing"
+        second.close()
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 from ..errors import CheckpointError, StreamingRuntimeError
 from ..sources import LocalFileSource, map_range
 from . import cache
-from . import stream as shard_stream
 from .cache import CachedShard
 from .partial import PARTIAL_FOLDER, PartialFile, Superseded, pread_into, sweep_committed
 from .ranges import RangeSet, even_pieces
@@ -115,8 +114,6 @@ class _Session:
         """
         filled = RangeSet()
         base = spans[0][0]
-        patience = time.monotonic() + shard_stream.FOREIGN_PATIENCE_S
-        seen = -1
         jobs: list[Job] = []  # fetched for this read, not waited for yet
         began = time.monotonic()
         holding = False  # the connections that stopping fetches free are kept for this read (`FetchScheduler.hold`)
@@ -125,7 +122,7 @@ class _Session:
                 # Under the workers' lock: no idle connection may see a range claimed here before its job is queued
                 # (it would skip it and fetch something later in the order first).
                 with self.scheduler.lock:
-                    impatient = time.monotonic() > patience  # another process holds ranges and records nothing
+                    impatient = stream.others_stalled()  # another process holds ranges and records nothing
                     fd, new_jobs, cut, waits, foreign = self._claim(stream, spans, out, base, began, impatient)
                     jobs += new_jobs
                     if holding != bool(cut):
@@ -150,12 +147,8 @@ class _Session:
                     job.finished.wait()
                 for event in waits:
                     event.wait()
-                if foreign and not jobs and not waits:
-                    if self.cancelled.wait(FOREIGN_POLL_S):
-                        raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
-                    held = stream.foreign_progress  # theirs: our own fetches of other ranges do not count
-                    if held != seen:  # the other process is making progress: keep waiting for it
-                        seen, patience = held, time.monotonic() + shard_stream.FOREIGN_PATIENCE_S
+                if foreign and not jobs and not waits and self.cancelled.wait(FOREIGN_POLL_S):
+                    raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")
                 errors = [job.error for job in jobs if job.error is not None and not isinstance(job.error, Superseded)]
                 if errors and isinstance(errors[0], Cancelled):
                     raise StreamingRuntimeError("This model's Hub source was closed while the read waited.")

@@ -100,10 +100,12 @@ class ShardStream:
         self.failure: BaseException | None = None  # why the background stopped fetching this shard
         self._mismatches = 0
         self.mismatch_report: str | None = None  # said once, at the next forward pass (`HubSource.forward_began`)
-        # Bytes other processes recorded that we did not have: their progress, which patience with the ranges they
-        # hold is measured by (our own fetches must not count, or a busy link waits for a stopped process forever).
-        self.foreign_progress = 0
-        self._progress_seen: tuple[int, float] | None = None  # (foreign progress, since when): `_others_stalled`
+        # Patience with other processes (`others_stalled`): since when they have held ranges this process wants
+        # (a read's or the filler's: one clock for both) while recording nothing, and the ranges seen held since.
+        # Only their records restart it: our own fetches of other ranges must not, or a busy link waits for a
+        # stopped process forever.
+        self._foreign_wait: float | None = None
+        self._foreign_held = RangeSet()
 
     @property
     def size(self) -> int:
@@ -186,7 +188,7 @@ class ShardStream:
             claim = None
             for gap_start, gap_end in self._taken().gaps(start, end):
                 got, elsewhere = self._lock_range(gap_start, min(gap_end, gap_start + limit))
-                if not got and elsewhere and self._others_stalled():
+                if not got and elsewhere and self._stalled():
                     got = [(gap_start, min(gap_end, gap_start + limit))]  # taken over, as a demand read would
                 if got:
                     claim = Claim(*got[0])
@@ -198,27 +200,41 @@ class ShardStream:
         dropped = self._drop_recorded([claim])
         return dropped[0] if dropped else None
 
-    def _others_stalled(self) -> bool:
-        """Whether other processes recorded nothing in this file for `FOREIGN_PATIENCE_S` (lock held): the process
-        holding the rest (suspended with SIGSTOP, hung) is taken over instead of waited for forever."""
-        now, progress = time.monotonic(), self.foreign_progress
-        if self._progress_seen is None or self._progress_seen[0] != progress:
-            self._progress_seen = (progress, now)
-            return False
-        return now - self._progress_seen[1] > FOREIGN_PATIENCE_S
+    def others_stalled(self) -> bool:
+        """Whether other processes have held ranges this process wants for `FOREIGN_PATIENCE_S` and recorded
+        nothing meanwhile: the process holding them (suspended with SIGSTOP, hung) is taken over instead of waited
+        for forever."""
+        with self._lock:
+            return self._stalled()
+
+    def _stalled(self) -> bool:
+        return self._foreign_wait is not None and time.monotonic() - self._foreign_wait > FOREIGN_PATIENCE_S
+
+    def _foreign_patience_restarts(self) -> None:
+        self._foreign_wait, self._foreign_held = None, RangeSet()
 
     def _lock_range(self, start: int, end: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Take byte-range locks on the parts of ``[start, end)`` no other process holds: (taken, held elsewhere)."""
+        """Take byte-range locks on the parts of ``[start, end)`` no other process holds: (taken, held elsewhere).
+
+        Held elsewhere starts the patience clock. Taking a range seen held, not recorded, restarts it: its holder
+        let go without recording (it died), and whoever holds ranges next gets a whole patience."""
         locks = self.partial.claims
         if locks.acquire(start, end):
-            return [(start, end)], []
-        elsewhere = locks.busy(start, end)
-        taken = []
-        for s, e in elsewhere.gaps(start, end):
-            if locks.acquire(s, e):
-                taken.append((s, e))
-            else:
-                elsewhere.add(s, e)  # locked meanwhile
+            taken, elsewhere = [(start, end)], RangeSet()
+        else:
+            elsewhere = locks.busy(start, end)
+            taken = []
+            for s, e in elsewhere.gaps(start, end):
+                if locks.acquire(s, e):
+                    taken.append((s, e))
+                else:
+                    elsewhere.add(s, e)  # locked meanwhile
+        if self._foreign_held and any(self._foreign_held.gap_bytes(s, e) < e - s for s, e in taken):
+            self._foreign_patience_restarts()
+        if elsewhere:
+            if self._foreign_wait is None:
+                self._foreign_wait = time.monotonic()
+            self._foreign_held.update(elsewhere)
         return taken, list(elsewhere)
 
     def _drop_recorded(self, claims: list[Claim]) -> list[Claim]:
@@ -312,7 +328,8 @@ class ShardStream:
         with self._lock:
             before = self.present.total
             self.present.update(record)
-            self.foreign_progress += self.present.total - before
+            if self.present.total > before:  # another process recorded bytes: it is alive
+                self._foreign_patience_restarts()
 
     def reconcile(self) -> None:
         """Our partial file was committed or discarded by someone else: follow it."""
