@@ -1104,6 +1104,14 @@ class StreamEngine:
             return (current.data_ptr(), current.shape, current.dtype) != (ours.data_ptr(), ours.shape, ours.dtype)
         return True
 
+    def fills(self, unit: Unit, spec: TensorSpec, slot: Slot, value: Any) -> bool:
+        """Whether ``value``, found at ``slot``, is what the engine put there (the weight or its placeholder), not a
+        tensor of the user's own."""
+        with self.pool.cond:
+            if value is None or not any(s is slot for s in spec.slots):
+                return False
+            return not self._replaced(unit, spec, slot)
+
     def _adopt_replaced(self, unit: Unit) -> None:
         """Stop streaming the places of ``unit`` where the user put tensors of their own (pool lock held)."""
         for spec in unit.specs:

@@ -36,7 +36,7 @@ from .placeholders import is_placeholder
 from .residency import WeightPool, get_default_pool
 from .sources import choose_reader
 from .support import check_supported
-from .units import build_units, collect_specs, full_bytes
+from .units import Slot, TensorSpec, Unit, build_units, collect_specs, full_bytes
 
 _ATTR = "_hf_weightstream"
 _labels = itertools.count(1)
@@ -193,95 +193,99 @@ def load_streamed(
             also_download=(GENERATION_CONFIG_NAME,) if generation_config is None and cls.can_generate() else (),
         )
 
+    # A load that fails from here on (a refused architecture, a budget too small...) stops the checkpoint's
+    # background work: a Hub repo's head start would otherwise go on downloading for a model nobody holds.
     try:
         quantization.validate(checkpoint.index, hf_quantizer)
+        config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype(), hf_quantizer)
+        config.name_or_path = name
+        model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
+        check_supported(model)
+        entries = checkpoint.index.entries
+        shapes = {key: tuple(entry.shape) for key, entry in entries.items()}
+        plan = compat.plan_checkpoint_keys(model, list(entries), key_mapping, hf_quantizer, shapes)
+        computed = compat.computed_keys(model, compat.missing_keys(model, plan))
+        compat.materialize_computed(model, computed)
+        dtype_of = compat.target_dtypes(model, dtype)
+
+        device = stream_config.device or default_device()
+        pool = stream_config.pool
+        if pool is None and stream_config.budget_bytes is None and max_memory is None:
+            pool = get_default_pool()
+        table = collect_specs(model, checkpoint.index, plan, dtype_of, computed)
+        expert_layers = (
+            build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
+            if stream_config.experts == "routed"
+            else []
+        )
+        units = build_units(
+            model, checkpoint.index, table, stream_config.coalesce_gap, hold_out=held_out_names(expert_layers)
+        )
+        all_units = units + [unit for layer in expert_layers for unit in layer.units]
+        checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
+        model_bytes = sum(full_bytes(u) for u in all_units)
+        limits = memory_limits(device)  # what this process may really use: cgroups, RLIMIT_AS, the GPU, the host
+        sized_here = pool is None and stream_config.budget_bytes is None and max_memory is None
+        if pool is None:
+            budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
+            # No budget given: sized below, once the engine knows what the model needs at once.
+            pool = WeightPool(budget or 2 * model_bytes, device=device, num_workers=stream_config.num_workers)
+        elif max_memory is not None:
+            raise StreamConfigError("Pass either max_memory= or a StreamConfig pool, not both.")
+
+        engine = StreamEngine(
+            model,
+            units,
+            checkpoint.source,
+            pool,
+            device,
+            policy=stream_config.policy,
+            lookahead=stream_config.lookahead,
+            label=f"{name}#{next(_labels)}",
+            expert_layers=expert_layers,
+        )
+        if sized_here:  # what the model needs at once (an MoE call's experts included) is known from the engine
+            pool.budget = _default_budget(engine.minimum_budget(), model_bytes, limits)
+        engine.check_budget()
+        engine.reader, engine.io_reason = choose_reader(
+            checkpoint.source,
+            stream_config.io,
+            device=device,
+            budget=pool.budget,
+            model_bytes=model_bytes,
+            limits=limits,
+            max_in_flight=stream_config.num_workers,
+        )
+        engine.checkpoint = checkpoint
+        engine.quantization = quantization.describe(hf_quantizer)
+        if hf_quantizer is not None:
+            compat.finish_quantized(model, hf_quantizer)
+        if device.type != "cpu":
+            _move_real_tensors(model, device)
+        attach(model, engine)
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.__dict__[_ATTR] = engine
+        model.hf_device_map = {"": str(device)}
+        _bind_device_methods(model, engine)
+        _dedupe_tied_walks(model, engine)
+        log.log_load(model, engine, log.budget_origin(stream_config, max_memory, get_default_pool()))
+
+        if model.can_generate() and hasattr(model, "adjust_generation_fn"):
+            generation_kwargs = {k: v for k, v in download_kwargs.items()}
+            name_for_generation = str(Path(name)) if local else name
+            model.adjust_generation_fn(
+                generation_config,
+                from_auto,
+                from_pipeline,
+                name_for_generation,
+                **generation_kwargs,
+                trust_remote_code=trust_remote_code,
+            )
     except BaseException:
         checkpoint.source.close()
         raise
-    config, dtype = compat.resolve_dtype(dtype, config, checkpoint.index.first_float_dtype(), hf_quantizer)
-    config.name_or_path = name
-    model = compat.build_skeleton(cls, config, dtype, model_kwargs, hf_quantizer)
-    check_supported(model)
-    entries = checkpoint.index.entries
-    shapes = {key: tuple(entry.shape) for key, entry in entries.items()}
-    plan = compat.plan_checkpoint_keys(model, list(entries), key_mapping, hf_quantizer, shapes)
-    computed = compat.computed_keys(model, compat.missing_keys(model, plan))
-    compat.materialize_computed(model, computed)
-    dtype_of = compat.target_dtypes(model, dtype)
 
-    device = stream_config.device or default_device()
-    pool = stream_config.pool
-    if pool is None and stream_config.budget_bytes is None and max_memory is None:
-        pool = get_default_pool()
-    table = collect_specs(model, checkpoint.index, plan, dtype_of, computed)
-    expert_layers = (
-        build_expert_layers(model, table, checkpoint.index, stream_config.coalesce_gap)
-        if stream_config.experts == "routed"
-        else []
-    )
-    units = build_units(
-        model, checkpoint.index, table, stream_config.coalesce_gap, hold_out=held_out_names(expert_layers)
-    )
-    all_units = units + [unit for layer in expert_layers for unit in layer.units]
-    checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
-    model_bytes = sum(full_bytes(u) for u in all_units)
-    limits = memory_limits(device)  # what this process may really use: cgroups, RLIMIT_AS, the GPU, the host
-    sized_here = pool is None and stream_config.budget_bytes is None and max_memory is None
-    if pool is None:
-        budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
-        # No budget given: sized below, once the engine knows what the model needs at once.
-        pool = WeightPool(budget or 2 * model_bytes, device=device, num_workers=stream_config.num_workers)
-    elif max_memory is not None:
-        raise StreamConfigError("Pass either max_memory= or a StreamConfig pool, not both.")
-
-    engine = StreamEngine(
-        model,
-        units,
-        checkpoint.source,
-        pool,
-        device,
-        policy=stream_config.policy,
-        lookahead=stream_config.lookahead,
-        label=f"{name}#{next(_labels)}",
-        expert_layers=expert_layers,
-    )
-    if sized_here:  # what the model needs at once (an MoE call's experts included) is known from the engine
-        pool.budget = _default_budget(engine.minimum_budget(), model_bytes, limits)
-    engine.check_budget()
-    engine.reader, engine.io_reason = choose_reader(
-        checkpoint.source,
-        stream_config.io,
-        device=device,
-        budget=pool.budget,
-        model_bytes=model_bytes,
-        limits=limits,
-        max_in_flight=stream_config.num_workers,
-    )
-    engine.checkpoint = checkpoint
-    engine.quantization = quantization.describe(hf_quantizer)
-    if hf_quantizer is not None:
-        compat.finish_quantized(model, hf_quantizer)
-    if device.type != "cpu":
-        _move_real_tensors(model, device)
-    attach(model, engine)
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.__dict__[_ATTR] = engine
-    model.hf_device_map = {"": str(device)}
-    _bind_device_methods(model, engine)
-    log.log_load(model, engine, log.budget_origin(stream_config, max_memory, get_default_pool()))
-
-    if model.can_generate() and hasattr(model, "adjust_generation_fn"):
-        generation_kwargs = {k: v for k, v in download_kwargs.items()}
-        name_for_generation = str(Path(name)) if local else name
-        model.adjust_generation_fn(
-            generation_config,
-            from_auto,
-            from_pipeline,
-            name_for_generation,
-            **generation_kwargs,
-            trust_remote_code=trust_remote_code,
-        )
     if output_loading_info:
         info = compat.LoadStateDictInfo(set(), set(plan.unexpected), set(), [], {}, set())
         return model, info.to_dict()
@@ -377,3 +381,53 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
     model.float = lambda: retarget(model, None, torch.float32)
     model.bfloat16 = lambda: retarget(model, None, torch.bfloat16)
     model.double = lambda: retarget(model, None, torch.float64)
+
+
+def _dedupe_tied_walks(model: torch.nn.Module, engine: StreamEngine) -> None:
+    """``named_parameters()``/``parameters()`` yield a tied weight once, as on a plain model, also when reading
+    values in the loop makes its unit resident or evicts it between its places.
+
+    torch deduplicates by object, and installing or evicting a unit puts another object in every place of a weight
+    (the resident ``Parameter``, the placeholder): a loop printing each weight's mean yielded ``lm_head.weight``
+    after ``model.embed_tokens.weight`` it is tied to. Every module holding two places of one weight has its walk
+    see, at the second place, the object it met at the first, which torch then skips. A place the user filled with
+    a tensor of their own is not the weight's any more (`StreamEngine.adopt`) and is left as it is.
+    """
+    paths = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    places: dict[tuple[int, str], tuple[Unit, TensorSpec, Slot]] = {}
+    owners: set[str] = set()
+    for unit in engine.units:
+        for spec in unit.specs:
+            if len(spec.slots) < 2:
+                continue
+            for slot in spec.slots:
+                places[(id(slot.module), slot.attr)] = (unit, spec, slot)
+            held = [paths[id(slot.module)].split(".") for slot in spec.slots]
+            for path in held:  # the module itself and every module above it
+                for depth in range(len(path) + 1):
+                    prefix = path[:depth]
+                    if sum(other[:depth] == prefix for other in held) > 1:
+                        owners.add(".".join(prefix))
+    for name in owners:
+        module = model.get_submodule(name)
+        module._named_members = functools.partial(_walk_tied_once, module._named_members, engine, places)
+
+
+def _walk_tied_once(
+    walk: Any,
+    engine: StreamEngine,
+    places: dict[tuple[int, str], tuple[Unit, TensorSpec, Slot]],
+    get_members_fn: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    first: dict[int, Any] = {}  # id(spec) -> what the walk met at the weight's first place
+
+    def members(module: torch.nn.Module) -> Any:
+        for key, value in get_members_fn(module):
+            place = places.get((id(module), key))
+            if place is not None and engine.fills(*place, value):
+                value = first.setdefault(id(place[1]), value)
+            yield key, value
+
+    return walk(members, *args, **kwargs)

@@ -55,7 +55,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from transformers import AutoModelForCausalLM
 
-from hf_weightstream import CheckpointError, StreamConfig, checkpoint, hub, wait_until_cached
+from hf_weightstream import BudgetError, CheckpointError, StreamConfig, checkpoint, hub, wait_until_cached
 from hf_weightstream.checkpoint import SAFE_INDEX
 from hf_weightstream.index import TensorEntry
 from hf_weightstream.testing.hub_repo import xet_hash_stand_in
@@ -1164,6 +1164,22 @@ def test_the_filler_takes_over_a_range_another_process_holds_and_records_nothing
         got = sum(e - s for name, s, e in fetched(server) if name == shard)
     assert sha256_of(cached[shard].blob) == sha256_of(tiny / shard)
     assert got >= shard_sizes(tiny)[shard], "every byte fetched by this process, once it stopped waiting"
+
+
+def test_a_load_refused_after_the_headers_stops_the_download_it_began(big: Path, tmp_path: Path, monkeypatch) -> None:
+    """The head start goes out with the headers, before the load knows it will refuse the model (a budget below a
+    unit, an architecture it cannot stream): a refused load went on downloading, in a notebook until the kernel
+    ended, for a model nobody holds."""
+    monkeypatch.setattr(hub.schedule, "HEAD_START_BYTES", 128 << 20)
+    total = sum(shard_sizes(big).values())
+    with served(big, tmp_path, connection_bandwidth=400_000) as server:
+        with pytest.raises(BudgetError, match="smaller than unit"):
+            stream(budget=10_000)
+        assert server.wait_idle(timeout=10), "every fetch stopped"
+        sent = server.bytes_sent(".safetensors")
+        time.sleep(0.5)
+        assert server.bytes_sent(".safetensors") == sent and sent < total / 2
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("hf_weightstream-fetch")]
 
 
 def test_a_slow_fetch_records_its_bytes_as_it_goes_not_only_every_few_mib(

@@ -47,6 +47,29 @@ def test_a_weight_read_outside_its_forward_is_served_under_the_budget(checkpoint
     assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
 
 
+def test_a_loop_reading_each_weight_yields_a_tied_weight_once(checkpoints):
+    """Reading values in a ``named_parameters()`` loop makes units resident and evicts others: the tied head was
+    yielded again after the embedding, as another object (the resident weight or the placeholder)."""
+    folder = checkpoints("qwen2_tied")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    expected = {name: weight.double().sum() for name, weight in reference.named_parameters()}
+    for step in range(3):  # before any forward, after one, and with every weight released
+        seen = {name: weight.double().sum() for name, weight in model.named_parameters()}
+        assert list(seen) == list(expected) and all(torch.equal(seen[n], expected[n]) for n in expected)
+        assert sum(w.numel() for w in model.parameters()) == sum(w.numel() for w in reference.parameters())
+        with torch.no_grad():
+            model(PROMPT)
+        if step == 1:
+            hf_weightstream.release(model)
+    assert hf_weightstream.stats(model)["evictions"] > 0
+    head = torch.randn_like(reference.lm_head.weight)
+    model.lm_head.weight = torch.nn.Parameter(head.clone())  # untied by the user: both are the model's now
+    reference.lm_head.weight = torch.nn.Parameter(head.clone())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    assert torch.equal(dict(model.named_parameters())["lm_head.weight"], head)
+
+
 def test_numpy_and_tolist_of_a_weight_give_its_values(checkpoints):
     """torch's own refuse tensor subclasses (".numpy() is not supported for tensor subclasses")."""
     import numpy as np
