@@ -27,10 +27,11 @@ from transformers.core_model_loading import (
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.initialization import no_init_weights
 from transformers.modeling_utils import _get_dtype, remove_tied_weights_from_state_dict
+from transformers.modeling_utils import logger as modeling_logger
 from transformers.monkey_patching import patch_output_recorders
 from transformers.quantizers.auto import AutoHfQuantizer, get_hf_quantizer
 from transformers.utils.generic import ContextManagers
-from transformers.utils.loading_report import LoadStateDictInfo
+from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
 
 from .errors import CheckpointError
 
@@ -45,6 +46,7 @@ __all__ = [
     "custom_object_save",
     "materialize_computed",
     "remove_tied_weights",
+    "report_load",
     "revert_weight_conversion",
     "plan_checkpoint_keys",
     "resolve_dtype",
@@ -151,13 +153,39 @@ def computed_keys(model: Any, missing: set[str]) -> set[str]:
 
 
 def materialize_computed(model: Any, keys: set[str]) -> None:
-    """Give ``keys`` real values on the CPU the way a normal load does: move them off meta, run the init."""
+    """Give ``keys`` real values on the CPU the way a normal load does: off meta, then the model's init.
+
+    Not with ``_move_missing_keys_from_meta_to_device``: it also makes every non-persistent buffer anew, empty,
+    and the init then skips their modules (already initialized): a BERT's ``position_ids`` became garbage.
+    """
     if not keys:
         return
-    model._move_missing_keys_from_meta_to_device(set(keys), {"": "cpu"}, None, None)
-    for key in keys:  # the owner runs its init again; its other tensors keep their flag, so init skips them
-        model.get_submodule(key.rpartition(".")[0])._is_hf_initialized = False
+    for key in set(keys) - model.all_tied_weights_keys.keys():  # tied ones are tied again below, as transformers does
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        value = torch.empty_like(model.get_parameter_or_buffer(key), device="cpu")
+        if attr in module._parameters:
+            value = torch.nn.Parameter(value, requires_grad=value.is_floating_point())
+        setattr(module, attr, value)
+        module._is_hf_initialized = False  # its init runs again; its other tensors keep their flag and are skipped
     model.initialize_weights()
+    model.tie_weights(missing_keys=set(keys), recompute_mapping=False)
+
+
+def report_load(model: Any, name: str, missing: set[str], unexpected: set[str]) -> LoadStateDictInfo:
+    """transformers' load report, as a normal load logs it (weights initialized because the checkpoint has none,
+    checkpoint tensors the model does not use), less what the model says to ignore; returned for
+    ``output_loading_info``."""
+    info = LoadStateDictInfo(set(missing), set(unexpected), set(), [], {}, set())
+    model._adjust_missing_and_unexpected_keys(info)
+    log_state_dict_report(
+        model=model,
+        pretrained_model_name_or_path=name,
+        ignore_mismatched_sizes=False,
+        loading_info=info,
+        logger=modeling_logger,
+    )
+    return info
 
 
 @dataclass

@@ -28,7 +28,7 @@ from . import log, quantization, saving
 from .checkpoint import download_kwargs_of, open_hub_repo, open_local_folder
 from .config import StreamConfig, parse_size, stream_request
 from .engine import StreamEngine
-from .errors import BudgetError, StreamConfigError, StreamingRuntimeError, not_copyable
+from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError, not_copyable
 from .experts import build_expert_layers, held_out_names
 from .hooks import attach
 from .limits import MemoryLimits, default_budget, memory_limits
@@ -204,7 +204,11 @@ def load_streamed(
         entries = checkpoint.index.entries
         shapes = {key: tuple(entry.shape) for key, entry in entries.items()}
         plan = compat.plan_checkpoint_keys(model, list(entries), key_mapping, hf_quantizer, shapes)
-        computed = compat.computed_keys(model, compat.missing_keys(model, plan))
+        # What no checkpoint tensor fills is made by the model's own init, as a normal load makes it: transformers
+        # computes some (Marian's sinusoidal positions) and initializes the rest randomly (a new task head, a pooler
+        # the checkpoint never had), with its load report. They stay real, outside the budget.
+        computed = compat.missing_keys(model, plan)
+        _refuse_mostly_missing(model, computed - compat.computed_keys(model, computed))
         compat.materialize_computed(model, computed)
         dtype_of = compat.target_dtypes(model, dtype)
 
@@ -282,14 +286,36 @@ def load_streamed(
                 **generation_kwargs,
                 trust_remote_code=trust_remote_code,
             )
+        info = compat.report_load(model, name, computed, set(plan.unexpected))
     except BaseException:
         checkpoint.source.close()
         raise
 
     if output_loading_info:
-        info = compat.LoadStateDictInfo(set(), set(plan.unexpected), set(), [], {}, set())
         return model, info.to_dict()
     return model
+
+
+MAX_INITIALIZED_SHARE = 0.1  # of the model's bytes: more is a checkpoint that does not match, not a new head
+
+
+def _refuse_mostly_missing(model: torch.nn.Module, initialized: set[str]) -> None:
+    """Refuse a checkpoint that lacks much of the model: a normal load would initialize it all randomly, in memory,
+    which is what streaming is there to avoid; it is the wrong checkpoint for this class far more often than not."""
+    if not initialized:
+        return
+    tensors = {id(t): (name, t) for name, t in model.state_dict(keep_vars=True).items()}
+    total = sum(t.numel() * t.element_size() for _, t in tensors.values())
+    missing = sum(t.numel() * t.element_size() for name, t in tensors.values() if name in initialized)
+    if missing <= MAX_INITIALIZED_SHARE * total:
+        return
+    shown = ", ".join(sorted(initialized)[:8]) + (" ..." if len(initialized) > 8 else "")
+    raise CheckpointError(
+        f"The checkpoint has no tensor for {len(initialized)} weight(s) the model needs: {shown} "
+        f"({missing / total:.0%} of its bytes). A normal from_pretrained would initialize them with random values; "
+        f"streaming does so only for up to {MAX_INITIALIZED_SHARE:.0%} of a model (a new task head), as they are "
+        "held in memory outside the budget. Check that the checkpoint matches the model class/config."
+    )
 
 
 def _default_budget(need: int, model_bytes: int, limits: MemoryLimits) -> int:

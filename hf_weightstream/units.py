@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._transformers_compat import ConversionGroup, KeyPlan, expected_targets
-from .errors import CheckpointError
+from .errors import CheckpointError, StreamingRuntimeError
 from .index import CheckpointIndex, TensorEntry
 
 
@@ -214,9 +214,9 @@ def collect_specs(
         )
     if missing:
         shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
-        raise CheckpointError(
-            f"The checkpoint has no tensor for {len(missing)} weight(s) the model needs: {shown}. Check that the "
-            "checkpoint matches the model class/config; streaming never fills weights with random values."
+        raise StreamingRuntimeError(
+            f"No checkpoint tensor and no initialized value for {len(missing)} weight(s): {shown}. This is a bug of "
+            "hf_weightstream's key planning; please report it with the model's config."
         )
     return SpecTable(specs, group_of_target)
 

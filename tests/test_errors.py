@@ -112,15 +112,24 @@ def test_corrupt_header(checkpoints, tmp_path, damage, message):
         load(folder)
 
 
-def test_tensor_missing_from_every_shard(checkpoints, tmp_path):
+def test_a_checkpoint_lacking_much_of_the_model_is_refused(checkpoints, tmp_path):
+    """A normal load would initialize what is missing randomly, in memory; beyond a new head or a pooler that is
+    the wrong checkpoint for the class, and the memory streaming is there to spare."""
     folder = tmp_path / "missing"
     model = LlamaForCausalLM.from_pretrained(checkpoints("llama"))
-    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.2.mlp.up_proj.weight"}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.2.")}
     model.save_pretrained(folder, state_dict=state)
     with pytest.raises(
-        CheckpointError, match=r"no tensor for 1 weight\(s\).*model.layers.2.mlp.up_proj.weight"
+        CheckpointError, match=r"no tensor for 9 weight\(s\).*model.layers.2.mlp.down_proj.weight.*% of its bytes"
     ):
         load(folder)
+    one = tmp_path / "one"  # one weight fewer: initialized, as a normal load does (test_outputs.py)
+    lacking = "model.layers.1.mlp.up_proj.weight"
+    model.save_pretrained(one, state_dict={k: v for k, v in model.state_dict().items() if k != lacking})
+    torch.manual_seed(0)
+    expected = LlamaForCausalLM.from_pretrained(one).model.layers[1].mlp.up_proj.weight
+    torch.manual_seed(0)
+    assert torch.equal(load(one).model.layers[1].mlp.up_proj.weight, expected)
 
 
 def test_shape_disagreeing_with_config(checkpoints, tmp_path):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM, pipeline
 
 import hf_weightstream
 from hf_weightstream import StreamConfig
@@ -15,9 +16,7 @@ PROMPT = torch.tensor([[1, 7, 8, 9, 10, 11, 12]])
 
 def _load_pair(folder, budget_fraction: float = 0.4, **config):
     ref = AutoModelForCausalLM.from_pretrained(folder)
-    streamed = AutoModelForCausalLM.from_pretrained(
-        folder, device_map="stream", stream_config=StreamConfig(**config)
-    )
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(**config))
     engine = streamed._hf_weightstream
     total = sum(u.resident_bytes for u in engine.units)
     engine.pool.budget = max(int(total * budget_fraction), engine.minimum_budget())
@@ -81,9 +80,7 @@ def test_dtypes_follow_transformers(checkpoints, dtype):
 
 def test_text_generation_pipeline(checkpoints):
     folder = checkpoints("llama_tied")
-    expected = pipeline("text-generation", model=str(folder))(
-        "the cat sat", max_new_tokens=5, do_sample=False
-    )
+    expected = pipeline("text-generation", model=str(folder))("the cat sat", max_new_tokens=5, do_sample=False)
     pipe = pipeline("text-generation", model=str(folder), device_map="stream")
     assert hasattr(pipe.model, "_hf_weightstream")
     assert pipe("the cat sat", max_new_tokens=5, do_sample=False) == expected
@@ -102,3 +99,45 @@ def test_feature_extraction_pipeline_encoder(checkpoints):
     streamed = AutoModel.from_pretrained(folder, streaming=True)
     with torch.no_grad():
         assert torch.equal(ref(PROMPT).pooler_output, streamed(PROMPT).pooler_output)
+
+
+def _bert_mlm(folder):
+    """A masked-LM checkpoint, which has no pooler: BertModel (what feature extraction loads) lacks two weights."""
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        vocab_size=tiny.VOCAB)  # fmt: skip
+    BertForMaskedLM(config).save_pretrained(folder, max_shard_size="40KB")
+    tiny.tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_pipeline_loads_the_class_a_plain_pipeline_loads_when_weights_are_missing(tmp_path):
+    """A streamed load refused weights the checkpoint lacks, and pipelines try the next class on an error: a
+    feature-extraction pipeline silently became the masked-LM model and returned vocabulary logits as features.
+    Missing weights are now initialized as transformers initializes them, with its load report."""
+    folder = _bert_mlm(tmp_path / "mlm")
+    expected = pipeline("feature-extraction", model=str(folder))
+    pipe = pipeline("feature-extraction", model=str(folder), device_map="stream")
+    assert type(pipe.model) is type(expected.model) and type(pipe.model).__name__ == "BertModel"
+    text = "the big red tree"
+    assert torch.equal(pipe(text, return_tensors=True), expected(text, return_tensors=True))
+    _, plain_info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    _, info = AutoModel.from_pretrained(folder, device_map="stream", output_loading_info=True)
+    assert info == plain_info and info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"}
+
+
+def test_missing_weights_are_initialized_as_a_normal_load_initializes_them(tmp_path, caplog):
+    folder = _bert_mlm(tmp_path / "mlm")
+    torch.manual_seed(1)
+    ref = AutoModel.from_pretrained(folder)
+    torch.manual_seed(1)
+    with caplog.at_level("WARNING", logger="transformers.modeling_utils"):
+        streamed = AutoModel.from_pretrained(folder, device_map="stream", max_memory={"cpu": "300KB"})
+    assert "MISSING" in caplog.text and "pooler.dense.weight" in caplog.text, "transformers' load report"
+    assert torch.equal(streamed.pooler.dense.weight, ref.pooler.dense.weight), "same init, same random draws"
+    with torch.no_grad():
+        for _ in range(2):
+            out, expected = streamed(PROMPT), ref(PROMPT)
+            assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+            assert torch.equal(out.pooler_output, expected.pooler_output)
+    assert hf_weightstream.stats(streamed)["evictions"] > 0

@@ -76,6 +76,31 @@ def test_private_apis_of_saving_and_computed_weights_keep_their_shape():
     assert params(compat.custom_object_save)[:3] == ["obj", "folder", "config"]
     assert callable(PreTrainedModel.initialize_weights) and hasattr(PreTrainedModel, "_keys_to_ignore_on_save")
     assert hasattr(PreTrainedModel, "_keys_to_ignore_on_load_missing")
+    assert params(PreTrainedModel._adjust_missing_and_unexpected_keys)[1:] == ["loading_info"], (
+        f"transformers {version}: PreTrainedModel._adjust_missing_and_unexpected_keys changed"
+    )
+    assert params(compat.log_state_dict_report) == [
+        "model",
+        "pretrained_model_name_or_path",
+        "ignore_mismatched_sizes",
+        "loading_info",
+        "logger",
+    ], f"transformers {version}: loading_report.log_state_dict_report changed"
+    assert params(PreTrainedModel.tie_weights)[1:3] == ["missing_keys", "recompute_mapping"]
+    tied = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=16,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+    )
+    assert set(tied.all_tied_weights_keys) == {"lm_head.weight"}, (
+        f"transformers {version}: PreTrainedModel.all_tied_weights_keys changed"
+    )
+    assert tied.get_parameter_or_buffer("lm_head.weight") is tied.model.embed_tokens.weight
 
 
 def test_private_torch_apis_of_placeholders_keep_their_shape():
