@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +159,8 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
         root.register_forward_pre_hook(begin, with_kwargs=True)
         root.register_forward_hook(end, with_kwargs=True, always_call=True)
         _end_on_interrupt(root, end)
+    streamed = [module for unit in engine.units for module in unit.modules]
+    _eager_under_compile(model, streamed + [layer.module for layer in engine.expert_layers])
 
 
 def _end_on_interrupt(root: nn.Module, end: Callable[..., Any]) -> None:
@@ -179,3 +182,33 @@ def _end_on_interrupt(root: nn.Module, end: Callable[..., Any]) -> None:
             raise
 
     root.forward = forward
+
+
+def _eager_under_compile(model: nn.Module, streamed: list[nn.Module]) -> None:
+    """Keep ``torch.compile`` out of the streaming: what it traces runs with fake tensors and cannot follow weights
+    made resident during the call (it crashed, seeing a weight viewed from a byte buffer with the wrong shape).
+
+    A compiled model (``torch.compile(model)``, ``model.compile()``) runs eagerly, as it said once. Where only the
+    forward is compiled (``model.forward = torch.compile(model.forward)``, what transformers' docs show), each
+    streamed module's call is left out of the graph: what runs between them is compiled.
+    """
+    for module in streamed:
+        module.forward = torch.compiler.disable(module.forward)
+    eager = torch.compiler.disable(model._call_impl)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            _warn_compiled()
+        return eager(*args, **kwargs)
+
+    model._call_impl = call
+
+
+@functools.cache
+def _warn_compiled() -> None:
+    warnings.warn(
+        "hf_weightstream: torch.compile has no effect on a streamed model, which runs eagerly: its weights are "
+        "made resident during each call, which a compiled graph cannot follow.",
+        UserWarning,
+        stacklevel=2,
+    )

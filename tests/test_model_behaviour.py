@@ -70,6 +70,31 @@ def test_a_loop_reading_each_weight_yields_a_tied_weight_once(checkpoints):
     assert torch.equal(dict(model.named_parameters())["lm_head.weight"], head)
 
 
+def test_torch_compile_runs_a_streamed_model_eagerly_and_right(checkpoints):
+    """Compiling traced the forward with fake tensors, which cannot follow weights made resident during the call:
+    it crashed, seeing a weight viewed from a byte buffer with the wrong shape. On a GPU, generate() with a static
+    cache compiles the forward by itself."""
+    from transformers import CompileConfig
+
+    folder = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "300KB"})
+    with torch.no_grad():
+        expected = reference(PROMPT).logits
+        with pytest.warns(UserWarning, match="torch.compile has no effect on a streamed model"):
+            assert torch.equal(torch.compile(model, backend="aot_eager")(PROMPT).logits, expected)
+        forward = model.forward
+        model.forward = torch.compile(forward, backend="aot_eager")  # what transformers' docs show
+        for _ in range(2):
+            assert torch.equal(model(PROMPT).logits, expected)
+        model.forward = forward
+    auto = CompileConfig(backend="aot_eager")
+    auto._compile_all_devices = True  # generate() compiles by itself on a GPU: here on the CPU too
+    static = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(model.generate(PROMPT, compile_config=auto, **static), reference.generate(PROMPT, **static))
+    assert hf_weightstream.stats(model)["evictions"] > 0
+
+
 def test_numpy_and_tolist_of_a_weight_give_its_values(checkpoints):
     """torch's own refuse tensor subclasses (".numpy() is not supported for tensor subclasses")."""
     import numpy as np
