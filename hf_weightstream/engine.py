@@ -595,7 +595,7 @@ class StreamEngine:
             raise
         end = time.perf_counter()
         with self.pool.cond:
-            module._parameters["weight"] = nn.Parameter(rows, requires_grad=rows.is_floating_point())
+            module._parameters["weight"] = nn.Parameter(rows, requires_grad=_requires_grad(spec, rows))
             # padding_idx only shapes gradients, but F.embedding checks it against the (now few) rows.
             rows_state.padding_idx, module.padding_idx = module.padding_idx, None
             rows_state.installed = True
@@ -1075,10 +1075,12 @@ class StreamEngine:
             tensor = unit.tensors[spec.name]
             if stream is not None:
                 tensor.record_stream(stream)
-            # The flag a normal load gives (floating point -> True, unless the model's init froze it): torch picks
-            # kernels by it.
-            grad = spec.requires_grad if spec.requires_grad is not None else tensor.is_floating_point()
-            value: torch.Tensor = nn.Parameter(tensor, requires_grad=grad) if spec.slots[0].is_param else tensor
+            first = spec.slots[0]
+            if first.is_param and first.store.get(first.attr) is first.placeholder:
+                spec.requires_grad = first.placeholder.requires_grad  # `requires_grad_` while it was not resident
+            value: torch.Tensor = (
+                nn.Parameter(tensor, requires_grad=_requires_grad(spec, tensor)) if first.is_param else tensor
+            )
             for slot in spec.slots:
                 slot.store[slot.attr] = value
         unit.installed = True
@@ -1087,6 +1089,10 @@ class StreamEngine:
         self._adopt_replaced(unit)
         for spec in unit.specs:
             for slot in spec.slots:
+                current = slot.store.get(slot.attr)
+                if slot.is_param and current is not slot.placeholder and isinstance(current, torch.Tensor):
+                    spec.requires_grad = current.requires_grad  # `requires_grad_` while it was resident
+                    slot.placeholder.requires_grad_(current.requires_grad)
                 slot.store[slot.attr] = slot.placeholder
         unit.installed = False
 
@@ -1302,3 +1308,9 @@ class StreamEngine:
             self.read_seconds = 0.0
             self.events.clear()
             self.pool.peak_held = self.pool.held
+
+
+def _requires_grad(spec: TensorSpec, tensor: torch.Tensor) -> bool:
+    """The flag a normal load gives (floating point -> True, unless the model's init froze it: torch picks kernels
+    by it), or the one the user set since (``model.requires_grad_(False)``): kept through evictions."""
+    return spec.requires_grad if spec.requires_grad is not None else tensor.is_floating_point()

@@ -95,6 +95,28 @@ def test_torch_compile_runs_a_streamed_model_eagerly_and_right(checkpoints):
     assert hf_weightstream.stats(model)["evictions"] > 0
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2_tied"])
+def test_requires_grad_set_by_the_user_is_kept_through_evictions(checkpoints, kind):
+    """Reinstalled weights got the flag of the load back: model.requires_grad_(False) was undone by one call."""
+    folder = checkpoints(kind)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    with torch.no_grad():
+        model(PROMPT)  # some units resident, some not: the flag is set on both kinds of tensor
+    model.requires_grad_(False)
+    for step in range(3):
+        with torch.no_grad():
+            model(PROMPT)
+        if step == 1:
+            hf_weightstream.release(model)
+        assert model.num_parameters(only_trainable=True) == 0
+    assert hf_weightstream.stats(model)["evictions"] > 0
+    model.model.norm.requires_grad_(True)
+    with torch.no_grad():
+        model(PROMPT)
+        model(PROMPT)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.norm.weight"]
+
+
 def test_numpy_and_tolist_of_a_weight_give_its_values(checkpoints):
     """torch's own refuse tensor subclasses (".numpy() is not supported for tensor subclasses")."""
     import numpy as np
