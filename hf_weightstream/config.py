@@ -67,6 +67,12 @@ def parse_size(value: int | float | str, what: str = "budget") -> int:
     )
 
 
+META_DEVICE = (
+    "A streamed model cannot compute on the meta device, which holds no values: its weights already stay out of "
+    "memory until a call reads them. To drop the ones resident now, call hf_weightstream.release(model)."
+)
+
+
 @dataclass
 class StreamConfig:
     """How a model streams its weights.
@@ -141,6 +147,8 @@ class StreamConfig:
                 self.device = torch.device(self.device)
             except (RuntimeError, TypeError) as err:
                 raise StreamConfigError(f"Cannot use device={self.device!r}: {err}") from None
+            if self.device.type == "meta":
+                raise StreamConfigError(META_DEVICE)
             if self.device.type == "cuda" and not torch.cuda.is_available():
                 raise StreamConfigError(
                     f"Cannot use device={str(self.device)!r}: CUDA is not available on this machine (torch "
@@ -192,6 +200,8 @@ def stream_request(kwargs: dict[str, Any]) -> StreamConfig | None:
     if isinstance(device_map, str) and device_map == "stream":
         kwargs.pop("device_map")
     elif not streaming and config is None:
+        if isinstance(device_map, str) and difflib.get_close_matches(device_map.strip().lower(), ["stream"], 1, 0.7):
+            raise StreamConfigError(f"device_map={device_map!r} is not a device map: did you mean device_map='stream'?")
         return None
     elif device_map is not None:
         raise StreamConfigError(

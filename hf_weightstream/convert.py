@@ -21,6 +21,7 @@ from typing import Any
 import transformers
 from huggingface_hub import snapshot_download
 
+from .config import parse_size
 from .errors import CheckpointError, StreamConfigError
 
 # Files that are weights in some format: everything else in a model folder (tokenizer, processor, generation
@@ -64,6 +65,7 @@ def to_safetensors(
     Returns ``out_dir``. ``dtype`` is passed to ``from_pretrained`` (``"auto"`` keeps the checkpoint's).
     """
     source, target = str(source), Path(out_dir)
+    shard_bytes = parse_size(max_shard_size, what="max_shard_size")  # before the load: the budget's units, MiB too
     if target.exists() and any(target.iterdir()):
         raise StreamConfigError(f"{target} exists and is not empty: choose a new folder for the converted model.")
     config = transformers.AutoConfig.from_pretrained(source, **load_kwargs)
@@ -75,7 +77,7 @@ def to_safetensors(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.hf_weightstream-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        model.save_pretrained(staging, max_shard_size=shard_bytes)
         hub = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir") if k in load_kwargs}
         for path in _local_files(source, **hub).iterdir():
             if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and not (staging / path.name).exists():

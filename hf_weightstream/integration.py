@@ -26,7 +26,7 @@ from transformers.utils.hub import resolve_revision
 from . import _transformers_compat as compat
 from . import log, quantization, saving
 from .checkpoint import download_kwargs_of, open_hub_repo, open_local_folder
-from .config import StreamConfig, parse_size, stream_request
+from .config import META_DEVICE, StreamConfig, parse_size, stream_request
 from .engine import StreamEngine
 from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError, not_copyable
 from .experts import build_expert_layers, held_out_names
@@ -92,8 +92,13 @@ def default_device() -> torch.device:
 
 
 def _budget_from_max_memory(max_memory: dict | None, device: torch.device) -> int | None:
-    if not max_memory:
+    if max_memory is None:
         return None
+    if not isinstance(max_memory, dict):
+        raise StreamConfigError(
+            f"max_memory must be a dict keyed by device, as transformers takes it, e.g. max_memory={{'cpu': "
+            f"{max_memory!r}}}; got {type(max_memory).__name__} {max_memory!r}."
+        )
     keys: list[Any] = [str(device), device]
     if device.type == "cuda":
         keys += [device.index, f"cuda:{device.index}"]
@@ -375,6 +380,8 @@ def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype 
     """Change where (and in which dtype) a streamed model computes; weights are re-read on next use."""
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(f"nn.Module.to only accepts floating point or complex dtypes, but got desired dtype={dtype}")
+    if device is not None and device.type == "meta":
+        raise StreamingRuntimeError(META_DEVICE)
     engine = engine_of(model)
     engine.retarget(device, dtype)
     _move_real_tensors(model, engine.device, dtype, engine.buffer_origins)

@@ -161,11 +161,21 @@ def test_each_command_has_help(capsys: pytest.CaptureFixture[str], command: str)
     assert f"usage: hf-weightstream {command}" in out
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path) -> None:
     assert run(capsys)[0] == 2
     assert run(capsys, "frobnicate")[0] == 2
     code, _, err = run(capsys, "demo", "--budget-fraction", "0")
     assert code == 2 and "fraction" in err
+    # Each refused before any model is loaded (a helper's audit: tracebacks, exit 1, or a negative run accepted).
+    for args, said in [
+        (["inspect", tiny, "--budget", "1MB", "--run", "-2"], "expected 0 or a positive integer, got '-2'"),
+        (["serve-hub", tiny, "--port", "99999"], "expected a TCP port from 0"),
+        (["convert", tmp_path / "missing", tmp_path / "out"], "no such folder, and not a Hub repo id"),
+        (["convert", tiny, tmp_path / "out", "--max-shard-size", "abc"], "Cannot read budget='abc'"),
+        (["generate", tiny, PROMPT, "--stats-json", tmp_path / "no" / "x.json"], "its folder does not exist"),
+    ]:
+        code, _, err = run(capsys, *args)
+        assert code == 2 and said in err, (args, err)
 
 
 # -------------------------------------------------------------------------------------------------- generate

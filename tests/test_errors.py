@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from hf_weightstream import CheckpointError, StreamConfig, StreamConfigError
+from hf_weightstream import CheckpointError, StreamConfig, StreamConfigError, StreamingRuntimeError
 from hf_weightstream.config import parse_size
 
 
@@ -32,9 +32,7 @@ def load(folder, **kwargs):
 
 
 def test_unknown_stream_config_field_suggests_the_right_one():
-    with pytest.raises(
-        StreamConfigError, match="Unknown StreamConfig field 'lookahaed'. Did you mean 'lookahead'"
-    ):
+    with pytest.raises(StreamConfigError, match="Unknown StreamConfig field 'lookahaed'. Did you mean 'lookahead'"):
         StreamConfig(lookahaed=2)
 
 
@@ -160,3 +158,29 @@ def test_bin_checkpoint_needs_safetensors(checkpoints, tmp_path):
         CheckpointError, match="Streaming needs safetensors.*pytorch_model.bin.*hf-weightstream convert"
     ):
         load(folder)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_memory": "150MB"}, r"max_memory must be a dict keyed by device.*\{'cpu': '150MB'\}"),
+        ({"max_memory": {}}, r"max_memory has no entry for the execution device cpu \(keys: \[\]\)"),
+        ({"device_map": "Stream"}, r"device_map='Stream' is not a device map: did you mean device_map='stream'"),
+        ({"device_map": "streaming"}, r"device_map='streaming' is not a device map"),
+        ({"stream_config": {"device": "meta"}}, r"cannot compute on the meta device"),
+    ],
+)
+def test_arguments_a_user_gets_slightly_wrong_are_named_with_the_fix(checkpoints, kwargs, message):
+    """A string max_memory failed with a TypeError about 'in <string>', {} was silently ignored, and a misspelled
+    device_map got transformers' list of maps without "stream"."""
+    arguments = {"device_map": "stream", **kwargs}
+    with pytest.raises(StreamConfigError, match=message):
+        AutoModelForCausalLM.from_pretrained(checkpoints("llama"), **arguments)
+
+
+def test_moving_a_streamed_model_to_meta_is_refused_and_leaves_it_working(checkpoints):
+    model = load(checkpoints("llama"))
+    with pytest.raises(StreamingRuntimeError, match="cannot compute on the meta device.*release"):
+        model.to("meta")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

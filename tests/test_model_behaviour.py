@@ -276,7 +276,7 @@ def test_a_bin_checkpoint_converts_with_its_head_and_then_streams(checkpoints, t
     AutoTokenizer.from_pretrained(checkpoints("llama")).save_pretrained(source)
     with pytest.raises(CheckpointError, match=r"only has pytorch_model.bin.*hf-weightstream convert .* lm_head"):
         AutoModelForCausalLM.from_pretrained(source, device_map="stream")
-    assert cli_main(["convert", str(source), str(tmp_path / "converted"), "--max-shard-size", "40KB"]) == 0
+    assert cli_main(["convert", str(source), str(tmp_path / "converted"), "--max-shard-size", "40KiB"]) == 0
     assert "Wrote" in capsys.readouterr().out
     converted = tmp_path / "converted"
     assert (converted / "tokenizer.json").is_file() and not list(converted.glob("*.bin"))

@@ -204,6 +204,26 @@ def positive_int_arg(value: str) -> int:
     return number
 
 
+def non_negative_int_arg(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value!r}")
+    return number
+
+
+def port_arg(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 (any free port) to 65535, got {value!r}")
+    return number
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--dtype`` and ``--lookahead``, which every command that loads a streamed model takes."""
     parser.add_argument(
@@ -297,8 +317,8 @@ def load_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"Cannot load a tokenizer for {model_id} (generation needs one): {first_line}") from None
+        said = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"Cannot load a tokenizer for {model_id} (generation needs one): {said}") from None
 
 
 def stream_config(**fields: Any) -> StreamConfig:

@@ -20,7 +20,8 @@ ORDER = 60
 HELP = "run the benchmark suite (benchmarks/bench_core.py of a clone)"
 DESCRIPTION = """\
 Run benchmarks/bench_core.py, the benchmark suite, with this Python, from the clone of the
-repository that holds the working directory (it is not in the installed package).
+repository that holds the working directory, or else the clone this package is installed from
+(an editable install); the suite is not in the installed package. It says which clone it runs.
 Options not listed here go to the suite: see python -m benchmarks.bench_core --help in a clone."""
 PASSES_UNKNOWN_OPTIONS = True  # they go to the suite
 SUITE = Path("benchmarks") / "bench_core.py"
@@ -46,5 +47,6 @@ def run(args: argparse.Namespace) -> int:
             f"The benchmark suite ({SUITE}) ships with the source repository, not with the installed package, "
             "and neither this folder nor its parents are a clone of it. Run this command inside a clone."
         )
+    print(f"Running {checkout / SUITE} (results in {checkout / 'benchmarks' / 'results'})", file=sys.stderr)
     quick = ["--quick"] if args.quick else []
     return subprocess.call([sys.executable, "-m", "benchmarks.bench_core", *quick, *args.extra], cwd=checkout)

@@ -8,8 +8,9 @@ safetensors with its tokenizer and generation files.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ._common import UsageError
+from ._common import UsageError, check_repo_id, size_arg
 
 NAME = "convert"
 ORDER = 70
@@ -25,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="new folder for the safetensors model")
     parser.add_argument("--model-class", help="class to load with (default: the one config.json names)")
     parser.add_argument("--dtype", default="auto", help="dtype to save in, e.g. bfloat16 (default: as stored)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest shard file (default: 5GB)")
+    parser.add_argument(
+        "--max-shard-size", type=size_arg, metavar="SIZE", default="5GB", help="largest shard file (default: 5GB)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype, None)
     if not (dtype == "auto" or isinstance(dtype, torch.dtype)):
         raise UsageError(f"--dtype {args.dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32).")
-    out = to_safetensors(
-        args.model, args.out, model_class=args.model_class, dtype=dtype, max_shard_size=args.max_shard_size
-    )
+    model = args.model if Path(args.model).expanduser().is_dir() else check_repo_id(args.model)
+    out = to_safetensors(model, args.out, model_class=args.model_class, dtype=dtype, max_shard_size=args.max_shard_size)
     print(f"Wrote {out}: stream it with from_pretrained({str(out)!r}, device_map='stream').")
     return 0

@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.stats_json and args.chat:
         raise UsageError("--stats-json records one answer; it cannot be combined with --chat.")
+    if args.stats_json and not Path(args.stats_json).expanduser().parent.is_dir():
+        raise UsageError(f"--stats-json {args.stats_json}: its folder does not exist.")
     if args.full_load and args.budget is not None:
         raise UsageError("--full-load loads every weight: it takes no --budget.")
     import hf_weightstream

@@ -24,6 +24,7 @@ from ._common import (
     add_model_options,
     format_bytes,
     load_streamed,
+    non_negative_int_arg,
     resolve_model,
     size_arg,
     stream_config,
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=size_arg, metavar="SIZE", required=True, help="bytes of weights held at once")
     parser.add_argument(
         "--run",
-        type=int,
+        type=non_negative_int_arg,
         metavar="N",
         default=0,
         dest="run_tokens",  # args.run is the subcommand's entry point

@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from ._common import PROG, UsageError, format_bytes, size_arg
+from ._common import PROG, UsageError, format_bytes, port_arg, size_arg
 
 NAME = "serve-hub"
 ORDER = 40
@@ -25,7 +25,7 @@ from the Hub offline or over a slow link (--bandwidth). Prints the HF_ENDPOINT t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="FOLDER", help="a folder written by save_pretrained")
     parser.add_argument("--repo-id", help="repo id to serve it as (default: local/<folder name>)")
-    parser.add_argument("--port", type=int, metavar="PORT", default=0, help="TCP port (default: 0, any free port)")
+    parser.add_argument("--port", type=port_arg, metavar="PORT", default=0, help="TCP port (default: 0, any free port)")
     parser.add_argument(
         "--bandwidth", type=size_arg, metavar="SIZE", help="cap in bytes/s, e.g. 100MB (default: unlimited)"
     )
