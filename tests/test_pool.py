@@ -154,9 +154,9 @@ def test_default_pool(checkpoints):
 
 
 def test_one_pool_serves_one_device(checkpoints):
-    pool = WeightPool("5MB", device="cpu")
-    with pytest.raises(BudgetError, match="serves cpu, but the model runs on meta. Use one pool per device"):
-        on_pool(checkpoints("llama"), pool, device="meta")
+    pool = WeightPool("5MB", device="meta")  # a device other than the model's, on any machine
+    with pytest.raises(BudgetError, match="serves meta, but the model runs on cpu. Use one pool per device"):
+        on_pool(checkpoints("llama"), pool, device="cpu")
     with pytest.raises(hf_weightstream.StreamConfigError, match="either budget= or pool="):
         StreamConfig(pool=pool, budget="1MB")
 
