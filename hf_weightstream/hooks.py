@@ -87,22 +87,23 @@ class _InferenceOnly(torch.autograd.Function):
 
 
 def _inference_only(output: Any) -> Any:
-    """The output with its top-level floating tensors (logits, loss...) made to refuse backward() clearly."""
+    """The output with its floating tensors (logits, loss, each of ``hidden_states``...) made to refuse backward()
+    clearly. A cache object is left as it is: the next call reads it."""
 
     def mark(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
-            return _InferenceOnly.apply(value.detach().requires_grad_())
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not value.requires_grad:
+                return _InferenceOnly.apply(value.detach().requires_grad_())
+            return value
+        if isinstance(value, dict):  # transformers' ModelOutput: setting an item sets the attribute too
+            for key, item in list(value.items()):
+                value[key] = mark(item)
+            return value
+        if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+            return type(value)(mark(item) for item in value)
         return value
 
-    if isinstance(output, torch.Tensor):
-        return mark(output)
-    if isinstance(output, dict):  # transformers' ModelOutput: setting an item sets the attribute too
-        for key, value in list(output.items()):
-            output[key] = mark(value)
-        return output
-    if isinstance(output, tuple) and not hasattr(output, "_fields"):
-        return tuple(mark(value) for value in output)
-    return output
+    return mark(output)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -70,6 +70,9 @@ def test_forward_with_gradients_enabled_runs_as_inference_and_says_so(checkpoint
     assert torch.equal(out, reference(PROMPT).logits.detach())
     with pytest.raises(StreamingRuntimeError, match="backward.. through a streamed model is not possible"):
         torch.nn.functional.cross_entropy(out[0], PROMPT[0]).backward()
+    hidden = streamed(PROMPT, output_hidden_states=True).hidden_states  # nested outputs too, not torch's "does not
+    with pytest.raises(StreamingRuntimeError, match="backward.. through a streamed model is not possible"):
+        hidden[-1].sum().backward()  # require grad"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per model, not every forward
         streamed(PROMPT)
