@@ -17,8 +17,12 @@ code) is wrapped the same way, at once or when that module is imported: a stream
 round trips there (`checkpoint.open_hub_repo_ahead`), so that they run while the auto class imports the model's
 code.
 
-This relies on where ``PreTrainedModel`` and the auto classes are defined (``TRIGGER``, ``AUTO_TRIGGER``, next to
-``auto_factory._BaseAutoModelClass``); ``tests/test_autoinstall.py`` fails loudly if either moves.
+``transformers.pipelines.pipeline`` is wrapped the same way (``PIPELINES``), so that ``pipeline(...,
+streaming=True)`` hands that option to the load.
+
+This relies on where ``PreTrainedModel``, the auto classes and ``pipeline`` are defined (``TRIGGER``,
+``AUTO_TRIGGER``, next to ``auto_factory._BaseAutoModelClass``, ``PIPELINES``); ``tests/test_autoinstall.py`` fails
+loudly if one moves.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any
 
 TRIGGER = "transformers.modeling_utils"
 AUTO_TRIGGER = "transformers.models.auto.modeling_auto"
+PIPELINES = "transformers.pipelines"
+STREAM_OPTIONS = ("streaming", "stream_config")  # from_pretrained options a pipeline call must hand to the load
 _lock = threading.RLock()
 logger = logging.getLogger(__name__)
 
@@ -99,6 +105,37 @@ def _wrap_auto_from_pretrained(cls: type) -> None:
     cls.from_pretrained = classmethod(from_pretrained)
 
 
+def _route_pipeline_options(pipelines: ModuleType) -> None:
+    """``pipeline(..., streaming=True)`` (or ``stream_config=``) loads the model streamed.
+
+    ``pipeline`` passes ``device_map`` to the load but hands keywords it does not know to ``generate()``: the model
+    was loaded whole, then the first call failed with "model_kwargs are not used by the model: ['streaming']".
+    They are moved into ``model_kwargs``, where the pipeline's documentation says load options go.
+    """
+    original = pipelines.pipeline
+    if getattr(original, "_hf_weightstream", False):
+        return
+
+    @functools.wraps(original)
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        moved = {name: kwargs.pop(name) for name in STREAM_OPTIONS if name in kwargs}
+        if moved:
+            model_kwargs = dict(kwargs.get("model_kwargs") or {})
+            both = sorted(moved.keys() & model_kwargs.keys())
+            if both:
+                from .errors import StreamConfigError
+
+                raise StreamConfigError(f"{both[0]}= was given both to pipeline() and in its model_kwargs: keep one.")
+            kwargs["model_kwargs"] = {**model_kwargs, **moved}
+        return original(*args, **kwargs)
+
+    pipeline._hf_weightstream = True  # type: ignore[attr-defined]
+    pipelines.pipeline = pipeline
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and vars(transformers).get("pipeline") is original:  # the lazy module's cache
+        transformers.pipeline = pipeline
+
+
 def _open_ahead(args: tuple, kwargs: dict[str, Any]) -> Callable[[], None] | None:
     name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
     if name is None:
@@ -153,7 +190,7 @@ class _InstallAfterImport(importlib.abc.MetaPathFinder):
 
 def install_with_transformers() -> None:
     """Install the integration now if transformers' model code is loaded, else as soon as a model loads; the same
-    for the auto classes' head start."""
+    for the auto classes' head start and for ``pipeline``'s streaming options."""
     hooks: dict[str, Callable[[ModuleType], None]] = {}
     if TRIGGER in sys.modules:
         _install()
@@ -163,6 +200,10 @@ def install_with_transformers() -> None:
         _open_ahead_on_call(sys.modules[AUTO_TRIGGER])
     else:
         hooks[AUTO_TRIGGER] = _open_ahead_on_call
+    if PIPELINES in sys.modules:
+        _route_pipeline_options(sys.modules[PIPELINES])
+    else:
+        hooks[PIPELINES] = _route_pipeline_options
     if not hooks:
         return
     with _lock:

@@ -60,6 +60,33 @@ def test_streaming_works_whatever_the_import_order(imports: str, checkpoints) ->
     assert result.stdout.strip() == "streamed"
 
 
+PIPELINE = """
+import sys
+import hf_weightstream
+from transformers import pipeline
+pipe = pipeline("text-generation", model=sys.argv[1], streaming=True)
+assert hf_weightstream.stats(pipe.model)["bytes_read"] == 0
+pipe = pipeline("text-generation", model=sys.argv[1], stream_config={"budget": "300KB"}, model_kwargs={"dtype": "auto"})
+assert hf_weightstream.stats(pipe.model)["budget_bytes"] == 300_000
+print(pipe("the cat", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("the cat"))
+"""
+
+
+def test_pipeline_streaming_options_reach_the_load(checkpoints) -> None:
+    """pipeline() hands keywords it does not know to generate(): the model loaded whole, then its first call failed
+    with "model_kwargs are not used by the model: ['streaming']"."""
+    result = _python(PIPELINE, str(checkpoints("llama_tied")))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+    from transformers.pipelines import pipeline
+
+    assert pipeline.__module__ == "transformers.pipelines" and getattr(pipeline, "_hf_weightstream", False)
+    with pytest.raises(hf_weightstream.StreamConfigError, match="streaming= was given both"):
+        pipeline(
+            "text-generation", model=str(checkpoints("llama_tied")), streaming=True, model_kwargs={"streaming": True}
+        )
+
+
 def test_trigger_is_where_transformers_defines_its_models() -> None:
     """Fails loudly if transformers moves PreTrainedModel: the integration would then install too late."""
     assert PreTrainedModel.__module__ == _autoinstall.TRIGGER
