@@ -557,8 +557,9 @@ class RangeFetcher:
                             buffer[filled : filled + len(piece)] = piece
                             received(len(piece))
                 finally:
-                    if not self._cancelled.is_set():
-                        hand_on()  # what arrived before a cut or a stall is good
+                    # What arrived before a cut, a stall or the source's close is good: kept, and recorded by the
+                    # recorder's last flush (a close joins these threads before it).
+                    hand_on()
             except httpx2.TransportError as err:
                 raise _Interrupted(position) from err
             except (_Forbidden, _RetryLater) as retry:
