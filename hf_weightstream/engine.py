@@ -1069,20 +1069,28 @@ class StreamEngine:
     def _install(self, unit: Unit) -> None:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._adopt_replaced(unit)
-        for spec in unit.specs:
-            if not spec.slots:  # every place of it now holds the user's own tensor
-                continue
-            tensor = unit.tensors[spec.name]
-            if stream is not None:
-                tensor.record_stream(stream)
-            first = spec.slots[0]
-            if first.is_param and first.store.get(first.attr) is first.placeholder:
-                spec.requires_grad = first.placeholder.requires_grad  # `requires_grad_` while it was not resident
-            value: torch.Tensor = (
-                nn.Parameter(tensor, requires_grad=_requires_grad(spec, tensor)) if first.is_param else tensor
-            )
-            for slot in spec.slots:
-                slot.store[slot.attr] = value
+        try:
+            for spec in unit.specs:
+                if not spec.slots:  # every place of it now holds the user's own tensor
+                    continue
+                tensor = unit.tensors[spec.name]
+                if stream is not None:
+                    tensor.record_stream(stream)
+                first = spec.slots[0]
+                if first.is_param and first.store.get(first.attr) is first.placeholder:
+                    spec.requires_grad = first.placeholder.requires_grad  # `requires_grad_` while not resident
+                value: torch.Tensor = (
+                    nn.Parameter(tensor, requires_grad=_requires_grad(spec, tensor)) if first.is_param else tensor
+                )
+                for slot in spec.slots:
+                    slot.store[slot.attr] = value
+        except BaseException:
+            # All or nothing: a weight left in place by a unit not installed (a Ctrl-C between two of its tensors)
+            # would later be taken for one the user put there, and held outside the budget for good.
+            for spec in unit.specs:
+                for slot in spec.slots:
+                    slot.store[slot.attr] = slot.placeholder
+            raise
         unit.installed = True
 
     def _uninstall(self, unit: Unit) -> None:

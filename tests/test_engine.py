@@ -464,3 +464,40 @@ def test_release_waits_for_reads_in_flight_and_leaves_nothing_resident(checkpoin
     hf_weightstream.release(model)
     assert [unit.name for unit in engine.units if unit.state != "absent"] == []
     assert engine.pool.held == 0
+
+
+class _Interrupt(BaseException):
+    """Stands for a Ctrl-C (pytest itself stops on a real KeyboardInterrupt)."""
+
+
+def test_an_interrupt_between_two_tensors_of_a_unit_installs_none_of_them(checkpoints, monkeypatch):
+    """A weight left in place by a unit that did not finish installing was later taken for one the user put
+    there: never streamed again, and held outside the budget, beyond release()."""
+    from hf_weightstream import engine as engine_module
+    from hf_weightstream.placeholders import is_placeholder
+
+    folder = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "300KB"})
+    engine = model._hf_weightstream
+    places = {unit.name: sum(len(spec.slots) for spec in unit.specs) for unit in engine.units}
+    requires_grad = engine_module._requires_grad
+    layer = next(unit for unit in engine.units if unit.name == "model.layers.1")
+    second = layer.specs[1].name
+
+    def interrupted_at_the_second(spec, tensor):
+        if spec.name == second:
+            raise _Interrupt
+        return requires_grad(spec, tensor)
+
+    monkeypatch.setattr(engine_module, "_requires_grad", interrupted_at_the_second)
+    with pytest.raises(_Interrupt), torch.no_grad():
+        model(PROMPT)
+    monkeypatch.setattr(engine_module, "_requires_grad", requires_grad)
+    with torch.no_grad():
+        model(PROMPT)
+    hf_weightstream.release(model)
+    assert {unit.name: sum(len(spec.slots) for spec in unit.specs) for unit in engine.units} == places, "none adopted"
+    for unit in engine.units:
+        for spec in unit.specs:
+            assert all(is_placeholder(slot.store[slot.attr]) for slot in spec.slots), spec.name
+    assert engine.pool.held == 0
