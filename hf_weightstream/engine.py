@@ -20,9 +20,11 @@ is given (``gather``), so an untied table never loads whole and a tied one loads
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,6 +73,23 @@ def _load_error(unit: Unit) -> BaseException:
     wrapped = StreamingRuntimeError(f"Could not load weights of {unit.name!r}: {error}")
     wrapped.__cause__ = error
     return wrapped
+
+
+FORKED_MESSAGE = (
+    "This streamed model was loaded in another process, and this one was forked from it: the threads that read its "
+    "weights do not exist here, so it cannot read them. Load the model in this process (e.g. in the worker's "
+    "initializer), or start workers with the 'spawn' method (multiprocessing.get_context('spawn'))."
+)
+_engines: weakref.WeakSet[StreamEngine] = weakref.WeakSet()
+
+
+def _forked_child() -> None:
+    for engine in list(_engines):
+        engine.forked = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forked_child)
 
 
 class StreamEngine:
@@ -125,6 +144,8 @@ class StreamEngine:
         self._pos = -1
         self.last_active = 0
         self.forward_lock = threading.RLock()
+        self.forked = False  # set in a child process forked after the load (`_forked_child`)
+        _engines.add(self)
         self._depth = 0
         self._warned_grad = False
         self._log_start: tuple[collections.Counter[str], float] | None = None
@@ -219,8 +240,15 @@ class StreamEngine:
         self.check_budget()
 
     # ------------------------------------------------------------------------------------ forward sessions
+    def check_process(self) -> None:
+        """Refuse to read in a process forked after the load: the threads that read (and for a Hub source fetch)
+        do not exist there, and a read would wait for them forever."""
+        if self.forked:
+            raise StreamingRuntimeError(FORKED_MESSAGE)
+
     def begin_forward(self) -> None:
         """Root (or encoder) module pre-forward: serialise callers of this model and start tracing if needed."""
+        self.check_process()
         self.forward_lock.acquire()
         self._depth += 1
         if self._depth == 1:
@@ -460,6 +488,7 @@ class StreamEngine:
 
     # ------------------------------------------------------------------------------------ acquire/release
     def acquire(self, unit: Unit) -> None:
+        self.check_process()
         if unit.gather:  # asked for whole (a read outside its lookups): charged as a whole table from now on
             self.load_whole(unit)
         start = time.perf_counter()
@@ -564,6 +593,7 @@ class StreamEngine:
         Returns None when the ids cover most of the table (Whisper's encoder looks up every position each call):
         the table is then read whole, as a unit, from now on.
         """
+        self.check_process()
         (spec,) = unit.specs
         entry, rows_state, module = spec.source, unit.rows, unit.gather_from
         vocab, width = entry.shape
@@ -750,6 +780,7 @@ class StreamEngine:
 
     def acquire_many(self, units: list[Unit], layer: ExpertLayer | None = None) -> None:
         """Pin ``units`` and wait until all are resident; the missing ones are read in parallel."""
+        self.check_process()
         start = time.perf_counter()
         me = threading.get_ident()
         cond = self.pool.cond

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -501,3 +502,32 @@ def test_an_interrupt_between_two_tensors_of_a_unit_installs_none_of_them(checkp
         for spec in unit.specs:
             assert all(is_placeholder(slot.store[slot.attr]) for slot in spec.slots), spec.name
     assert engine.pool.held == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_forked_child_is_told_to_load_the_model_itself_instead_of_hanging(checkpoints):
+    """The child of a fork (a DataLoader worker, multiprocessing's default on Linux) has none of the threads that
+    read: a call there waited forever for a read no thread would do."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream", max_memory={"cpu": "300KB"})
+    with torch.no_grad():
+        expected = model(PROMPT).logits  # the reader threads exist now, and some reads may be in flight
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only what this test needs, then leave without running pytest's teardown
+        try:
+            with torch.no_grad():
+                model(PROMPT)
+            said = b"no error"
+        except hf_weightstream.StreamingRuntimeError as err:
+            said = str(err).encode()
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            said = repr(err).encode()
+        os.write(write, said)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        said = answer.read().decode()
+    os.waitpid(pid, 0)
+    assert "this one was forked from it" in said and "'spawn'" in said, said
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, expected), "the parent goes on"

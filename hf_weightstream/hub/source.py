@@ -489,6 +489,7 @@ def wait_until_cached(model: object, timeout: float | None = None) -> dict[str, 
         from ..integration import engine_of
 
         engine = source if isinstance(source, StreamEngine) else engine_of(source)
+        engine.check_process()  # its fetch threads are not in a forked child
         checkpoint = getattr(engine, "checkpoint", None)  # set by from_pretrained; engine.source may be wrapped
         source = checkpoint.source if checkpoint is not None else engine.source
     if not isinstance(source, HubSource):
