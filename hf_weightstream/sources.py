@@ -536,9 +536,13 @@ def choose_reader(
     if device.type != "cpu":
         return None, f"{device}: reads go through pinned staging buffers"
     if not isinstance(source, LocalFileSource):
-        if hasattr(source, "map"):
-            return MappedReader(source), "Hub source: cached ranges are mapped in place"
-        return CopyReader(source), "the source cannot map its files"
+        cached = source.cached_whole() if hasattr(source, "cached_whole") else None
+        if cached is not None:  # a Hub repo already in the cache: its files are local files
+            source = cached
+        elif hasattr(source, "map"):
+            return MappedReader(source), "Hub source: ranges are mapped in place once fetched"
+        else:
+            return CopyReader(source), "the source cannot map its files"
     if io == "mmap":
         return MappedReader(source), "io='mmap' asked for"
     if io in READ_MODES:

@@ -55,6 +55,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from transformers import AutoModelForCausalLM
 
+import hf_weightstream
 from hf_weightstream import BudgetError, CheckpointError, StreamConfig, checkpoint, hub, wait_until_cached
 from hf_weightstream.checkpoint import SAFE_INDEX
 from hf_weightstream.index import TensorEntry
@@ -1209,6 +1210,18 @@ def _another_process(shard_stream: Any) -> hub.partial.PartialFile:
     other = hub.partial.PartialFile(partial.folder, partial.etag, partial.size, {})
     other.open(None)
     return other
+
+
+def test_a_repo_already_in_the_cache_takes_the_read_paths_of_local_files(tiny: Path, tmp_path: Path) -> None:
+    """io= was ignored for every model loaded by repo id, also with all its files in the cache: a container whose
+    limit is below the model got page-cache mappings instead of the reads io='auto' chooses there."""
+    with served(tiny, tmp_path):
+        wait_until_cached(stream(), timeout=30)
+        model = stream(io="direct", budget="200KB")
+        expected = reference_tokens(tiny)
+        assert generate(model) == expected
+        stats = hf_weightstream.stats(model)
+        assert stats["io"] == "direct" and stats["io_reason"] == "io='direct' asked for"
 
 
 def test_closing_a_source_mid_download_keeps_the_bytes_it_received(big: Path, tmp_path: Path, monkeypatch) -> None:

@@ -294,6 +294,11 @@ class HubSource:
         for shard, path in self.local_paths.items():
             self.shard_sizes[shard] = os.path.getsize(path)
 
+    def cached_whole(self) -> LocalFileSource | None:
+        """The source of the cached files when every shard was in the cache at load: then the read paths of local
+        files apply (``StreamConfig(io=...)``, the choice under a memory limit)."""
+        return None if self._session.streams else self._local
+
     def _open_stream(self, remote: RemoteFile) -> ShardStream | None:
         """A stream for ``remote``, or None once it is in the cache (linked from the shared blob store, or a
         complete partial file committed now)."""
