@@ -81,7 +81,8 @@ def reset_stats(model: Any) -> None:
 
 
 def release(model: Any) -> None:
-    """Drop every resident weight of a streamed model now; its memory goes back to the pool."""
+    """Drop every resident weight of a streamed model that no running call holds, once the reads in flight have
+    landed; its memory goes back to the pool."""
     from .integration import engine_of
 
     engine_of(model).release_all()

@@ -93,9 +93,9 @@ class StreamConfig:
         complete_download: for Hub repos, fetch the rest of each shard in the background and commit it to the
             Hub cache once verified.
         max_connections: parallel HTTP range requests when streaming from the Hub.
-        coalesce_gap: two byte ranges of one unit closer than this are read as one (and never a gap larger
-            than an eighth of what the unit needs, so a small unit such as one expert does not read its
-            neighbours).
+        coalesce_gap: two byte ranges of one unit at most this far apart are read as one, gap included (a gap
+            is read only up to an eighth of what the unit needs, or 4 KiB, so a small unit such as one expert
+            does not read its neighbours).
         experts: ``"routed"`` (default) reads only the experts each MoE call routes to, one unit per expert;
             ``"whole"`` streams an MoE layer's experts with its block, like a dense layer.
         io: how CPU weights are read from local files. ``"mmap"`` maps page-cache ranges in place (best when the

@@ -369,7 +369,8 @@ def _check_compatible(name: str, entry: TensorEntry, placeholder: torch.Tensor) 
         raise CheckpointError(
             f"{entry.shard}: tensor {entry.key!r} is stored as {entry.dtype} but {name} is a "
             f"{placeholder.dtype} parameter; casting would change its meaning. The checkpoint does not match "
-            "the model (is it quantized? streaming supports unquantized safetensors checkpoints)."
+            "the model (is it quantized in a format streaming does not read? It reads unquantized, fine-grained "
+            "FP8, MXFP4 and compressed-tensors safetensors checkpoints)."
         )
 
 
