@@ -539,7 +539,9 @@ def test_stop_is_quick_even_with_open_and_throttled_connections(blob_folder: Pat
         idle_client.get(f"{srv.url}/api/models/org/blobs")  # leaves a keep-alive connection open
         thread = threading.Thread(target=slow_download)
         thread.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # until the download is being answered (a busy machine takes a while)
+        while not any(r.end is None and r.bytes_sent for r in srv.log) and time.monotonic() < deadline:
+            time.sleep(0.01)
         start = time.monotonic()
         srv.stop()
         stopped_in = time.monotonic() - start
