@@ -231,7 +231,9 @@ def load_streamed(
             model, checkpoint.index, table, stream_config.coalesce_gap, hold_out=held_out_names(expert_layers)
         )
         all_units = units + [unit for layer in expert_layers for unit in layer.units]
-        checkpoint.plan_fetches(all_units)  # Hub streaming fetches ahead in this order; no-op for local files
+        # Hub streaming fetches ahead in this order (no-op for local files). Routed experts only when every byte is
+        # fetched anyway (a prefill routes to most of them); else only what the model reads: the experts it routes to.
+        checkpoint.plan_fetches(all_units if stream_config.complete_download else units)
         model_bytes = sum(full_bytes(u) for u in all_units)
         limits = memory_limits(device)  # what this process may really use: cgroups, RLIMIT_AS, the GPU, the host
         sized_here = pool is None and stream_config.budget_bytes is None and max_memory is None

@@ -53,6 +53,7 @@ from hubtools import (
 from huggingface_hub import ResolvedRevision, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tiny import save as save_tiny
 from transformers import AutoModelForCausalLM
 
 import hf_weightstream
@@ -1222,6 +1223,23 @@ def test_a_repo_already_in_the_cache_takes_the_read_paths_of_local_files(tiny: P
         assert generate(model) == expected
         stats = hf_weightstream.stats(model)
         assert stats["io"] == "direct" and stats["io_reason"] == "io='direct' asked for"
+
+
+def test_an_moe_without_complete_download_fetches_the_experts_it_routes_to(tmp_path: Path) -> None:
+    """Every expert was in the readahead order: one short forward of a 128-expert model fetched the whole
+    checkpoint, where complete_download=False promises only what the model reads (the routed experts)."""
+    folder = save_tiny("qwen3_moe128", tmp_path / "moe", max_shard_size="200KB")
+    total = sum(shard_sizes(folder).values())
+    with served(folder, tmp_path / "cache") as server:
+        model = stream(complete_download=False)
+        with torch.no_grad():
+            model(torch.tensor([[1, 5, 9]]))
+        time.sleep(0.5)  # readahead past the forward would still be going
+        assert server.wait_idle(timeout=10)
+        sent = server.bytes_sent(".safetensors")
+        read = hf_weightstream.stats(model)["bytes_read"]
+    assert read < total / 3, "the forward reads a part of the experts"
+    assert sent < read + total / 10, f"{sent:,} bytes fetched for {read:,} read of {total:,}"
 
 
 def test_closing_a_source_mid_download_keeps_the_bytes_it_received(big: Path, tmp_path: Path, monkeypatch) -> None:
