@@ -31,7 +31,13 @@ from .engine import StreamEngine
 from .errors import BudgetError, CheckpointError, StreamConfigError, StreamingRuntimeError, not_copyable
 from .experts import build_expert_layers, held_out_names
 from .hooks import attach
-from .limits import MemoryLimits, default_budget, memory_limits
+from .limits import (
+    FREED_AT_ONCE_BYTES,
+    MemoryLimits,
+    default_budget,
+    memory_limits,
+    return_freed_memory_promptly,
+)
 from .placeholders import is_placeholder
 from .residency import WeightPool, get_default_pool
 from .sources import choose_reader
@@ -236,6 +242,14 @@ def load_streamed(
         checkpoint.plan_fetches(all_units if stream_config.complete_download else units)
         model_bytes = sum(full_bytes(u) for u in all_units)
         limits = memory_limits(device)  # what this process may really use: cgroups, RLIMIT_AS, the GPU, the host
+        if device.type == "cpu" and model_bytes > limits.available and return_freed_memory_promptly():
+            log.logger.info(
+                "The model (%s bytes) does not fit in the %s bytes this process may use: freed blocks of %s bytes "
+                "and more now go back to the system at once (glibc's M_MMAP_THRESHOLD)",
+                f"{model_bytes:,}",
+                f"{limits.available:,}",
+                f"{FREED_AT_ONCE_BYTES:,}",
+            )
         sized_here = pool is None and stream_config.budget_bytes is None and max_memory is None
         if pool is None:
             budget = stream_config.budget_bytes or _budget_from_max_memory(max_memory, device)
