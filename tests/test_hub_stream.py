@@ -1314,6 +1314,19 @@ def test_reads_and_the_filler_share_one_patience_with_another_process(tiny: Path
         second.close()
 
 
+def test_a_record_left_half_written_by_a_killed_run_is_swept(tiny: Path, tmp_path: Path) -> None:
+    """A kill -9 while a range record was being written left its temporary file in the cache for good."""
+    shard = min(shard_sizes(tiny))
+    folder = repo_cache(tmp_path) / ".weightstream" / "partial"
+    folder.mkdir(parents=True)
+    left = folder / f"{sha256_of(tiny / shard)}.ranges.json.b2c3403b.tmp"
+    left.write_text('{"ranges": [[0, ')
+    with served(tiny, tmp_path):
+        model = stream(complete_download=False)
+        assert not left.exists()
+        assert generate(model) == reference_tokens(tiny)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_download_then_the_next_run_resumes(big: Path, tmp_path: Path) -> None:
     sizes = shard_sizes(big)

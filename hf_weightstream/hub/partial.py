@@ -352,11 +352,21 @@ def remove_partials(
     them); the records of what was removed. Without ``unwanted`` (each load's sweep) only the names are looked at
     until one is in ``blobs/``.
 
-    Each is removed under its file lock, as `PartialFile.discard` does, so a process streaming it meanwhile sees it
+    Records left half-written by a killed process go too. Each is removed under its file lock, as
+    `PartialFile.discard` does, so a process streaming it meanwhile sees it
     superseded and starts a new one. The tiny ``.lock`` and ``.claims`` files stay, as huggingface_hub's lock
     files do: unlinking a lock file another process may be about to take is a race.
     """
     folder = storage_folder / PARTIAL_FOLDER
+    for tmp in sorted(folder.glob("*.ranges.json.*.tmp")) if folder.is_dir() else ():
+        # A record being written when its process was killed: records are written under the file lock, so one
+        # found with the lock held is nobody's.
+        lock = _FileLock(folder / f"{tmp.name.partition('.ranges.json.')[0]}.lock")
+        try:
+            with lock:
+                tmp.unlink(missing_ok=True)
+        finally:
+            lock.close()
     removed = []
     for path in sorted(folder.glob("*.ranges.json")) if folder.is_dir() else ():
         etag = path.name.removesuffix(".ranges.json")
