@@ -194,34 +194,26 @@ def fraction_arg(value: str) -> float:
     return fraction
 
 
-def positive_int_arg(value: str) -> int:
+def _int_arg(value: str, low: int, high: int | None, expected: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        number = low - 1
+    if number < low or (high is not None and number > high):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
+
+
+def positive_int_arg(value: str) -> int:
+    return _int_arg(value, 1, None, "a positive integer")
 
 
 def non_negative_int_arg(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value!r}")
-    return number
+    return _int_arg(value, 0, None, "0 or a positive integer")
 
 
 def port_arg(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 (any free port) to 65535, got {value!r}")
-    return number
+    return _int_arg(value, 0, 65535, "a TCP port from 0 (any free port) to 65535")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

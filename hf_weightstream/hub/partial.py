@@ -353,9 +353,9 @@ def remove_partials(
     until one is in ``blobs/``.
 
     Records left half-written by a killed process go too. Each is removed under its file lock, as
-    `PartialFile.discard` does, so a process streaming it meanwhile sees it
-    superseded and starts a new one. The tiny ``.lock`` and ``.claims`` files stay, as huggingface_hub's lock
-    files do: unlinking a lock file another process may be about to take is a race.
+    `PartialFile.discard` does, so a process streaming it meanwhile sees it superseded and starts a new one. The
+    tiny ``.lock`` and ``.claims`` files stay, as huggingface_hub's lock files do: unlinking a lock file another
+    process may be about to take is a race.
     """
     folder = storage_folder / PARTIAL_FOLDER
     for tmp in sorted(folder.glob("*.ranges.json.*.tmp")) if folder.is_dir() else ():
