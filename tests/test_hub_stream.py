@@ -1184,6 +1184,13 @@ def test_a_load_refused_after_the_headers_stops_the_download_it_began(big: Path,
         assert not [t.name for t in threading.enumerate() if t.name.startswith("hf_weightstream-fetch")]
 
 
+def _wait_until_sent(server: HubServer, size: int, timeout: float = 30) -> None:
+    """Until the server has sent ``size`` bytes of shards (the head start's slow fetches, still running then)."""
+    deadline = time.monotonic() + timeout
+    while server.bytes_sent(".safetensors") < size and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_a_slow_fetch_records_its_bytes_as_it_goes_not_only_every_few_mib(
     big: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -1193,9 +1200,7 @@ def test_a_slow_fetch_records_its_bytes_as_it_goes_not_only_every_few_mib(
     storage = repo_cache(tmp_path)
     with served(big, tmp_path, connection_bandwidth=400_000) as server:
         model = stream(complete_download=True)
-        deadline = time.monotonic() + 30
-        while server.bytes_sent(".safetensors") < 5_000_000 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until_sent(server, 5_000_000)
         time.sleep(0.2)  # the recorder's period
         sent = server.bytes_sent(".safetensors")
         in_flight = [r.bytes_sent for r in server.log if r.end is None and r.bytes_sent > 0]
@@ -1249,9 +1254,7 @@ def test_closing_a_source_mid_download_keeps_the_bytes_it_received(big: Path, tm
     storage = repo_cache(tmp_path)
     with served(big, tmp_path, connection_bandwidth=400_000) as server:
         model = stream(complete_download=True)
-        deadline = time.monotonic() + 30
-        while server.bytes_sent(".safetensors") < 4_000_000 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until_sent(server, 4_000_000)
         source_of(model).close()
         assert server.wait_idle(timeout=10)
         sent = server.bytes_sent(".safetensors")

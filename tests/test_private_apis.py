@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+import tiny
 import torch
 import transformers
 from transformers import PreTrainedModel
@@ -87,16 +88,7 @@ def test_private_apis_of_saving_and_computed_weights_keep_their_shape():
         "logger",
     ], f"transformers {version}: loading_report.log_state_dict_report changed"
     assert params(PreTrainedModel.tie_weights)[1:3] == ["missing_keys", "recompute_mapping"]
-    tied = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=8,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=16,
-            tie_word_embeddings=True,
-        )  # fmt: skip
-    )
+    tied = tiny.llama(tied=True)
     assert set(tied.all_tied_weights_keys) == {"lm_head.weight"}, (
         f"transformers {version}: PreTrainedModel.all_tied_weights_keys changed"
     )
