@@ -982,6 +982,28 @@ def test_without_the_shared_store_blobs_stay_in_the_repo(tiny: Path, tmp_path: P
     assert_cache_verified(tmp_path, tiny)
 
 
+def test_without_symlinks_a_shard_another_source_committed_is_read_from_the_snapshot_not_fetched_again(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """HF_HUB_DISABLE_SYMLINKS (or a file system without symlinks): huggingface_hub moves a new blob into the snapshot
+    and leaves no ``blobs/<sha256>``. A source whose partial file another source (or process) committed meanwhile
+    follows it there instead of starting the shard over, and leaves no second copy in ``blobs/``."""
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_SYMLINKS", True)
+    with served(tiny, tmp_path) as server:
+        first = stream(complete_download=False)  # the headers only
+        second = stream()
+        assert generate(second) == reference_tokens(tiny)
+        wait_until_cached(second, timeout=30)  # commits every shard: moved into the snapshot
+        server.clear_log()
+        assert generate(first) == reference_tokens(tiny)
+        cached = wait_until_cached(first, timeout=30)
+        assert fetched(server) == [], "shards in the cache are fetched again"
+    storage = repo_cache(tmp_path)
+    assert [p.name for p in (storage / "blobs").iterdir() if len(p.name) == 64] == [], "a second copy in blobs/"
+    for shard, entry in cached.items():
+        assert not entry.path.is_symlink() and entry.path.read_bytes() == (tiny / shard).read_bytes()
+
+
 def test_force_download_streams_every_byte_again_and_replaces_the_blobs(tiny: Path, tmp_path: Path) -> None:
     with served(tiny, tmp_path) as server:
         wait_until_cached(stream(), timeout=30)

@@ -61,6 +61,20 @@ def link_snapshot(repo: HubRepo, shard: str, sha256: str, new_blob: bool) -> Pat
     return pointer
 
 
+def committed_file(remote: RemoteFile) -> Path | None:
+    """The complete, verified file of ``remote`` if someone put it in the cache: ``blobs/<sha256>``, or, where the
+    cache has no symlinks (``HF_HUB_DISABLE_SYMLINKS``, a file system without them), the snapshot file itself, which
+    huggingface_hub moves a new blob to (leaving no ``blobs/<sha256>``)."""
+    repo = remote.repo
+    blob = repo.blob_path(remote.sha256)
+    if blob.exists():
+        return blob
+    pointer = repo.pointer_path(remote.shard)
+    if not pointer.is_symlink() and pointer.is_file() and pointer.stat().st_size == remote.size:
+        return pointer
+    return None
+
+
 def link_from_shared_store(remote: RemoteFile) -> bool:
     """Make the shard cached without fetching it when its content is in the shared blob store (another repo put it
     there); True if it is in the cache now."""
@@ -88,7 +102,7 @@ def install(partial: PartialFile, remote: RemoteFile) -> str | None:
     """
     repo = remote.repo
     blob = repo.blob_path(remote.sha256)
-    if blob.exists() and not repo.force_download:
+    if not repo.force_download and committed_file(remote) is not None:
         partial.discard()
         link_snapshot(repo, remote.shard, remote.sha256, new_blob=False)
         return None

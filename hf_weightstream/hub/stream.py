@@ -338,10 +338,11 @@ class ShardStream:
         with self.partial.locked():
             if self.committed is not None or self.partial.is_current():
                 return
-            if blob.exists():
-                self.partial.adopt(os.open(blob, os.O_RDONLY))
+            committed = cache.committed_file(self.remote)  # without symlinks: the snapshot file, not blobs/
+            if committed is not None:
+                self.partial.adopt(os.open(committed, os.O_RDONLY))
                 with self._lock:
-                    self._mark_committed(blob)
+                    self._mark_committed(committed)
                 cache.link_snapshot(repo, self.remote.shard, self.remote.sha256, new_blob=False)
             else:
                 recorded = self.partial.open(blob) or RangeSet()
