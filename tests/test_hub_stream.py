@@ -1523,6 +1523,38 @@ def test_files_the_index_does_not_name_are_not_taken_for_its_shards(tmp_path: Pa
         assert set(source_of(model).streamed_shards) == set(renamed.values())
 
 
+def test_a_connection_outlives_a_failure_to_pick_background_work() -> None:
+    """Picking background work re-opens a partial file another process discarded, which fails on a full disk: the
+    connection must stay (there is one per model connection and none is started again), or the reads that come
+    after it are never served."""
+    calls = []
+
+    def background(forward_active: bool) -> None:
+        calls.append(forward_active)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+
+    class Fake:
+        def fetch(self, claim: Any, out: Any, should_yield: Any) -> None:
+            pass
+
+        def release(self, claim: Any) -> None:
+            pass
+
+    scheduler = hub.schedule.FetchScheduler(1, background)
+    try:
+        scheduler.poke()  # the idle connection asks for background work, which fails
+        deadline = time.monotonic() + 10
+        while not calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        read = hub.schedule.Job(Fake(), hub.stream.Claim(0, 1), awaited=True)  # type: ignore[arg-type]
+        scheduler.submit([read])
+        assert read.finished.wait(10), "the read was never served: its connection died"
+    finally:
+        scheduler.stop(timeout=5)
+
+
 def test_a_full_disk_is_named_with_the_cache_folder_and_the_fix(tmp_path):
     """On a real full disk (a 64 KiB tmpfs; needs root), a write of fetched bytes fails with what to do, not a bare
     OSError, and what the record holds stays on disk."""
@@ -1545,5 +1577,13 @@ def test_a_full_disk_is_named_with_the_cache_folder_and_the_fix(tmp_path):
             partial.write(4096, b"y" * (512 << 10), partial.generation)
         assert json.loads(partial.record_path.read_text())["ranges"] == [[0, 4096]]
         partial.close()
+        # A new partial file (another shard, or one another process discarded) needs room for its record too.
+        other = PartialFile(small / "partial", "cd" * 32, 1 << 20, {"filename": "model-00002-of-00002.safetensors"})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hub.partial.compat, "check_disk_space", lambda *args: None)
+            full = r"No space left .*model-00002-of-00002.safetensors .*HF_HUB_CACHE"
+            with pytest.raises(CheckpointError, match=full):
+                other.open(None)
+        other.close()
     finally:
         subprocess.run(["umount", "--lazy", str(small)], check=False)  # even with a descriptor still open

@@ -207,7 +207,7 @@ class PartialFile:
     def open(self, blob: Path | None) -> RangeSet | None:
         """Open or create the partial file; the ranges on disk, or None if ``blob`` is already in the cache."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self.locked():
+        with self.locked(), self._disk_full_explained():  # a new record is written: it needs room too
             if blob is not None and blob.exists():
                 self.discard()  # what a run killed between committing and removing its record left behind
                 return None

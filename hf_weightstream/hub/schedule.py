@@ -150,6 +150,7 @@ class FetchScheduler:
         self._threads: list[threading.Thread] = []
         self._stopped = False
         self._held = 0  # reads waiting to claim again what stopping fetches leave: no new background work
+        self._warned_background = False
 
     @property
     def connections(self) -> int:
@@ -252,6 +253,14 @@ class FetchScheduler:
         """Whether the forward pass is using the link: reads it waits for, or the bytes it reads next."""
         return bool(self._queue) or any(j.priority != FILL for j in self._running)
 
+    def _background_failed(self, err: Exception) -> None:
+        """Picking background work failed (a partial file another process discarded could not be opened again: a
+        full disk, a cache that became read-only): the connection stays, for the reads, which report such errors
+        themselves; the background tries again a second later. Said once per model."""
+        if not self._warned_background:
+            self._warned_background = True
+            logger.warning("hf_weightstream: background download paused: %s", err, exc_info=err)
+
     def _start_threads(self) -> None:
         while len(self._threads) < self._connections and not self._stopped:
             thread = threading.Thread(
@@ -269,7 +278,11 @@ class FetchScheduler:
                     if self._queue:
                         job = self._queue.popleft()
                         break
-                    job = None if self._held else self._background(self._forward_active())
+                    try:
+                        job = None if self._held else self._background(self._forward_active())
+                    except Exception as err:  # noqa: BLE001 - a connection must outlive its background work
+                        self._background_failed(err)
+                        job = None
                     if job is not None:
                         break
                     self._cond.wait(timeout=1.0)
