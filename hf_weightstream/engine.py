@@ -706,7 +706,7 @@ class StreamEngine:
             raise self._experts_budget_error(layer, len(units), need) from err
         position = 0
         while position < len(units):
-            window = units[position : position + self._experts_window(units[position])]
+            window = units[position : position + self._experts_window(units[position:])]
             self.acquire_many(window, layer)
             try:
                 for i, unit in enumerate(window, start=position):
@@ -717,15 +717,23 @@ class StreamEngine:
             position += len(window)
         return stacks
 
-    def _experts_window(self, unit: Unit) -> int:
-        """How many experts to pin at once: what the budget leaves next to everything pinned (all of them, when it
-        can: adjacent ones are then read together)."""
+    def _experts_window(self, units: list[Unit]) -> int:
+        """How many of ``units`` to pin at once: what the budget leaves next to everything pinned and every holding
+        (router copies included), counting what each unit will hold once pinned (its charge while it loads; what it
+        already holds when it is resident or loading). All of them when it can: adjacent ones are then read
+        together."""
         with self.pool.cond:
             pinned = sum(u.held_bytes for e in self.pool.engines() for u in e.units if u.pins)
-            transient = sum(h.held_bytes for e in self.pool.engines() for h in e.holdings())
-            room = self.pool.budget - pinned - transient
-        per_expert = max(unit.charge_bytes, 1)
-        return max(1, room // per_expert)
+            held = sum(h.held_bytes for e in self.pool.engines() for h in e.holdings())
+            room = self.pool.budget - pinned - held
+            count = 0
+            for unit in units:
+                cost = unit.held_bytes if unit.state in ("resident", "loading") else unit.charge_bytes
+                if count and cost > room:
+                    break
+                room -= cost
+                count += 1
+        return max(1, count)
 
     def _experts_budget_error(self, layer: ExpertLayer, routed: int, need: int) -> BudgetError:
         return BudgetError(

@@ -310,3 +310,32 @@ def test_fused_expert_parameters_read_outside_a_call_are_the_plain_values(moe, f
         layer.module.down_proj.mul_(2)
     with torch.no_grad():
         assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_every_budget_above_the_busiest_call_runs_it(tmp_path, family):
+    """Every budget that fits the busiest experts call runs it. Experts are read in windows sized to what the budget
+    leaves: the router copies count, and so does each expert's own charge (the last expert of a fused tensor reads
+    more than the others)."""
+    experts = {"num_local_experts": 12} if family == "gpt_oss" else {"num_experts": 12}
+    folder = save(family, tmp_path / family, **experts)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(BATCH, attention_mask=MASK).logits
+    routed = max_routed(reference, lambda: reference(BATCH, attention_mask=MASK))
+    streamed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="stream")
+    engine = streamed._hf_weightstream
+    low = max(engine.experts_call_bytes(layer, routed) for layer in engine.expert_layers)
+    failed = []
+    for budget in range(low, 2 * low, max(1, low // 40)):
+        streamed = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16, device_map="stream", max_memory={"cpu": budget}
+        )
+        try:
+            with torch.no_grad():
+                got = streamed(BATCH, attention_mask=MASK).logits
+        except Exception as err:  # noqa: BLE001 - collect every budget that fails
+            failed.append(f"{budget}: {err}")
+            continue
+        assert torch.equal(got, expected)
+    assert not failed, "\n".join(failed[:5])
