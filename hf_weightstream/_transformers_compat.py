@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
+    SkipParameters,
     WeightConverter,
     WeightRenaming,
     build_glob_alternation,
@@ -214,10 +215,12 @@ class ConversionGroup:
             out = converter.convert(
                 self.first_target, model=model, config=model.config, hf_quantizer=self.quantizer, loading_info=info
             )
-        except (ValueError, RuntimeError, AssertionError) as err:  # e.g. a scale grid that does not fit the weight
+        except (ValueError, RuntimeError, AssertionError, SkipParameters) as err:  # e.g. a scale grid that does not fit
+            # the weight. transformers records what went wrong in ``info`` and raises a bare SkipParameters.
             keys = ", ".join(key for key, _ in self.sources)
+            reason = _last_lines(info.conversion_errors) if isinstance(err, SkipParameters) else err
             raise CheckpointError(
-                f"transformers could not convert the checkpoint tensors {keys} into {self.first_target}: {err}"
+                f"transformers could not convert the checkpoint tensors {keys} into {self.first_target}: {reason}"
             ) from err
         if info.conversion_errors:
             raise CheckpointError(
@@ -225,6 +228,13 @@ class ConversionGroup:
                 f"{info.conversion_errors}"
             )
         return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
+
+
+def _last_lines(errors: dict[str, str]) -> str:
+    """transformers' conversion errors without their tracebacks: the message and what it was converting."""
+    if not errors:
+        return "(transformers gave no reason)"
+    return "; ".join(" ".join(message.strip().splitlines()[-2:]) for message in errors.values())
 
 
 class _SlicedParameters:

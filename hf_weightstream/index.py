@@ -37,6 +37,7 @@ _DTYPES: dict[str, torch.dtype] = {
         "BOOL": "bool",
         "F8_E4M3": "float8_e4m3fn",
         "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",  # ue8m0 block scales (FP8 checkpoints with scale_fmt "ue8m0", MXFP8)
     }.items()
     if hasattr(torch, attr)
 }

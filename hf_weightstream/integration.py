@@ -215,6 +215,7 @@ def load_streamed(
         entries = checkpoint.index.entries
         shapes = {key: tuple(entry.shape) for key, entry in entries.items()}
         plan = compat.plan_checkpoint_keys(model, list(entries), key_mapping, hf_quantizer, shapes)
+        quantization.check_scales_are_used(checkpoint.index, hf_quantizer, plan.unexpected)
         # What no checkpoint tensor fills is made by the model's own init, as a normal load makes it: transformers
         # computes some (Marian's sinusoidal positions) and initializes the rest randomly (a new task head, a pooler
         # the checkpoint never had), with its load report. They stay real, outside the budget.

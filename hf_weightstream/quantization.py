@@ -22,6 +22,8 @@ import copy
 import math
 from typing import Any
 
+import torch
+
 from . import _transformers_compat as compat
 from .errors import CheckpointError, StreamConfigError
 from .index import CheckpointIndex
@@ -32,6 +34,10 @@ STREAMED_FORMATS = {
     "mxfp4": "MXFP4 (gpt-oss: *_blocks and *_scales experts)",
     "compressed-tensors": "compressed-tensors (e.g. INT4 pack-quantized W4A16; needs `pip install compressed-tensors`)",
 }
+
+
+# The dtypes of FP8 weights (their scales may be 1-byte floats too: ue8m0 exponents, float8_e8m0fnu).
+FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _formats() -> str:
@@ -112,8 +118,9 @@ def validate(index: CheckpointIndex, hf_quantizer: Any) -> None:
     entries = index.entries
     if method == "fp8":
         block = getattr(hf_quantizer.quantization_config, "weight_block_size", None)
+        dequantizing = bool(getattr(hf_quantizer.quantization_config, "dequantize", False))
         for key, entry in entries.items():
-            if entry.dtype.itemsize != 1 or not entry.dtype.is_floating_point:
+            if entry.dtype not in FP8_WEIGHT_DTYPES:  # 1-byte ue8m0 scales (float8_e8m0fnu) are not weights
                 continue
             base = key.removesuffix(".weight")
             scale = (
@@ -133,6 +140,16 @@ def validate(index: CheckpointIndex, hf_quantizer: Any) -> None:
                         f"{list(entry.shape)} with weight_block_size {list(block)} needs a {list(grid)} grid. The "
                         "checkpoint and its quantization_config disagree."
                     )
+                if dequantizing and (rows % block[0] or cols % block[1]):
+                    # transformers' Fp8Dequantize derives the block from the scale grid (rows // grid rows): on a
+                    # partial last block it raises at the first forward, or silently uses a wrong block size.
+                    raise CheckpointError(
+                        f"{entry.shard}: FP8 weight {key!r} {list(entry.shape)} is not a whole number of "
+                        f"{list(block)} blocks (its last blocks are partial). transformers' FP8 dequantizer, which "
+                        "a load on this machine (no FP8 kernel) runs, cannot dequantize partial blocks: it fails or "
+                        "computes wrong values. Load it on a GPU with FP8 support, where it stays quantized, or "
+                        "use the unquantized (bf16) version of the model."
+                    )
     elif method == "mxfp4":
         for key, entry in entries.items():
             if not key.endswith("_blocks"):
@@ -148,3 +165,24 @@ def validate(index: CheckpointIndex, hf_quantizer: Any) -> None:
                     f"{scales.shard}: scales {scales.key!r} have shape {list(scales.shape)} but blocks {key!r} "
                     f"{list(entry.shape)} need {list(entry.shape[:-1])} (one scale per 32-value block)."
                 )
+
+
+def check_scales_are_used(index: CheckpointIndex, hf_quantizer: Any, unexpected: list[str]) -> None:
+    """An FP8 weight whose scale transformers' loader would leave unused (no converter of this model reads it, e.g.
+    fused ``experts.gate_up_proj`` tensors with ``gate_up_proj_scale_inv``) would be loaded as its raw e4m3
+    values, scale ignored: plain ``from_pretrained`` reports the scale as unexpected and computes garbage. Refused."""
+    if hf_quantizer is None or _method(hf_quantizer.quantization_config) != "fp8":
+        return
+    entries = index.entries
+    unused = set(unexpected)
+    for key in unexpected:
+        weight = key.removesuffix("_scale_inv")
+        entry = entries.get(weight) if weight != key else None
+        if entry is not None and entry.dtype in FP8_WEIGHT_DTYPES and weight not in unused:
+            raise CheckpointError(
+                f"{entries[key].shard}: the scale {key!r} of FP8 weight {weight!r} {list(entry.shape)} is read by no "
+                "converter of this model in transformers, which would load the weight's raw FP8 values without "
+                "their scale (transformers dequantizes only per-module '*.weight' + '*.weight_scale_inv' pairs, "
+                "not fused expert tensors). The outputs would be wrong: load the unquantized version of the "
+                "model, or a checkpoint with one tensor per expert."
+            )

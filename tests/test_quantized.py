@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, CompressedTen
 from workloads import PROMPT, assert_same_outputs, workload
 
 import hf_weightstream
-from hf_weightstream import CheckpointError, StreamConfigError
+from hf_weightstream import CheckpointError, StreamConfigError, StreamingRuntimeError
 from hf_weightstream.testing.checkpoints import to_fp8, to_mxfp4, write_compressed_tensors_w4a16
 
 
@@ -234,5 +234,101 @@ def test_a_users_config_for_a_prequantized_checkpoint_is_merged_as_transformers_
     config = FineGrainedFP8Config(dequantize=True)
     reference = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
     streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", quantization_config=config)
+    with torch.no_grad():
+        assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
+
+
+def _fp8_with_partial_blocks(folder):
+    """Dense Qwen3 whose MLP weights are 576 x 200 / 200 x 576: partial 128 x 128 blocks, ceil-divided scale grids
+    (DeepSeek-V3's kv_a_proj_with_mqa is 576 rows)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=200,
+        intermediate_size=576,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    return to_fp8(folder)
+
+
+def test_fp8_partial_blocks_are_refused_at_load_naming_the_tensor(tmp_path):
+    """transformers' CPU dequantizer cannot dequantize a partial last block (it raises, or uses a wrong block): the
+    streamed load says so before anything is read, naming the weight."""
+    folder = _fp8_with_partial_blocks(tmp_path / "partial")
+    with pytest.raises(CheckpointError, match=r"FP8 weight 'model\.layers\.0\.mlp\.\w+_proj\.weight' .* partial"):
+        AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+
+
+def test_a_conversion_transformers_refuses_says_why(tmp_path):
+    """Without a block size in the config the grid is not checked from the headers; transformers' dequantizer then
+    refuses the weight when it is read, and the error says what it said (not an empty message)."""
+    folder = _fp8_with_partial_blocks(tmp_path / "partial")
+    _edit_config(folder, weight_block_size=None)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+    with pytest.raises(StreamingRuntimeError, match=r"not divisible by scale grid \(5, 2\)"), torch.no_grad():
+        streamed(PROMPT)
+
+
+def test_fp8_scales_transformers_would_ignore_are_refused(quantized, tmp_path):
+    """Fused FP8 experts (``experts.gate_up_proj`` [E, 2I, H] e4m3 with ``gate_up_proj_scale_inv``): no converter of
+    transformers' dequantizing load reads those scales, so a plain load casts the raw e4m3 values and reports the
+    scales as unexpected. Streaming refuses instead of computing the same wrong outputs."""
+    from safetensors.torch import load_file
+
+    from hf_weightstream.testing.checkpoints import quantize_fp8_blockwise, write_shards
+
+    folder = _copy(quantized("fp8_moe"), tmp_path)
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    experts = sorted({int(k.split(".")[5]) for k in tensors if ".mlp.experts." in k})
+    for layer in sorted({int(k.split(".")[2]) for k in tensors if ".mlp.experts." in k}):
+        prefix = f"model.layers.{layer}.mlp.experts"
+
+        for name, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            stacked = []
+            for e in experts:
+                dense = []
+                for part in parts:
+                    q = tensors.pop(f"{prefix}.{e}.{part}.weight").float()
+                    s = tensors.pop(f"{prefix}.{e}.{part}.weight_scale_inv")
+                    dense.append(q * s.repeat_interleave(128, 0).repeat_interleave(128, 1))  # whole 128 x 128 blocks
+                stacked.append(torch.cat(dense))
+            pairs = [quantize_fp8_blockwise(w) for w in stacked]
+            tensors[f"{prefix}.{name}"] = torch.stack([q for q, _ in pairs])
+            tensors[f"{prefix}.{name}_scale_inv"] = torch.stack([s for _, s in pairs])
+    write_shards(folder, tensors, 2_000_000)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # loads, scales unused
+    raw = tensors["model.layers.0.mlp.experts.down_proj"].float()
+    assert torch.equal(reference.model.layers[0].mlp.experts.down_proj, raw)
+    with pytest.raises(CheckpointError, match=r"scale 'model\.layers\.\d\.mlp\.experts\.\w+_scale_inv' of FP8 weight"):
+        AutoModelForCausalLM.from_pretrained(folder, device_map="stream")
+
+
+def test_fp8_with_ue8m0_scales_streams_identical(quantized, tmp_path):
+    """DeepSeek-V4-style FP8 (scale_fmt "ue8m0"): the block scales are 1-byte float8_e8m0fnu powers of two
+    (safetensors F8_E8M0), which transformers loads; streaming reads them too and computes the same."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(quantized("fp8_dense"), tmp_path)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for key in [k for k in tensors if k.endswith("_scale_inv")]:
+            tensors[key] = torch.exp2(torch.ceil(torch.log2(tensors[key]))).to(torch.float8_e8m0fnu)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    _edit_config(folder, scale_fmt="ue8m0")
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="stream")
     with torch.no_grad():
         assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
