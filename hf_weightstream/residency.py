@@ -138,8 +138,14 @@ class WeightPool:
                 self._waiting_threads.discard(me)
 
     def _someone_else_can_free(self, me: int) -> bool:
-        """Whether waiting can help: some unit is loading, or pinned by a thread that is not itself waiting."""
-        for engine in self.engines():
+        """Whether waiting can help: some unit is loading, or pinned by a thread that is not itself waiting, or a
+        model being garbage collected still holds bytes."""
+        engines = self.engines()
+        if self.held > sum(engine.ledger.held for engine in engines):
+            # A collected model leaves the registry as its weakref is cleared, and gives its bytes back in its
+            # finalizer (`_forget`), which the collecting thread runs a moment later: they are about to be free.
+            return True
+        for engine in engines:
             held = (h for h in engine.holdings() if h.transient and h.held_bytes)
             if any(h.owner != me and h.owner not in self._waiting_threads for h in held):
                 return True  # gathered rows and stacked experts go at the end of their call
