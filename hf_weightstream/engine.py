@@ -147,6 +147,7 @@ class StreamEngine:
         self.forked = False  # set in a child process forked after the load (`_forked_child`)
         _engines.add(self)
         self._depth = 0
+        self._pass_failed = False  # a nested session of the current pass raised (see end_forward)
         self._warned_grad = False
         self._log_start: tuple[collections.Counter[str], float] | None = None
         self._streams = threading.local()
@@ -278,8 +279,12 @@ class StreamEngine:
                 stacklevel=4,
             )
 
-    def end_forward(self, encoder: bool = False) -> None:
+    def end_forward(self, encoder: bool = False, failed: bool = False) -> None:
         """Root module post-forward (also when the forward raised): clear stale pins, learn the schedule.
+
+        A traced pass that ``failed`` (a bad input, a Ctrl-C during the slow first pass) saw only the units before
+        the failure: its trace is dropped and the next pass traces again. Adopted, it was the schedule for good: the
+        units after the failure point were never read ahead nor kept resident.
 
         An encoder-decoder's ``generate`` calls the encoder once, then the model once per token. An ``encoder``
         session that ends keeps the trace open: the schedule is then the encoder's units once (a prefix),
@@ -287,8 +292,10 @@ class StreamEngine:
         """
         try:
             self._depth -= 1
+            self._pass_failed = self._pass_failed or failed
             if self._depth:
                 return
+            failed, self._pass_failed = self._pass_failed, False
             if hasattr(self.source, "forward_ended"):
                 self.source.forward_ended()
             with self.pool.cond:
@@ -297,6 +304,7 @@ class StreamEngine:
                     stale = unit.pin_threads.pop(me, 0)
                     if stale:  # the forward raised between a unit's pre- and post-forward
                         unit.pins -= stale
+                    self._settle_interrupted(unit, me)
                     if unit.rows is not None and unit.rows.installed:
                         self._drop_rows(unit)
                 for layer in self.expert_layers:  # the forward raised inside an experts call
@@ -310,7 +318,9 @@ class StreamEngine:
                 if self.schedule:
                     self._replan()
                 self.pool.cond.notify_all()
-            if self._trace is not None and encoder:
+            if self._trace is not None and failed:
+                self._trace, self._traced_prefix, self._moe_trace = None, 0, []  # traced again by the next pass
+            elif self._trace is not None and encoder:
                 self._traced_prefix = len(self._trace)
             elif self._trace is not None:
                 trace, self._trace = self._trace, None
@@ -325,6 +335,24 @@ class StreamEngine:
             log.log_forward(self, self._log_start)
         finally:
             self.forward_lock.release()
+
+    def _settle_interrupted(self, unit: Unit, me: int) -> None:
+        """Finish what a Ctrl-C (an asynchronous exception, which can land between any two lines) left half-done
+        in this thread (pool lock held, the session over): an eviction stopped before its refund kept the unit's
+        bytes charged for good, and a demand read stopped before it settled the unit (or never started) left it
+        'loading' forever, so the next call waited for it forever. Outside those windows an absent unit holds no
+        bytes, and a unit is 'loading' for this thread only while it reads it."""
+        if unit.state == "loading" and unit.loader == me:  # this thread's own read, stopped or never started
+            unit.state, unit.loader, unit.prefetched = "absent", 0, False
+        if unit.state == "resident" and unit.tensors is None:  # an eviction stopped half-way
+            unit.state = "absent"
+        if unit.state != "absent":
+            return
+        if unit.installed:
+            self._uninstall(unit)
+        unit.tensors = unit.chunks = None
+        if unit.held_bytes:
+            self.pool.refund(unit, unit.held_bytes)
 
     def _set_schedule(self, trace: list[Unit], cycle_start: int = 0) -> None:
         self.schedule = trace
@@ -509,6 +537,7 @@ class StreamEngine:
                     self.counters["late_prefetches"] += 1
                 else:
                     self.counters["misses"] += 1
+                    unit.loader = me  # read below by this very thread (see _settle_interrupted)
                     demand = self._start_load(unit, prefetch=False)
                 self._prefetch_ahead()
             except BaseException:
@@ -925,6 +954,7 @@ class StreamEngine:
         unit.prefetched = prefetch
         unit.error = None
         if prefetch:
+            unit.loader = 0  # any reader thread
             self.counters["prefetches"] += 1
             self.pool.executor.submit(self._load, unit)
         return True

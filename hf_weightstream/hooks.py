@@ -144,13 +144,14 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
         grad_was_enabled = modes.pop() if modes else None
         if grad_was_enabled is None:
             return None  # the session did not begin
+        failed = calls.__dict__.pop("failed", False)
         try:
             torch.set_grad_enabled(grad_was_enabled)
             if grad_was_enabled:  # a later backward() must say why it cannot run, not fail obscurely
                 return _inference_only(output)
             return None
         finally:
-            engine.end_forward(encoder=module is not model)
+            engine.end_forward(encoder=module is not model, failed=failed)
 
     # An encoder-decoder's generate() calls the encoder itself, once, then the model per token: the encoder's
     # calls are sessions too, so they are traced and prefetched as the schedule's prefix (engine.end_forward).
@@ -159,13 +160,14 @@ def attach(model: nn.Module, engine: StreamEngine) -> None:
     for root in roots:
         root.register_forward_pre_hook(begin, with_kwargs=True)
         root.register_forward_hook(end, with_kwargs=True, always_call=True)
-        _end_on_interrupt(root, end)
+        _end_on_interrupt(root, end, calls)
     streamed = [module for unit in engine.units for module in unit.modules]
     _eager_under_compile(model, streamed + [layer.module for layer in engine.expert_layers])
 
 
-def _end_on_interrupt(root: nn.Module, end: Callable[..., Any]) -> None:
-    """Close the session when a ``KeyboardInterrupt`` (Ctrl-C in a notebook) or ``SystemExit`` leaves the forward.
+def _end_on_interrupt(root: nn.Module, end: Callable[..., Any], calls: threading.local) -> None:
+    """Close the session when a ``KeyboardInterrupt`` (Ctrl-C in a notebook) or ``SystemExit`` leaves the forward,
+    and tell the session's end that the pass did not complete (``calls.failed``).
 
     torch runs ``always_call`` hooks for an ``Exception`` only: after a Ctrl-C the forward lock stayed held (a call
     from another thread then waited forever), the interrupted unit pinned, and grad mode off for the thread.
@@ -177,8 +179,10 @@ def _end_on_interrupt(root: nn.Module, end: Callable[..., Any]) -> None:
         try:
             return inner(*args, **kwargs)
         except Exception:
+            calls.failed = True
             raise  # torch's always_call hook ends the session
         except BaseException:
+            calls.failed = True
             end(root, args, kwargs, None)
             raise
 

@@ -531,3 +531,76 @@ def test_a_forked_child_is_told_to_load_the_model_itself_instead_of_hanging(chec
     assert "this one was forked from it" in said and "'spawn'" in said, said
     with torch.no_grad():
         assert torch.equal(model(PROMPT).logits, expected), "the parent goes on"
+
+
+WINDOWS = {"eviction's refund": "refund", "demand read not started": "_load", "demand read settling": "_loaded"}
+
+
+@pytest.mark.parametrize("window", list(WINDOWS))
+def test_a_ctrl_c_anywhere_in_a_call_leaves_no_bytes_charged_and_no_read_pending(checkpoints, monkeypatch, window):
+    """A Ctrl-C is an asynchronous exception: it lands between any two lines of the calling thread. Landing as an
+    eviction refunded its bytes left the unit absent but charged (the budget shrank for good: under a tight one
+    every later call raised BudgetError); landing before or as the call's own read settled its unit left that unit
+    'loading' with no reader, and the next call waited for it forever."""
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    model = stream(folder, lookahead=0)
+    engine = model._hf_weightstream
+    engine.pool.budget = engine.minimum_budget()
+    model.generate(PROMPT, max_new_tokens=2, do_sample=False)  # a full budget: the next call evicts
+    caller = threading.get_ident()
+    name = WINDOWS[window]
+    owner = engine.pool if name == "refund" else engine
+    real = getattr(owner, name)
+
+    def interrupted(unit, *args):
+        at_eviction = name != "refund" or getattr(unit, "state", None) == "absent"
+        if threading.get_ident() == caller and at_eviction:
+            monkeypatch.setattr(owner, name, real)  # once
+            raise _Interrupt
+        return real(unit, *args)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    with pytest.raises(_Interrupt), torch.no_grad():
+        model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert getattr(owner, name) == real, "the interrupt landed"
+    assert not [unit.name for unit in engine.units if unit.state == "loading"]
+    held = sum(unit.held_bytes for unit in engine.units) + sum(h.held_bytes for h in engine.holdings())
+    assert engine.pool.held == held == sum(u.held_bytes for u in engine.units if u.state == "resident")
+    got = {}
+    worker = threading.Thread(
+        target=lambda: got.setdefault("ids", model.generate(PROMPT, max_new_tokens=4, do_sample=False)), daemon=True
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the next call waits forever for a read nobody does"
+    assert torch.equal(got["ids"], expected)
+    assert hf_weightstream.stats(model)["peak_resident_bytes"] <= engine.pool.budget
+
+
+@pytest.mark.parametrize("error", [ValueError, _Interrupt])
+def test_a_first_pass_that_raises_midway_is_traced_again(checkpoints, error):
+    """The first pass is the slow, cold one, where a Ctrl-C lands (or a bad input raises in a block): the units
+    it reached before raising were taken for the whole schedule, for good, and the rest were never read ahead nor
+    kept resident (half of every later token's units missed)."""
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    fresh = stream(folder)
+    fresh.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    model = stream(folder)
+
+    def fail(*_args):
+        raise error("in the first pass")
+
+    handle = model.model.layers[1].register_forward_pre_hook(fail)
+    with pytest.raises(error), torch.no_grad():
+        model(PROMPT)
+    handle.remove()
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=4, do_sample=False), expected)
+    names = [unit.name for unit in model._hf_weightstream.schedule]
+    assert names == [unit.name for unit in fresh._hf_weightstream.schedule]
+    hf_weightstream.reset_stats(fresh)
+    hf_weightstream.reset_stats(model)
+    for streamed in (fresh, model):
+        streamed.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert hf_weightstream.stats(model)["misses"] == hf_weightstream.stats(fresh)["misses"]
