@@ -351,3 +351,11 @@ def target_dtypes(model: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
         match = pattern.search(name) if pattern is not None else None
         out[name] = plan[group_to_glob[match.lastgroup]] if match else tensor.dtype
     return out
+
+
+def maybe_load_adapters(name: Any, download_kwargs: dict, adapter_kwargs: dict) -> tuple[Any, Any, dict]:
+    """(the PEFT adapter to load after the model or None, the base model to load, the adapter's download options),
+    as ``PreTrainedModel.from_pretrained`` finds them (``integrations.peft.maybe_load_adapters``)."""
+    from transformers.integrations.peft import maybe_load_adapters as find
+
+    return find(name, download_kwargs, **adapter_kwargs)

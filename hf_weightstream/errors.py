@@ -33,7 +33,8 @@ def not_copyable(what: str, fix: str = "") -> StreamingRuntimeError:
     to do instead."""
     fix = fix or (
         "Load another copy with from_pretrained(..., device_map='stream') (nothing is read until it runs), or "
-        "write the weights out with save_pretrained() or state_dict()."
+        "write the weights out with save_pretrained() or state_dict(). (A peft adapter with modules_to_save "
+        "deep-copies the modules it trains: load it on a model loaded without streaming.)"
     )
     return StreamingRuntimeError(
         f"{what} cannot be copied, pickled or shared between processes: it belongs to a streamed model, whose "

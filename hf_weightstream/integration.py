@@ -6,7 +6,8 @@ there too: they pass ``device_map``, ``streaming`` and ``stream_config`` through
 use, and the wrapper takes them out and builds the streamed model instead of loading one.
 
 A streamed model behaves like a normal one: ``model.device`` is the execution device, ``.to()``/``.cuda()``
-retarget it instead of moving (absent) weights, ``hf_device_map`` names a real device so pipelines accept it.
+retarget it instead of moving (absent) weights, ``hf_device_map`` names the execution device (a ``torch.device``) so
+pipelines accept it.
 """
 
 from __future__ import annotations
@@ -149,9 +150,13 @@ def load_streamed(
     from_pipeline = kwargs.pop("_from_pipeline", None)
     if kwargs.pop("use_safetensors", None) is False:
         raise StreamConfigError("use_safetensors=False cannot be streamed: streaming reads safetensors files.")
+    # A PEFT adapter: the auto classes found adapter_config.json and load its base model, naming the adapter in
+    # adapter_kwargs["_adapter_model_path"] (a model class given the adapter's folder finds it here). It is loaded
+    # on the streamed model as transformers' own from_pretrained loads it; it was dropped, and the base model's
+    # outputs came back as the adapted model's.
+    adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
+    adapter_name = kwargs.pop("adapter_name", None) or "default"
     for name in (
-        "adapter_kwargs",
-        "adapter_name",
         "low_cpu_mem_usage",
         "_fast_init",
         "offload_buffers",
@@ -163,6 +168,14 @@ def load_streamed(
     ):
         kwargs.pop(name, None)
     download_kwargs = download_kwargs_of(kwargs)
+    adapter_path = None
+    # No round trip to the Hub for it: the auto classes have looked for a Hub repo's adapter_config.json already.
+    if "_adapter_model_path" in adapter_kwargs or (
+        Path(str(pretrained_model_name_or_path), download_kwargs["subfolder"] or "", "adapter_config.json").is_file()
+    ):
+        adapter_path, pretrained_model_name_or_path, adapter_kwargs = compat.maybe_load_adapters(
+            pretrained_model_name_or_path, download_kwargs, adapter_kwargs
+        )
     name = str(pretrained_model_name_or_path)
     local = os.path.isdir(name)
     if not local:
@@ -292,7 +305,10 @@ def load_streamed(
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 module.__dict__[_ATTR] = engine
-        model.hf_device_map = {"": str(device)}
+        # A torch.device, not the string "cpu": peft (PeftModel.from_pretrained, AutoPeftModelFor*) takes a map with
+        # "cpu" or "disk" for accelerate's CPU offload, removes every accelerate hook (the streaming hooks too) and
+        # dispatches the model again, which failed. Pipelines and accelerate take a torch.device as well.
+        model.hf_device_map = {"": device}
         _bind_device_methods(model, engine)
         _dedupe_tied_walks(model, engine)
         log.log_load(model, engine, log.budget_origin(stream_config, max_memory, get_default_pool()))
@@ -309,6 +325,10 @@ def load_streamed(
                 trust_remote_code=trust_remote_code,
             )
         info = compat.report_load(model, name, computed, set(plan.unexpected))
+        if adapter_path is not None:
+            if download_kwargs.get("token") is not None:
+                adapter_kwargs["token"] = download_kwargs["token"]
+            info = model.load_adapter(adapter_path, adapter_name=adapter_name, adapter_kwargs=adapter_kwargs)
     except BaseException:
         checkpoint.source.close()
         raise
@@ -401,6 +421,7 @@ def retarget(model: Any, device: torch.device | None = None, dtype: torch.dtype 
         raise StreamingRuntimeError(META_DEVICE)
     engine = engine_of(model)
     engine.retarget(device, dtype)
+    model.hf_device_map = {"": engine.device}
     _move_real_tensors(model, engine.device, dtype, engine.buffer_origins)
     return model
 

@@ -177,7 +177,7 @@ def test_lookahead_turns_misses_into_prefetches(checkpoints):
 def test_behaves_like_a_normal_model(checkpoints):
     model = stream(checkpoints("llama"))
     assert model.device == torch.device("cpu")
-    assert next(iter(model.hf_device_map.values())) == "cpu"
+    assert model.hf_device_map == {"": torch.device("cpu")}
     inputs = {"input_ids": PROMPT, "attention_mask": torch.ones_like(PROMPT)}
     out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, PROMPT.shape[1] + 3)

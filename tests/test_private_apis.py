@@ -66,6 +66,14 @@ def test_private_transformers_apis_keep_their_shape():
     )
 
 
+def test_private_peft_integration_api_keeps_its_shape():
+    from transformers.integrations.peft import maybe_load_adapters
+
+    assert params(maybe_load_adapters)[:2] == ["pretrained_model_name_or_path", "download_kwargs"], (
+        f"transformers {transformers.__version__}: integrations.peft.maybe_load_adapters changed"
+    )
+
+
 def test_private_apis_of_saving_and_computed_weights_keep_their_shape():
     version = transformers.__version__
     assert params(compat.remove_tied_weights_from_state_dict) == ["state_dict", "model"], (
