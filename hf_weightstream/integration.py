@@ -443,6 +443,7 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
 
     model.to = to
     model.cuda = cuda
+    model._apply = functools.partial(_apply_from_parent, model, model._apply)
     model.__deepcopy__ = model.__reduce_ex__ = refuse_copy  # copy.copy goes through __reduce_ex__ too
     # Saving and state_dict stream unit by unit (saving.py): the weights are not in memory to hand over at once.
     model.save_pretrained = functools.partial(saving.save_pretrained, model)
@@ -452,6 +453,32 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
     model.float = lambda: retarget(model, None, torch.float32)
     model.bfloat16 = lambda: retarget(model, None, torch.bfloat16)
     model.double = lambda: retarget(model, None, torch.float64)
+
+
+def _apply_from_parent(model: Any, torch_apply: Any, fn: Any, recurse: bool = True) -> Any:
+    """``nn.Module._apply`` of the model, which a parent module's ``.to()``/``.half()``/``.cuda()`` reaches (a
+    SentenceTransformer, a PeftModel or any ``nn.Module`` holding the model): the model's own ``to`` is not called
+    then. ``fn`` is tried on empty tensors: when it changes their device or dtype, the model retargets, as its own
+    ``.to()`` does. Else (``.to()`` to where it already is, ``share_memory()``) torch's own runs.
+
+    Before, torch's own ran for every call: the placeholders answered ``fn`` by reading their weights, every one of
+    which was then kept in memory outside the budget (the whole model), and ``.to()`` to the execution device raised
+    a TypeError.
+    """
+    engine = model.__dict__[_ATTR]
+    device, dtype = None, None
+    for probe_dtype in (torch.float16, torch.float32):
+        probe = torch.empty(0, dtype=probe_dtype, device=engine.device)
+        out = fn(probe)
+        if not isinstance(out, torch.Tensor) or out is probe:
+            continue
+        if out.device != probe.device:
+            device = out.device
+        if out.dtype != probe.dtype and out.is_floating_point():
+            dtype = out.dtype
+    if device is not None or dtype is not None:
+        return retarget(model, device, dtype)
+    return torch_apply(fn, recurse)
 
 
 def _dedupe_tied_walks(model: torch.nn.Module, engine: StreamEngine) -> None:

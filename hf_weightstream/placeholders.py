@@ -69,6 +69,8 @@ class StreamedTensor(torch.Tensor):
     def _set_data(self, value: torch.Tensor) -> None:
         """``weight.data = tensor``, as ``resize_token_embeddings`` does: ``tensor`` replaces the streamed weight in
         every place it fills and stays the user's (engine.adopt); this handle reads it from now on too."""
+        if value is self:  # nn.Module._apply of ``.to()`` where the weight already is: nothing changes
+            return
         if not isinstance(value, torch.Tensor) or isinstance(value, StreamedTensor):
             raise TypeError(f"{self.weight_name}.data can only be set to a tensor, not {type(value).__name__}")
         self.unit.engine.take_data(self, value)

@@ -218,6 +218,28 @@ def test_a_weight_replaced_while_not_resident_is_kept(checkpoints):
         assert torch.equal(model(PROMPT).logits, reference(PROMPT).logits)
 
 
+def test_a_parent_modules_to_and_half_retarget_the_model_instead_of_reading_it(checkpoints):
+    """A SentenceTransformer or a PeftModel holds the model as a child: their ``.to()``/``.half()`` reach it through
+    ``nn.Module._apply``, not through its own ``.to()``. A move to where it already is raised a TypeError
+    (``SentenceTransformer(..., model_kwargs={"streaming": True})`` failed so); a cast read every weight and kept
+    it in memory, outside the budget."""
+    folder = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    parent = torch.nn.Sequential(model)
+    assert parent.to("cpu") is parent and parent.cpu() is parent
+    parent.half()
+    assert model.dtype == torch.float16
+    assert all(is_placeholder(weight) for weight in model.parameters()), "no weight was read and kept"
+    assert hf_weightstream.stats(model)["bytes_read"] == 0
+    with torch.no_grad():
+        half = AutoModelForCausalLM.from_pretrained(folder).half()  # as the model's own .half() computes
+        assert torch.equal(model(PROMPT).logits, half(PROMPT).logits)
+        parent.to(torch.float32)  # lossless, as the model's own .half().float() is: weights are read again
+        assert torch.equal(model(PROMPT).logits, AutoModelForCausalLM.from_pretrained(folder)(PROMPT).logits)
+    stats = hf_weightstream.stats(model)
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+
+
 def test_copying_or_pickling_a_streamed_model_is_refused_with_what_to_do(checkpoints, tmp_path):
     import copy
     import pickle
