@@ -140,9 +140,10 @@ def validate(index: CheckpointIndex, hf_quantizer: Any) -> None:
                         f"{list(entry.shape)} with weight_block_size {list(block)} needs a {list(grid)} grid. The "
                         "checkpoint and its quantization_config disagree."
                     )
-                if dequantizing and (rows % block[0] or cols % block[1]):
+                if dequantizing and any(n % b and g > 1 for n, b, g in zip((rows, cols), block, grid, strict=True)):
                     # transformers' Fp8Dequantize derives the block from the scale grid (rows // grid rows): on a
-                    # partial last block it raises at the first forward, or silently uses a wrong block size.
+                    # partial last block it raises at the first forward, or silently uses a wrong block size. A
+                    # dimension smaller than one block (a grid of 1) is one whole block there: it dequantizes right.
                     raise CheckpointError(
                         f"{entry.shard}: FP8 weight {key!r} {list(entry.shape)} is not a whole number of "
                         f"{list(block)} blocks (its last blocks are partial). transformers' FP8 dequantizer, which "

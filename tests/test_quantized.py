@@ -332,3 +332,31 @@ def test_fp8_with_ue8m0_scales_streams_identical(quantized, tmp_path):
     streamed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="stream")
     with torch.no_grad():
         assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
+
+
+def test_fp8_weights_smaller_than_a_block_stream_as_transformers_loads_them(tmp_path):
+    """A dimension smaller than one block (hidden 64 with 128 x 128 blocks: a scale grid of 1 there) is one whole
+    block to transformers' CPU dequantizer, which computes it exactly: it streams, it is not refused as partial."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=256,  # up/gate [256, 64]: a 2 x 1 grid; down [64, 256]: 1 x 2
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    folder = tmp_path / "small"
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    to_fp8(folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
