@@ -870,8 +870,6 @@ class StreamEngine:
         """Hand demand reads to the readers; units whose bytes touch in the file (the experts a prefill routes to,
         laid out one after another in each tensor) are read together, one mapping per contiguous run."""
         loading = [unit for unit in units if unit.state == "loading"]
-        for unit in units:
-            unit.loader = 0
         group = {id(unit): i for i, unit in enumerate(loading)}
 
         def root(i: int) -> int:
@@ -893,15 +891,20 @@ class StreamEngine:
             if not together or len(run) == 1:
                 for unit in run:
                     self.pool.executor.submit(self._load, unit)
+                    unit.loader = 0  # a reader's now (until then this thread's: see _settle_interrupted)
                 continue
             job: list[Unit] = []  # a long run is cut so that the readers share it
             for unit in run:
                 job.append(unit)
                 if sum(u.raw_bytes for u in job) >= TOGETHER_BYTES:
                     self.pool.executor.submit(self._load_together, job)
+                    for handed in job:
+                        handed.loader = 0
                     job = []
             if job:
                 self.pool.executor.submit(self._load_together, job)
+                for handed in job:
+                    handed.loader = 0
 
     def release_many(self, units: list[Unit]) -> None:
         me = threading.get_ident()
@@ -954,9 +957,12 @@ class StreamEngine:
         unit.prefetched = prefetch
         unit.error = None
         if prefetch:
-            unit.loader = 0  # any reader thread
             self.counters["prefetches"] += 1
+            # This thread's until a reader has it: a Ctrl-C landing in submit left the unit 'loading' with no
+            # reader, and the next call waited for it forever (see _settle_interrupted).
+            unit.loader = threading.get_ident()
             self.pool.executor.submit(self._load, unit)
+            unit.loader = 0  # any reader thread
         return True
 
     def _load(self, unit: Unit) -> None:
@@ -985,6 +991,9 @@ class StreamEngine:
     def _loaded(self, unit: Unit, tensors: dict[str, torch.Tensor], start: float, reads: int) -> None:
         end = time.perf_counter()
         with self.pool.cond:
+            if unit.state != "loading":  # given up (a Ctrl-C as the read was handed over): its bytes went back
+                self.pool.cond.notify_all()
+                return
             unit.tensors = tensors
             unit.versions = {name: _version(tensor) for name, tensor in tensors.items()}
             extra = unit.held_bytes - unit.resident_bytes

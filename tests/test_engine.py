@@ -604,3 +604,38 @@ def test_a_first_pass_that_raises_midway_is_traced_again(checkpoints, error):
     for streamed in (fresh, model):
         streamed.generate(PROMPT, max_new_tokens=4, do_sample=False)
     assert hf_weightstream.stats(model)["misses"] == hf_weightstream.stats(fresh)["misses"]
+
+
+def test_a_ctrl_c_as_a_prefetch_is_handed_to_the_readers_leaves_no_read_pending(checkpoints, monkeypatch):
+    """The calling thread hands each read ahead to the readers (``executor.submit``): a Ctrl-C landing there left
+    the unit 'loading' with no reader (and not this thread's own read, so the end of the call did not settle it):
+    the next call waited for it forever."""
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    model = stream(folder, lookahead=2, policy="lru")  # reads ahead as configured, whatever the timings
+    engine = model._hf_weightstream
+    engine.pool.budget = engine.minimum_budget() * 2  # not the whole model: every token reads
+    model.generate(PROMPT, max_new_tokens=2, do_sample=False)  # the schedule is learned: the next calls read ahead
+    executor, caller = engine.pool.executor, threading.get_ident()
+    real = executor.submit
+
+    def interrupted(fn, *args):
+        if threading.get_ident() == caller and getattr(fn, "__name__", "") == "_load":
+            monkeypatch.setattr(executor, "submit", real)  # once
+            raise _Interrupt
+        return real(fn, *args)
+
+    monkeypatch.setattr(executor, "submit", interrupted)
+    with pytest.raises(_Interrupt), torch.no_grad():
+        model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert executor.submit == real, "the interrupt landed"
+    assert not [unit.name for unit in engine.units if unit.state == "loading"]
+    assert engine.pool.held == sum(u.held_bytes for u in engine.units if u.state == "resident")
+    got = {}
+    worker = threading.Thread(
+        target=lambda: got.setdefault("ids", model.generate(PROMPT, max_new_tokens=4, do_sample=False)), daemon=True
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the next call waits forever for a read nobody does"
+    assert torch.equal(got["ids"], expected)
