@@ -978,6 +978,7 @@ class StreamEngine:
     def _load_failed(self, units: list[Unit], err: BaseException) -> None:
         with self.pool.cond:
             for unit in units:
+                self._buffers.pop(id(unit), None)  # a recycled buffer its read was to land in
                 if unit.state != "loading":
                     continue
                 unit.error = err
@@ -1016,6 +1017,8 @@ class StreamEngine:
         budget charge says, instead of keeping the whole run mapped.
         """
         start = time.perf_counter()
+        for unit in units:  # mapped, not read into buffers: a recycled one handed to a unit goes (unmapped)
+            self._buffers.pop(id(unit), None)
         try:
             runs: list[tuple[str, int, int]] = []
             for rng in sorted((r for u in units for r in u.ranges), key=lambda r: (r.shard, r.offset)):

@@ -339,3 +339,25 @@ def test_every_budget_above_the_busiest_call_runs_it(tmp_path, family):
             continue
         assert torch.equal(got, expected)
     assert not failed, "\n".join(failed[:5])
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered"])
+def test_recycled_buffers_of_experts_read_together_are_not_kept(moe, io):
+    """A buffer an eviction frees is handed to the read it made room for; experts a prefill routes to are read
+    together (one mapping per run), without it. It was kept for the expert until a later single read of that very
+    expert: memory outside the budget, across calls and past release(model)."""
+    folder = moe("qwen3_moe")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map="stream", stream_config=StreamConfig(budget=664_896, io=io)
+    )
+    engine = model._hf_weightstream
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(15):
+            model(torch.randint(3, 128, (2, 12), generator=generator))
+            with engine.pool.cond:
+                stranded = [u.name for u in engine.units if id(u) in engine._buffers and u.state != "loading"]
+            assert not stranded, f"{len(stranded)} recycled buffers kept for units not being read: {stranded[:3]}"
+    hf_weightstream.release(model)
+    assert not engine._buffers
+    assert hf_weightstream.stats(model)["evictions"] > 0
