@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 
 import pytest
 import torch
@@ -170,32 +169,24 @@ def test_a_pool_named_in_a_stream_config_dict_is_the_pool_used(checkpoints):
     assert model._hf_weightstream.pool is pool
 
 
-def test_a_model_being_collected_frees_its_bytes_for_a_model_that_waits(two, monkeypatch):
+def test_a_model_being_collected_frees_its_bytes_for_a_model_that_waits(two):
     """A collected model leaves the pool's registry (its weakref is cleared) a moment before its finalizer gives its
     bytes back, in whichever thread the collection runs: a model needing room in between saw bytes held that no
-    model owned and raised BudgetError instead of waiting for them."""
+    model owned and raised BudgetError instead of waiting for them. The gap is made here as the collector makes it
+    (registry first, refund later), without depending on when a collection runs."""
     a_folder, b_folder = two
     expected = reference(b_folder, tokens=3)
-    gate = threading.Event()
-    forget = WeightPool._forget
-
-    def late_forget(self, ledger):  # the collecting thread runs the finalizer after the registry dropped the model
-        gate.wait(30)
-        forget(self, ledger)
-
-    monkeypatch.setattr(WeightPool, "_forget", late_forget)
     probe = [on_pool(f, WeightPool("1GB")) for f in two]
     biggest = max(u.charge_bytes for m in probe for u in m._hf_weightstream.units)
     pool = WeightPool(int(biggest * 1.5))
     chat, coder = on_pool(a_folder, pool), on_pool(b_folder, pool)
     chat(PROMPT)
     assert pool.held > pool.budget - biggest, "chat holds what coder needs"
-    del chat
-    collector = threading.Thread(target=gc.collect, daemon=True)
-    collector.start()
-    while len(pool.engines()) > 1:
-        time.sleep(0.01)
-    threading.Timer(0.5, gate.set).start()
+    engine = chat._hf_weightstream
+    with pool.cond:
+        del pool._engines[id(engine)]  # the weakref cleared: the model is no longer in the registry
+    refund = threading.Timer(0.5, pool._forget, args=(engine.ledger,))  # the finalizer, a moment later
+    refund.start()
     assert torch.equal(coder.generate(PROMPT, max_new_tokens=3, do_sample=False), expected)
-    collector.join(30)
+    refund.join(30)
     assert pool.stats()["peak_resident_bytes"] <= pool.budget
