@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -342,17 +343,11 @@ class StreamEngine:
         bytes charged for good, and a demand read stopped before it settled the unit (or never started) left it
         'loading' forever, so the next call waited for it forever. Outside those windows an absent unit holds no
         bytes, and a unit is 'loading' for this thread only while it reads it."""
-        if unit.state == "loading" and unit.loader == me:  # this thread's own read, stopped or never started
-            unit.state, unit.loader, unit.prefetched = "absent", 0, False
-        if unit.state == "resident" and unit.tensors is None:  # an eviction stopped half-way
-            unit.state = "absent"
-        if unit.state != "absent":
-            return
-        if unit.installed:
-            self._uninstall(unit)
-        unit.tensors = unit.chunks = None
-        if unit.held_bytes:
-            self.pool.refund(unit, unit.held_bytes)
+        mine = unit.state == "loading" and unit.loader == me  # this thread's own read, stopped or never started
+        half_evicted = unit.state == "resident" and unit.tensors is None
+        if mine or half_evicted or unit.state == "absent":
+            unit.loader = 0
+            self._drop(unit)  # as an eviction drops it: uninstalled, forgotten, its bytes given back
 
     def _set_schedule(self, trace: list[Unit], cycle_start: int = 0) -> None:
         self.schedule = trace
@@ -487,19 +482,26 @@ class StreamEngine:
 
     def evict(self, unit: Unit) -> None:
         """Drop a resident, unpinned unit (pool lock held)."""
-        if unit.installed:
-            self._uninstall(unit)
-        unit.tensors = None
-        chunks, unit.chunks = unit.chunks, None  # the last views of mapped ranges go: they are unmapped
+        chunks = self._drop(unit)
         if chunks and self._recycled is not None and self.reader.recycles:
             buffer = self.reader.reclaim(chunks)  # the read we are making room for can land in this buffer
             if buffer is not None:
                 self._recycled.append(buffer)
+        self.counters["evictions"] += 1
+
+    def _drop(self, unit: Unit) -> list | None:
+        """Make ``unit`` absent: its weights uninstalled and forgotten, its bytes given back (pool lock held).
+        Returns its chunks, for the caller to recycle. ``tensors`` goes before ``state``: a unit found resident
+        without tensors was stopped half-way here (see `_settle_interrupted`)."""
+        if unit.installed:
+            self._uninstall(unit)
+        unit.tensors = None
+        chunks, unit.chunks = unit.chunks, None  # the last views of mapped ranges go: they are unmapped
         unit.state = "absent"
         unit.prefetched = False
         if unit.held_bytes:
             self.pool.refund(unit, unit.held_bytes)
-        self.counters["evictions"] += 1
+        return chunks
 
     def release_all(self) -> None:
         """Evict every unpinned unit of this model (its memory goes back to the pool).
@@ -890,21 +892,27 @@ class StreamEngine:
         for run in runs.values():
             if not together or len(run) == 1:
                 for unit in run:
-                    self.pool.executor.submit(self._load, unit)
-                    unit.loader = 0  # a reader's now (until then this thread's: see _settle_interrupted)
+                    self._hand_to_readers(self._load, unit, [unit])
                 continue
             job: list[Unit] = []  # a long run is cut so that the readers share it
             for unit in run:
                 job.append(unit)
                 if sum(u.raw_bytes for u in job) >= TOGETHER_BYTES:
-                    self.pool.executor.submit(self._load_together, job)
-                    for handed in job:
-                        handed.loader = 0
+                    self._hand_to_readers(self._load_together, job, job)
                     job = []
             if job:
-                self.pool.executor.submit(self._load_together, job)
-                for handed in job:
-                    handed.loader = 0
+                self._hand_to_readers(self._load_together, job, job)
+
+    def _hand_to_readers(self, read: Callable[[Any], None], what: Any, units: list[Unit]) -> None:
+        """Submit ``read(what)`` to the reader threads. Its units are this thread's until ``submit`` returns: a
+        Ctrl-C landing in it left them 'loading' with no reader, and the next call waited for them forever; so
+        marked, the end of the call settles them (`_settle_interrupted`)."""
+        me = threading.get_ident()
+        for unit in units:
+            unit.loader = me
+        self.pool.executor.submit(read, what)
+        for unit in units:
+            unit.loader = 0  # a reader's now
 
     def release_many(self, units: list[Unit]) -> None:
         me = threading.get_ident()
@@ -958,11 +966,7 @@ class StreamEngine:
         unit.error = None
         if prefetch:
             self.counters["prefetches"] += 1
-            # This thread's until a reader has it: a Ctrl-C landing in submit left the unit 'loading' with no
-            # reader, and the next call waited for it forever (see _settle_interrupted).
-            unit.loader = threading.get_ident()
-            self.pool.executor.submit(self._load, unit)
-            unit.loader = 0  # any reader thread
+            self._hand_to_readers(self._load, unit, [unit])
         return True
 
     def _load(self, unit: Unit) -> None:
