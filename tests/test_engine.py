@@ -533,6 +533,18 @@ def test_a_forked_child_is_told_to_load_the_model_itself_instead_of_hanging(chec
         assert torch.equal(model(PROMPT).logits, expected), "the parent goes on"
 
 
+def _next_call(model):
+    """The next generate, in a thread, so that one that waits forever fails the test instead of hanging it."""
+    got = {}
+    worker = threading.Thread(
+        target=lambda: got.setdefault("ids", model.generate(PROMPT, max_new_tokens=4, do_sample=False)), daemon=True
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the next call waits forever for a read nobody does"
+    return got["ids"]
+
+
 WINDOWS = {"eviction's refund": "refund", "demand read not started": "_load", "demand read settling": "_loaded"}
 
 
@@ -567,14 +579,7 @@ def test_a_ctrl_c_anywhere_in_a_call_leaves_no_bytes_charged_and_no_read_pending
     assert not [unit.name for unit in engine.units if unit.state == "loading"]
     held = sum(unit.held_bytes for unit in engine.units) + sum(h.held_bytes for h in engine.holdings())
     assert engine.pool.held == held == sum(u.held_bytes for u in engine.units if u.state == "resident")
-    got = {}
-    worker = threading.Thread(
-        target=lambda: got.setdefault("ids", model.generate(PROMPT, max_new_tokens=4, do_sample=False)), daemon=True
-    )
-    worker.start()
-    worker.join(60)
-    assert not worker.is_alive(), "the next call waits forever for a read nobody does"
-    assert torch.equal(got["ids"], expected)
+    assert torch.equal(_next_call(model), expected)
     assert hf_weightstream.stats(model)["peak_resident_bytes"] <= engine.pool.budget
 
 
@@ -631,11 +636,4 @@ def test_a_ctrl_c_as_a_prefetch_is_handed_to_the_readers_leaves_no_read_pending(
     assert executor.submit == real, "the interrupt landed"
     assert not [unit.name for unit in engine.units if unit.state == "loading"]
     assert engine.pool.held == sum(u.held_bytes for u in engine.units if u.state == "resident")
-    got = {}
-    worker = threading.Thread(
-        target=lambda: got.setdefault("ids", model.generate(PROMPT, max_new_tokens=4, do_sample=False)), daemon=True
-    )
-    worker.start()
-    worker.join(60)
-    assert not worker.is_alive(), "the next call waits forever for a read nobody does"
-    assert torch.equal(got["ids"], expected)
+    assert torch.equal(_next_call(model), expected)

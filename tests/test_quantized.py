@@ -238,27 +238,17 @@ def test_a_users_config_for_a_prequantized_checkpoint_is_merged_as_transformers_
         assert torch.equal(reference(PROMPT).logits, streamed(PROMPT).logits)
 
 
+def _fp8_qwen3(folder, **shape):
+    """A one-layer dense Qwen3 (2 heads, 1 key/value head) of the given sizes, in fine-grained FP8."""
+    torch.manual_seed(0)
+    tiny_builders["qwen3_dense_fp8_shapes"](layers=1, heads=2, kv_heads=1, **shape).save_pretrained(folder)
+    return to_fp8(folder)
+
+
 def _fp8_with_partial_blocks(folder):
     """Dense Qwen3 whose MLP weights are 576 x 200 / 200 x 576: partial 128 x 128 blocks, ceil-divided scale grids
     (DeepSeek-V3's kv_a_proj_with_mqa is 576 rows)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=128,
-        hidden_size=200,
-        intermediate_size=576,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(folder)
-    return to_fp8(folder)
+    return _fp8_qwen3(folder, hidden=200, intermediate=576, head_dim=128)
 
 
 def test_fp8_partial_blocks_are_refused_at_load_naming_the_tensor(tmp_path):
@@ -337,25 +327,8 @@ def test_fp8_with_ue8m0_scales_streams_identical(quantized, tmp_path):
 def test_fp8_weights_smaller_than_a_block_stream_as_transformers_loads_them(tmp_path):
     """A dimension smaller than one block (hidden 64 with 128 x 128 blocks: a scale grid of 1 there) is one whole
     block to transformers' CPU dequantizer, which computes it exactly: it streams, it is not refused as partial."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=256,  # up/gate [256, 64]: a 2 x 1 grid; down [64, 256]: 1 x 2
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    folder = tmp_path / "small"
-    Qwen3ForCausalLM(config).save_pretrained(folder)
-    to_fp8(folder)
+    # up/gate [256, 64]: a 2 x 1 grid; down [64, 256]: 1 x 2
+    folder = _fp8_qwen3(tmp_path / "small", hidden=64, intermediate=256, head_dim=32)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", dtype=torch.float32)
     with torch.no_grad():

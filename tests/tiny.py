@@ -105,15 +105,18 @@ def qwen3_moe(num_experts: int = 4, top_k: int = 2, hidden: int = 64, expert_wid
     return Qwen3MoeForCausalLM(config)
 
 
-def qwen3_dense_fp8_shapes() -> Qwen3ForCausalLM:
-    """Dense Qwen3 whose linear weights span several 128x128 FP8 blocks (k/v: 128 x 256, MLP: 384 x 256)."""
+def qwen3_dense_fp8_shapes(
+    hidden: int = 256, intermediate: int = 384, head_dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2
+) -> Qwen3ForCausalLM:
+    """Dense Qwen3 whose linear weights span several 128x128 FP8 blocks (k/v: 128 x 256, MLP: 384 x 256); other
+    sizes put block edges elsewhere."""
     config = Qwen3Config(
-        hidden_size=256,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         tie_word_embeddings=False,
         **_common(),
     )
