@@ -47,21 +47,23 @@ class RecordingSource(LocalFileSource):
 
 
 def test_from_pretrained_reads_headers_only(checkpoints, monkeypatch):
-    reads: list[tuple[str, int, int]] = []
+    calls: list[tuple[LocalFileSource, str, int, int]] = []  # every source's: an earlier test's reader may still run
     original_read, original_map = LocalFileSource.read_into, LocalFileSource.map
 
     def recording_read(self, shard, offset, out):
-        reads.append((shard, offset, len(out)))
+        calls.append((self, shard, offset, len(out)))
         return original_read(self, shard, offset, out)
 
     def recording_map(self, shard, offset, length):
-        reads.append((shard, offset, length))
+        calls.append((self, shard, offset, length))
         return original_map(self, shard, offset, length)
 
     monkeypatch.setattr(LocalFileSource, "read_into", recording_read)
     monkeypatch.setattr(LocalFileSource, "map", recording_map)
     model = stream(checkpoints("llama"))
-    index = model._hf_weightstream.checkpoint.index
+    checkpoint = model._hf_weightstream.checkpoint
+    reads = [(shard, offset, length) for source, shard, offset, length in calls if source is checkpoint.source]
+    index = checkpoint.index
     data_start = {}
     for entry in index.entries.values():
         data_start[entry.shard] = min(entry.offset, data_start.get(entry.shard, entry.offset))
