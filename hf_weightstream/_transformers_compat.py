@@ -9,6 +9,7 @@ change shape, ``tests/test_transformers_compat.py`` fails loudly naming it, inst
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +85,7 @@ def build_skeleton(
     """
     config = copy.deepcopy(config)
     # Parameters stay on meta and are never initialised, so skip the init functions (a third of the build time).
-    contexts = [*cls.get_init_context(dtype, hf_quantizer is not None, False, False), no_init_weights()]
+    contexts = [*_init_contexts(cls, config, dtype, hf_quantizer is not None), no_init_weights()]
 
     with ContextManagers(contexts):
         model = cls(config, **model_kwargs)
@@ -103,6 +104,21 @@ def build_skeleton(
     model.tie_weights(recompute_mapping=False)
     model.eval()
     return model
+
+
+def _init_contexts(cls: type[PreTrainedModel], config: Any, dtype: torch.dtype, quantized: bool) -> list:
+    """``from_pretrained``'s init contexts, with the runtime fusions a config asks for (``fusion_config``).
+
+    transformers 5.25 applies those fusions in the init contexts themselves when given the config; before, its
+    ``from_pretrained`` registered them globally just before building the model, and so must we.
+    """
+    if "config" in inspect.signature(cls.get_init_context).parameters:
+        return cls.get_init_context(dtype, quantized, False, False, config)
+    if fusion_config := getattr(config, "fusion_config", None):
+        from transformers.fusion_mapping import register_fusion_patches
+
+        register_fusion_patches(cls, config, fusion_config)
+    return cls.get_init_context(dtype, quantized, False, False)
 
 
 def finish_quantized(model: Any, hf_quantizer: Any) -> None:

@@ -12,6 +12,7 @@ pipelines accept it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import os
@@ -56,6 +57,7 @@ _UNSUPPORTED = {
     "distributed_config": "distributed loading is not supported with streaming",
     "offload_folder": "streaming reads the original files and writes no offload copy",
     "use_kernels": "hub kernels are not supported with streaming",
+    "kernels_mode": "hub kernels are not supported with streaming",
 }
 
 
@@ -129,7 +131,7 @@ def load_streamed(
 ) -> Any:
     """Build ``cls`` on the meta device and attach streaming hooks; reads configs and headers only."""
     for name, reason in _UNSUPPORTED.items():
-        if kwargs.get(name):
+        if kwargs.pop(name, None):  # one that turns nothing on (use_kernels=False) is dropped, as transformers does
             raise StreamConfigError(f"{name}= cannot be used with device_map='stream': {reason}.")
     if model_args:
         raise StreamConfigError("Positional model arguments are not supported with streaming; pass a config.")
@@ -202,6 +204,9 @@ def load_streamed(
         config._attn_implementation = model_kwargs.pop("attn_implementation")
     if "experts_implementation" in model_kwargs:
         config._experts_implementation = model_kwargs.pop("experts_implementation")
+    if model_kwargs.get("fusion_config") is not None:  # runtime fusions (patch embeddings as Linear), as transformers
+        config.fusion_config = copy.deepcopy(model_kwargs.pop("fusion_config"))
+    model_kwargs.pop("fusion_config", None)
 
     hf_quantizer = quantization.prepare(config, quantization_config, name)  # before any weight file is opened
     if local:

@@ -178,6 +178,29 @@ def test_arguments_a_user_gets_slightly_wrong_are_named_with_the_fix(checkpoints
         AutoModelForCausalLM.from_pretrained(checkpoints("llama"), **arguments)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"gguf_file": "model.gguf"}, "streaming needs safetensors"),
+        ({"offload_folder": "/tmp/offload"}, "writes no offload copy"),
+        ({"use_kernels": True}, "hub kernels"),
+        ({"kernels_mode": "inference"}, "hub kernels"),
+        ({"tp_plan": "auto"}, "tensor parallelism"),
+    ],
+)
+def test_options_that_cannot_apply_to_a_streamed_model_say_why(checkpoints, kwargs, reason):
+    (name,) = kwargs
+    with pytest.raises(StreamConfigError, match=rf"{name}= cannot be used with device_map='stream': .*{reason}"):
+        LlamaForCausalLM.from_pretrained(checkpoints("llama"), device_map="stream", **kwargs)
+
+
+def test_options_that_turn_nothing_on_are_accepted(checkpoints):
+    """``use_kernels=False`` (transformers 5.25 kernelizes by default where it can, so users turn it off): nothing to
+    refuse; it reached the model's constructor and crashed it."""
+    model = load(checkpoints("llama"), use_kernels=False, offload_folder=None, kernels_mode=None)
+    assert not getattr(model, "use_kernels", False)
+
+
 def test_moving_a_streamed_model_to_meta_is_refused_and_leaves_it_working(checkpoints):
     model = load(checkpoints("llama"))
     with pytest.raises(StreamingRuntimeError, match="cannot compute on the meta device.*release"):

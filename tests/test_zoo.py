@@ -145,3 +145,22 @@ def test_zoo_lists_name_real_architectures_and_the_bar_holds():
     buildable = len(ARCHS) - len(SKIP)
     streams = buildable - len(REFUSED) - len(KNOWN_FAILURES)
     assert streams / buildable >= 0.97, (streams, buildable)
+
+
+def test_zoo_runtime_fusions_stream_as_transformers_fuses_them(tmp_path):
+    """``fusion_config=`` (Qwen2-VL's Conv3d patch embedding fused into a Linear, its weight converted at load)."""
+    from packaging.version import Version
+    from transformers import __version__
+
+    if Version(__version__) < Version("5.25"):
+        pytest.skip("transformers before 5.25 loses the fused weight in its own load (reported missing)")
+    arch = ARCHS["image_text_to_text:qwen2_vl"]
+    zoo.build_and_save(arch, tmp_path / "model")
+    fusion = {"patch_embeddings": True}
+    outcome = zoo.compare(arch, tmp_path / "model", fusion_config=fusion)
+    assert outcome.status == "identical", outcome
+    import hf_weightstream  # noqa: F401
+
+    streamed = arch.model_class.from_pretrained(tmp_path / "model", device_map="stream", fusion_config=fusion)
+    patch_embed = streamed.model.visual.patch_embed
+    assert hasattr(patch_embed, "linear_proj") and not hasattr(patch_embed, "proj"), "the fusion was not applied"

@@ -368,6 +368,11 @@ def _fix_dory(d: dict, base: dict) -> None:
     d.update(n_input_layers=2, n_recurrent_layers=2, n_output_layers=2, num_hidden_layers=6, layer_types=layer_types)
 
 
+def _fix_kolibri1_1(d: dict, base: dict) -> None:
+    # Its indexer scores keys with some of the query heads that share key head 0: no more than there are.
+    d["index_num_heads"] = max(1, d["num_attention_heads"] // d["num_key_value_heads"])
+
+
 def _fix_zamba(d: dict, base: dict) -> None:
     # The shared transformer block is tied across hybrid layers: keep two of them (layers 2 and 8).
     d.update(num_hidden_layers=9, layers_block_type=base["layers_block_type"][:9])
@@ -414,6 +419,7 @@ FIXES = {
     "ernie4_5_vl_moe": _fix_ernie4_5_vl_moe,
     "fun_asr_nano": _fix_fun_asr_nano,
     "gemma3n_text": _fix_gemma3n,
+    "kolibri1_1": _fix_kolibri1_1,  # transformers 5.25
     "glm46v": _mrope([8, 12, 12]),
     "glm4v": _mrope([8, 12, 12]),
     "glm4v_moe": _mrope([8, 12, 12]),
