@@ -449,6 +449,8 @@ def _bind_device_methods(model: Any, engine: StreamEngine) -> None:
     model.to = to
     model.cuda = cuda
     model._apply = functools.partial(_apply_from_parent, model, model._apply)
+    for name, module in _streaming_submodules(model, engine):
+        module._apply = functools.partial(_apply_to_part, model, name, module, module._apply)
     model.__deepcopy__ = model.__reduce_ex__ = refuse_copy  # copy.copy goes through __reduce_ex__ too
     # Saving and state_dict stream unit by unit (saving.py): the weights are not in memory to hand over at once.
     model.save_pretrained = functools.partial(saving.save_pretrained, model)
@@ -483,6 +485,44 @@ def _apply_from_parent(model: Any, torch_apply: Any, fn: Any, recurse: bool = Tr
             dtype = out.dtype
     if device is not None or dtype is not None:
         return retarget(model, device, dtype)
+    return torch_apply(fn, recurse)
+
+
+def _streaming_submodules(model: torch.nn.Module, engine: StreamEngine) -> list[tuple[str, torch.nn.Module]]:
+    """The model's submodules that hold streamed weights, or contain one that does."""
+    holders = {id(slot.module) for unit in engine.units for spec in unit.specs for slot in spec.slots}
+    names = {name for name, module in model.named_modules() if name and id(module) in holders}
+    within = {".".join(parts[:i]) for name in names for parts in [name.split(".")] for i in range(1, len(parts) + 1)}
+    return [(name, module) for name, module in model.named_modules() if name in within]
+
+
+def _apply_to_part(
+    model: Any, name: str, part: torch.nn.Module, torch_apply: Any, fn: Any, recurse: bool = True
+) -> Any:
+    """``nn.Module._apply`` of a submodule with streamed weights: a move or cast of that part alone is refused.
+
+    torch's own would read the part's weights and keep the results in memory outside the budget, and the units
+    it caught resident would be cast while the others are read in the model's dtype (``model.model.half()`` left
+    a model that computed in two dtypes). What changes none of the part's streamed weights (``.to()`` to where it
+    is, as Bark's forward does; ``.float()`` of a float32 part) runs as torch's own."""
+    engine = model.__dict__[_ATTR]
+    inside = {id(module) for module in part.modules()}
+    dtypes = {
+        spec.dtype
+        for unit in engine.units
+        for spec in unit.specs
+        if spec.dtype.is_floating_point and any(id(slot.module) in inside for slot in spec.slots)
+    }
+    for dtype in sorted(dtypes or {torch.float32}, key=str):
+        probe = torch.empty(0, dtype=dtype, device=engine.device)
+        out = fn(probe)
+        if isinstance(out, torch.Tensor) and out is not probe and (out.device, out.dtype) != (probe.device, dtype):
+            raise StreamingRuntimeError(
+                f"Moving or casting {name} alone (to {out.device}, {out.dtype}) is not possible on a streamed "
+                f"{type(model).__name__}: its weights are read from the checkpoint on use, in the model's dtype "
+                "onto its execution device. Move or cast the whole model instead (model.to(...), model.half(), "
+                "or from_pretrained(..., dtype=...)); it re-reads its weights so."
+            )
     return torch_apply(fn, recurse)
 
 

@@ -240,6 +240,29 @@ def test_a_parent_modules_to_and_half_retarget_the_model_instead_of_reading_it(c
     assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
 
 
+def test_a_submodules_own_cast_or_move_is_refused_and_leaves_the_model_working(checkpoints):
+    """``model.model.half()`` ran torch's own cast: it read the resident units' weights and kept them, cast, outside
+    the budget, while the other units were still read in float32, and the next forward failed on mixed dtypes."""
+    folder = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", max_memory={"cpu": "400KB"})
+    with torch.no_grad():
+        before = model(PROMPT).logits
+    for part, cast in [
+        (model.model, lambda m: m.half()),
+        (model.lm_head, lambda m: m.to(torch.float64)),
+        (model.model.layers[0].mlp, lambda m: m.bfloat16()),
+    ]:
+        with pytest.raises(StreamingRuntimeError, match=r"Moving or casting .* alone .*model\.half\(\)"):
+            cast(part)
+    assert model.model.to("cpu") is model.model and model.lm_head.float() is model.lm_head, "changes nothing: fine"
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, before)
+    stats = hf_weightstream.stats(model)
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+    model.model.rotary_emb.half()  # real buffers only: torch's own, as on a plain model
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float16
+
+
 def test_copying_or_pickling_a_streamed_model_is_refused_with_what_to_do(checkpoints, tmp_path):
     import copy
     import pickle
