@@ -56,6 +56,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -120,6 +121,28 @@ def _status(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
+def _cpu_s() -> float:
+    """CPU seconds this process has used, every thread together (user and system)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads, by thread name less its number ("hf_weightstream_io_3" ->
+    "hf_weightstream_io"): what the link's threads cost beside the compute (threads already ended are not here)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            continue
+        name = re.sub(r"[_-]?\d+(_\d+)?$", "", thread.name) or thread.name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return {name: round(seconds, 2) for name, seconds in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["contender"] == "sweep":
         return run_sweep_worker(job)
@@ -151,7 +174,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         stream_config = hf_weightstream.StreamConfig(budget=job["budget"], complete_download=complete)
         return AutoModelForCausalLM.from_pretrained(where, device_map="stream", stream_config=stream_config)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_s()
     # The server logs its requests on the same clock (CLOCK_MONOTONIC is system-wide): its times are taken from here,
     # the moment every TTFT counts from, not from the worker's first request (the config, read before this).
     result["start_monotonic"] = time.monotonic()
@@ -159,6 +182,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     if contender == "a":
         hf_weightstream.wait_until_cached(streamed(REPO_ID, True))  # every shard, no forward pass
         result["download_s"] = time.perf_counter() - start
+        result["download_cpu_s"] = _cpu_s() - cpu_start
         model = AutoModelForCausalLM.from_pretrained(REPO_ID)
         result["rss_after_load"] = _status("VmRSS")
         result["peak_rss_load"] = _status("VmHWM")
@@ -178,6 +202,8 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         ttft_s=first - start,
         first_tokens=out[:, -1].tolist(),
         peak_rss=max(_status("VmHWM"), result.get("peak_rss_load", 0)),
+        cpu_s=_cpu_s() - cpu_start,
+        thread_cpu_s=_thread_cpu(),
     )
     if contender == "a":
         result["compute_rss"] = _status("VmHWM") - result["rss_after_load"]  # what the forward pass itself holds
@@ -217,11 +243,11 @@ def run_downloader(job: dict[str, Any]) -> dict[str, Any]:
 
     from huggingface_hub import hf_hub_download
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_s()
     names = job["shards"]
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(lambda name: hf_hub_download(REPO_ID, name, cache_dir=job["cache"]), names))
-    return {"contender": "downloader", "download_s": time.perf_counter() - start}
+    return {"contender": "downloader", "download_s": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu_start}
 
 
 def run_sweep_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -610,12 +636,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             notes.append(f"stall {r['engine']['stall_seconds']:.2f} s, read {r['engine']['bytes_read'] / 1e6:.0f} MB")
             if r["engine"].get("first_compute_s") is not None:
                 notes.append(f"first unit computed from {r['engine']['first_compute_s']:.2f} s")
+        if "cpu_s" in r:
+            link = {k: v for k, v in r.get("thread_cpu_s", {}).items() if k != "MainThread" and v >= 0.05}
+            download = f", {r['download_cpu_s']:.2f} by its download" if "download_cpu_s" in r else ""
+            notes.append(
+                f"CPU {r['cpu_s']:.2f} s from start to first token{download}"
+                + (" (threads: " + ", ".join(f"{k} {v:.2f}" for k, v in link.items()) + ")" if link else "")
+            )
         if "downloader" in r:
             side = r["downloader"]
             notes.append(
                 side["error"]
                 if "error" in side
                 else f"the other process downloaded the model in {side['download_s']:.2f} s"
+                + (f" with {side['cpu_s']:.2f} CPU s" if "cpu_s" in side else "")
             )
         if (
             "first_tokens" in r
