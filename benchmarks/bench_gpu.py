@@ -133,7 +133,11 @@ def main() -> None:
     del streamed
     torch.cuda.empty_cache()
 
-    resident = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="cuda")
+    # use_kernels=False: the layers the streamed model computes (transformers 5.25 kernelizes a CUDA load by default,
+    # with kernels fetched from the Hub), so the rows differ only in where the weights live.
+    resident = AutoModelForCausalLM.from_pretrained(
+        args.folder, dtype=torch.bfloat16, device_map="cuda", use_kernels=False
+    )
     rows["resident"] = {
         "decode_ms": decode_ms(resident, prompt, args.tokens),
         "prefill_4096_ms": prefill_ms(resident, 4096),
@@ -142,7 +146,11 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     offload = AutoModelForCausalLM.from_pretrained(
-        args.folder, dtype=torch.bfloat16, device_map="auto", max_memory={0: budget, "cpu": 4 * model_bytes}
+        args.folder,
+        dtype=torch.bfloat16,
+        device_map="auto",
+        max_memory={0: budget, "cpu": 4 * model_bytes},
+        use_kernels=False,
     )
     rows["accelerate_offload"] = {
         "decode_ms": decode_ms(offload, prompt, args.tokens),

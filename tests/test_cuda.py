@@ -75,7 +75,9 @@ def test_fp8_on_gpu_identical_to_transformers_own_load(checkpoints, tmp_path):
     from hf_weightstream.testing.checkpoints import to_fp8
 
     folder = to_fp8(shutil.copytree(checkpoints("qwen3_dense_fp8_shapes"), tmp_path / "fp8"))
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+    # transformers 5.25 kernelizes a CUDA load by default (Liger's RMSNorm from the Hub); a streamed model runs
+    # transformers' own layers, which is what a load without kernels runs.
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda", use_kernels=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="stream")
     prompt = torch.randint(3, 120, (1, 16), device="cuda")
     with torch.no_grad():
