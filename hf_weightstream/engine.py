@@ -331,7 +331,13 @@ class StreamEngine:
                         for earlier, later in zip(self._moe_trace, self._moe_trace[1:], strict=False):
                             earlier.next = later  # whose router predicts the next layer's experts
                         self._set_schedule(trace, cycle_start=prefix if prefix < len(trace) else 0)
-                        self._prefetch_ahead()  # the next pass starts with these
+                        try:
+                            self._prefetch_ahead()  # the next pass starts with these
+                        except BaseException:  # a Ctrl-C as a read was handed on: this call's units are settled
+                            me = threading.get_ident()
+                            for unit in self.units:
+                                self._settle_interrupted(unit, me)
+                            raise
                     log.log_schedule(self)
             log.log_forward(self, self._log_start)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 import warnings
 
 import pytest
@@ -635,6 +636,34 @@ def test_a_ctrl_c_as_a_prefetch_is_handed_to_the_readers_leaves_no_read_pending(
     monkeypatch.setattr(executor, "submit", interrupted)
     with pytest.raises(_Interrupt), torch.no_grad():
         model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert executor.submit == real, "the interrupt landed"
+    assert not [unit.name for unit in engine.units if unit.state == "loading"]
+    assert engine.pool.held == sum(u.held_bytes for u in engine.units if u.state == "resident")
+    assert torch.equal(_next_call(model), expected)
+
+
+def test_a_ctrl_c_as_the_first_pass_reads_ahead_for_the_next_leaves_no_read_pending(checkpoints, monkeypatch):
+    """The first pass ends by reading ahead the units the next pass starts with, after the call's units were
+    settled: a Ctrl-C landing as one of those reads was handed to the readers left it 'loading' with no reader, and
+    the next call waited for it forever."""
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    model = stream(folder, lookahead=2, policy="lru")
+    engine = model._hf_weightstream
+    engine.pool.budget = engine.minimum_budget() * 2  # not the whole model: the end of the pass reads ahead
+    executor, caller = engine.pool.executor, threading.get_ident()
+    real = executor.submit
+
+    def interrupted(fn, *args):
+        at_the_end = any(frame.name == "end_forward" for frame in traceback.extract_stack())
+        if threading.get_ident() == caller and getattr(fn, "__name__", "") == "_load" and at_the_end:
+            monkeypatch.setattr(executor, "submit", real)  # once
+            raise _Interrupt
+        return real(fn, *args)
+
+    monkeypatch.setattr(executor, "submit", interrupted)
+    with pytest.raises(_Interrupt), torch.no_grad():
+        model(PROMPT)  # the first pass: traced, then its schedule read ahead
     assert executor.submit == real, "the interrupt landed"
     assert not [unit.name for unit in engine.units if unit.state == "loading"]
     assert engine.pool.held == sum(u.held_bytes for u in engine.units if u.state == "resident")
