@@ -72,6 +72,7 @@ from benchmarks.bench_core import (
     code_state,
     ensure_model,
     git,
+    own_cpu_seconds,
     shard_files,
     tensor_bytes,
     wait_for_quiet,
@@ -121,12 +122,6 @@ def _status(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def _cpu_s() -> float:
-    """CPU seconds this process has used, every thread together (user and system)."""
-    times = os.times()
-    return times.user + times.system
-
-
 def _thread_cpu() -> dict[str, float]:
     """CPU seconds of this process's live threads, by thread name less its number ("hf_weightstream_io_3" ->
     "hf_weightstream_io"): what the link's threads cost beside the compute (threads already ended are not here)."""
@@ -174,7 +169,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         stream_config = hf_weightstream.StreamConfig(budget=job["budget"], complete_download=complete)
         return AutoModelForCausalLM.from_pretrained(where, device_map="stream", stream_config=stream_config)
 
-    start, cpu_start = time.perf_counter(), _cpu_s()
+    start, cpu_start = time.perf_counter(), own_cpu_seconds()
     # The server logs its requests on the same clock (CLOCK_MONOTONIC is system-wide): its times are taken from here,
     # the moment every TTFT counts from, not from the worker's first request (the config, read before this).
     result["start_monotonic"] = time.monotonic()
@@ -182,7 +177,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     if contender == "a":
         hf_weightstream.wait_until_cached(streamed(REPO_ID, True))  # every shard, no forward pass
         result["download_s"] = time.perf_counter() - start
-        result["download_cpu_s"] = _cpu_s() - cpu_start
+        result["download_cpu_s"] = own_cpu_seconds() - cpu_start
         model = AutoModelForCausalLM.from_pretrained(REPO_ID)
         result["rss_after_load"] = _status("VmRSS")
         result["peak_rss_load"] = _status("VmHWM")
@@ -202,7 +197,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         ttft_s=first - start,
         first_tokens=out[:, -1].tolist(),
         peak_rss=max(_status("VmHWM"), result.get("peak_rss_load", 0)),
-        cpu_s=_cpu_s() - cpu_start,
+        cpu_s=own_cpu_seconds() - cpu_start,
         thread_cpu_s=_thread_cpu(),
     )
     if contender == "a":
@@ -243,11 +238,15 @@ def run_downloader(job: dict[str, Any]) -> dict[str, Any]:
 
     from huggingface_hub import hf_hub_download
 
-    start, cpu_start = time.perf_counter(), _cpu_s()
+    start, cpu_start = time.perf_counter(), own_cpu_seconds()
     names = job["shards"]
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(lambda name: hf_hub_download(REPO_ID, name, cache_dir=job["cache"]), names))
-    return {"contender": "downloader", "download_s": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu_start}
+    return {
+        "contender": "downloader",
+        "download_s": time.perf_counter() - start,
+        "cpu_s": own_cpu_seconds() - cpu_start,
+    }
 
 
 def run_sweep_worker(job: dict[str, Any]) -> dict[str, Any]:
