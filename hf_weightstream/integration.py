@@ -204,9 +204,9 @@ def load_streamed(
         config._attn_implementation = model_kwargs.pop("attn_implementation")
     if "experts_implementation" in model_kwargs:
         config._experts_implementation = model_kwargs.pop("experts_implementation")
-    if model_kwargs.get("fusion_config") is not None:  # runtime fusions (patch embeddings as Linear), as transformers
-        config.fusion_config = copy.deepcopy(model_kwargs.pop("fusion_config"))
-    model_kwargs.pop("fusion_config", None)
+    fusion_config = model_kwargs.pop("fusion_config", None)
+    if fusion_config is not None:  # runtime fusions (patch embeddings as Linear), as transformers applies them
+        config.fusion_config = copy.deepcopy(fusion_config)
 
     hf_quantizer = quantization.prepare(config, quantization_config, name)  # before any weight file is opened
     if local:
@@ -473,19 +473,28 @@ def _apply_from_parent(model: Any, torch_apply: Any, fn: Any, recurse: bool = Tr
     a TypeError.
     """
     engine = model.__dict__[_ATTR]
-    device, dtype = None, None
-    for probe_dtype in (torch.float16, torch.float32):
-        probe = torch.empty(0, dtype=probe_dtype, device=engine.device)
+    device, dtype = _what_apply_changes(fn, engine.device, (torch.float16, torch.float32))
+    if dtype is not None and not dtype.is_floating_point:
+        dtype = None
+    if device is not None or dtype is not None:
+        return retarget(model, device, dtype)
+    return torch_apply(fn, recurse)
+
+
+def _what_apply_changes(fn: Any, device: torch.device, dtypes: Any) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype ``fn`` (what ``nn.Module._apply`` maps over a module's tensors) gives tensors on
+    ``device`` in each of ``dtypes``, tried on empty ones instead of the weights; None for what it leaves as is."""
+    new_device, new_dtype = None, None
+    for dtype in dtypes:
+        probe = torch.empty(0, dtype=dtype, device=device)
         out = fn(probe)
         if not isinstance(out, torch.Tensor) or out is probe:
             continue
         if out.device != probe.device:
-            device = out.device
-        if out.dtype != probe.dtype and out.is_floating_point():
-            dtype = out.dtype
-    if device is not None or dtype is not None:
-        return retarget(model, device, dtype)
-    return torch_apply(fn, recurse)
+            new_device = out.device
+        if out.dtype != dtype:
+            new_dtype = out.dtype
+    return new_device, new_dtype
 
 
 def _streaming_submodules(model: torch.nn.Module, engine: StreamEngine) -> list[tuple[str, torch.nn.Module]]:
@@ -513,16 +522,15 @@ def _apply_to_part(
         for spec in unit.specs
         if spec.dtype.is_floating_point and any(id(slot.module) in inside for slot in spec.slots)
     }
-    for dtype in sorted(dtypes or {torch.float32}, key=str):
-        probe = torch.empty(0, dtype=dtype, device=engine.device)
-        out = fn(probe)
-        if isinstance(out, torch.Tensor) and out is not probe and (out.device, out.dtype) != (probe.device, dtype):
-            raise StreamingRuntimeError(
-                f"Moving or casting {name} alone (to {out.device}, {out.dtype}) is not possible on a streamed "
-                f"{type(model).__name__}: its weights are read from the checkpoint on use, in the model's dtype "
-                "onto its execution device. Move or cast the whole model instead (model.to(...), model.half(), "
-                "or from_pretrained(..., dtype=...)); it re-reads its weights so."
-            )
+    changes = _what_apply_changes(fn, engine.device, sorted(dtypes or {torch.float32}, key=str))
+    if any(change is not None for change in changes):
+        target = ", ".join(str(change) for change in changes if change is not None)
+        raise StreamingRuntimeError(
+            f"Moving or casting {name} alone (to {target}) is not possible on a streamed "
+            f"{type(model).__name__}: its weights are read from the checkpoint on use, in the model's dtype "
+            "onto its execution device. Move or cast the whole model instead (model.to(...), model.half(), "
+            "or from_pretrained(..., dtype=...)); it re-reads its weights so."
+        )
     return torch_apply(fn, recurse)
 
 
