@@ -429,6 +429,9 @@ def run_contender_keep_cache(job: dict[str, Any], server: Any, cache: Path, time
             stderr=subprocess.PIPE,
             text=True,
         )
+    # This process only waits meanwhile: its CPU is the local Hub's, which a real Hub would not take from the
+    # machine (a contender's forward pass runs beside it on the same 2 cores).
+    server_cpu_start = own_cpu_seconds()
     try:
         proc = subprocess.run(
             _command(job), cwd=REPO, env=_env(server, cache), capture_output=True, text=True, timeout=timeout_s
@@ -441,6 +444,7 @@ def run_contender_keep_cache(job: dict[str, Any], server: Any, cache: Path, time
             shutil.rmtree(side, ignore_errors=True)
     server.wait_idle()
     parsed = _parse(job["contender"], proc.returncode, proc.stdout, proc.stderr)
+    parsed["server_cpu_s"] = own_cpu_seconds() - server_cpu_start
     if downloader is not None:
         parsed["downloader"] = _parse("downloader", downloader.returncode, out, err)
     return {**parsed, **_network(server, parsed.get("start_monotonic"))}
@@ -642,6 +646,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"CPU {r['cpu_s']:.2f} s from start to first token{download}"
                 + (" (threads: " + ", ".join(f"{k} {v:.2f}" for k, v in link.items()) + ")" if link else "")
             )
+        if r.get("network_bytes") and "server_cpu_s" in r:
+            notes.append(f"the local Hub's CPU {r['server_cpu_s']:.2f} s")
         if "downloader" in r:
             side = r["downloader"]
             notes.append(

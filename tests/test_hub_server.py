@@ -353,6 +353,21 @@ def test_range_requests(blob_folder: Path) -> None:
     assert head.headers["X-Linked-Size"] == str(size) and "X-Repo-Commit" in head.headers
 
 
+def test_a_file_that_shrank_since_it_was_added_is_cut_short_and_logged_as_sent(blob_folder: Path) -> None:
+    """The body goes out by ``sendfile`` over plain HTTP, by reads over TLS: both stop where the file now ends, and
+    the log counts what was sent, not what the headers promised."""
+    with hub_server({"org/blobs": blob_folder}, bandwidth=50_000_000) as srv:
+        url = _resolve_url(srv, "blob.bin", "org/blobs")
+        whole = httpx2.get(url)
+        with (blob_folder / "blob.bin").open("r+b") as fh:
+            fh.truncate(600_000)
+        with pytest.raises(httpx2.RemoteProtocolError):
+            httpx2.get(url)
+        srv.wait_idle()
+        sent = srv.bytes_sent("blob.bin")
+    assert len(whole.content) == 1_000_000 and sent == 1_600_000
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
