@@ -65,6 +65,11 @@ def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
+def _half_evicted(unit: Unit) -> bool:
+    """Stopped inside `StreamEngine._drop`, which forgets the tensors before it marks the unit absent."""
+    return unit.state == "resident" and unit.tensors is None
+
+
 def _load_error(unit: Unit) -> BaseException:
     """What a failed load raises in the thread that needed the unit: a Ctrl-C (or any other non-``Exception``) that
     interrupted the read as itself, so that ``except KeyboardInterrupt`` and the shell's exit status see it."""
@@ -310,6 +315,10 @@ class StreamEngine:
                         self._drop_rows(unit)
                 for layer in self.expert_layers:  # the forward raised inside an experts call
                     self.end_experts(layer)
+                for other in self.pool.engines():  # this call's evictions of other models' units, on a shared pool
+                    if other is not self:
+                        for unit in other.units:
+                            other._settle_evicted(unit)
                 self.meter.end_pass(time.perf_counter())
                 if self.schedule and getattr(self.reader, "settled", False) and self.reader.io != self._page_cache_mode:
                     # Buffered reads pass through the page cache: their pieces in flight take some of that room.
@@ -350,10 +359,16 @@ class StreamEngine:
         'loading' forever, so the next call waited for it forever. Outside those windows an absent unit holds no
         bytes, and a unit is 'loading' for this thread only while it reads it."""
         mine = unit.state == "loading" and unit.loader == me  # this thread's own read, stopped or never started
-        half_evicted = unit.state == "resident" and unit.tensors is None
-        if mine or half_evicted or unit.state == "absent":
+        if mine or unit.state == "absent" or _half_evicted(unit):
             unit.loader = 0
             self._drop(unit)  # as an eviction drops it: uninstalled, forgotten, its bytes given back
+
+    def _settle_evicted(self, unit: Unit) -> None:
+        """`_settle_interrupted` for an eviction another model's call made of this model's unit (pool lock held).
+        Only the eviction's windows: this model's own reads, and its calls in other threads, are left alone (an
+        absent unit holds no bytes outside an eviction: a read charges them as it marks the unit loading)."""
+        if (unit.state == "absent" and unit.held_bytes) or _half_evicted(unit):
+            self._drop(unit)
 
     def _set_schedule(self, trace: list[Unit], cycle_start: int = 0) -> None:
         self.schedule = trace

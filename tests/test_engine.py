@@ -586,6 +586,37 @@ def test_a_ctrl_c_anywhere_in_a_call_leaves_no_bytes_charged_and_no_read_pending
     assert hf_weightstream.stats(model)["peak_resident_bytes"] <= engine.pool.budget
 
 
+def test_a_ctrl_c_as_a_call_evicts_another_models_unit_leaves_its_bytes_uncharged(checkpoints, monkeypatch):
+    """Two models on one pool: a call of one evicts the other's units. A Ctrl-C landing as such an eviction was
+    refunding left the other model's unit absent but charged, and the end of the call settled only its own model's
+    units: the shared budget shrank for good (until the other model's next call), and a tight one raised
+    BudgetError in every later call of either model."""
+    folder = checkpoints("llama")
+    expected = AutoModelForCausalLM.from_pretrained(folder).generate(PROMPT, max_new_tokens=4, do_sample=False)
+    pool = hf_weightstream.WeightPool("1GB")
+    first, other = stream(folder, pool=pool, lookahead=0), stream(folder, pool=pool, lookahead=0)
+    other.generate(PROMPT, max_new_tokens=2, do_sample=False)  # every unit of the other model resident
+    pool.budget = max(pool.held, pool.minimum_budget())  # the first model's call must evict the other's units
+    theirs, caller, real = other._hf_weightstream, threading.get_ident(), pool.refund
+
+    def interrupted(unit, nbytes):
+        if threading.get_ident() == caller and unit.engine is theirs and unit.state == "absent":
+            monkeypatch.setattr(pool, "refund", real)  # once
+            raise _Interrupt
+        return real(unit, nbytes)
+
+    monkeypatch.setattr(pool, "refund", interrupted)
+    with pytest.raises(_Interrupt), torch.no_grad():
+        first.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert pool.refund == real, "the interrupt landed"
+    engines = [first._hf_weightstream, theirs]
+    resident = sum(u.held_bytes for e in engines for u in e.units if u.state == "resident")
+    assert pool.held == resident + sum(h.held_bytes for e in engines for h in e.holdings())
+    assert not [u.name for e in engines for u in e.units if u.state == "absent" and u.held_bytes]
+    assert torch.equal(_next_call(first), expected)
+    assert torch.equal(_next_call(other), expected)
+
+
 @pytest.mark.parametrize("error", [ValueError, _Interrupt])
 def test_a_first_pass_that_raises_midway_is_traced_again(checkpoints, error):
     """The first pass is the slow, cold one, where a Ctrl-C lands (or a bad input raises in a block): the units
