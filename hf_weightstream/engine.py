@@ -207,7 +207,8 @@ class StreamEngine:
             raise BudgetError(
                 f"The budget ({self.pool.budget:,} bytes) is smaller than unit {chain!r}, which needs "
                 f"{needed:,} bytes on {self.device} while it loads. Use a budget of at least "
-                f"{needed:,} bytes, ideally a few times more so reads can run ahead."
+                f"{self.minimum_budget():,} bytes (what every forward pass of this model fits in), ideally a few "
+                "times more so reads can run ahead."
             )
         for layer in self.expert_layers:
             routed = min(layer.top_k or 1, layer.num_experts)
@@ -651,7 +652,9 @@ class StreamEngine:
         vocab, width = entry.shape
         unique, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
         if unique.numel() and (unique[0] < 0 or unique[-1] >= vocab):
-            raise IndexError(f"index out of range in self: ids must be in [0, {vocab}) for {unit.name}")
+            names = zip(unit.module_names, unit.modules, strict=True)
+            looked_up = next((n for n, m in names if m is module), unit.name)  # a tied table's unit is the head's
+            raise IndexError(f"index out of range in self: ids must be in [0, {vocab}) for {looked_up}")
         if 2 * unique.numel() > vocab:
             if unit.gather:
                 self.load_whole(unit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from equivalence import assert_units_match_plain_load
@@ -170,6 +172,20 @@ def test_budget_below_one_decode_step_is_refused_at_load(moe):
         AutoModelForCausalLM.from_pretrained(
             moe("qwen3_moe"), device_map="stream", stream_config=StreamConfig(budget=30_000)
         )
+
+
+def test_the_budget_a_too_small_one_is_told_to_use_runs_the_model(moe):
+    """Below the largest unit, the error named that unit's size, and a load with it was refused again, with a
+    budget four times larger (the experts of a decode step and the routers' copies): the first error now names the
+    budget every forward fits in."""
+    folder = moe("qwen3_moe")
+    with pytest.raises(BudgetError, match="is smaller than unit") as refused:
+        AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=StreamConfig(budget=1_000))
+    told = int(re.search(r"at least ([\d,]+) bytes", str(refused.value)).group(1).replace(",", ""))
+    config = StreamConfig(budget=told)
+    streamed = AutoModelForCausalLM.from_pretrained(folder, device_map="stream", stream_config=config)
+    with torch.no_grad():
+        streamed(BATCH, attention_mask=MASK)  # a prompt routed to every expert
 
 
 def _skewed(moe, tmp_path):
