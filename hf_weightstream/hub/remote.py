@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 HEADER_PROBE_BYTES = 100_001  # what parse_safetensors_file_metadata reads at once (bytes=0-100000)
 BODY_CHUNK_BYTES = 256 << 10  # response bytes handed on at a time (small: each thread allocates it)
+# ... or what arrived in this long: at 100 KB/s a connection took 2.6 s to gather a chunk, which a kill -9 lost (the
+# recorder records only what was handed on), and 12 of them lost 3 MiB.
+HAND_ON_EVERY_SECONDS = 0.25
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _EXPIRY_SLACK_S = 1.0  # a 403 this close to an URL's expiry is taken for its expiry
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # also the form of a Xet hash
@@ -511,23 +514,26 @@ class RangeFetcher:
                 self._check_status(response, remote, start, generation)
                 self._check_range_answer(response, remote, start, end)
                 # Bytes received are gathered in this thread's buffer (reused: no large allocation per chunk, which
-                # glibc would keep in a per-thread arena) and handed on BODY_CHUNK_BYTES at a time, and before a cut.
+                # glibc would keep in a per-thread arena) and handed on BODY_CHUNK_BYTES at a time, or after
+                # HAND_ON_EVERY_SECONDS, and before a cut.
                 buffer = self._buffer()
                 filled = 0
+                handed_at = time.monotonic()
 
                 def hand_on() -> None:
-                    nonlocal position, filled
+                    nonlocal position, filled, handed_at
                     if filled:
                         with memoryview(buffer) as view:
                             sink(position, view[:filled])
                         position += filled
                         self._on_bytes(filled)
                         filled = 0
+                        handed_at = time.monotonic()
 
                 def received(n: int) -> None:
                     nonlocal filled
                     filled += n
-                    if filled >= BODY_CHUNK_BYTES:
+                    if filled >= BODY_CHUNK_BYTES or time.monotonic() - handed_at >= HAND_ON_EVERY_SECONDS:
                         hand_on()
                         if position < end and should_yield():
                             raise Yielded(position)
