@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from demotools import fake_prepared_demo
-from hubtools import hub_server, make_tiny_llama
+from hubtools import hf_hub_endpoint, hub_server, make_tiny_llama
 
 import hf_weightstream
 from hf_weightstream import cli
@@ -171,7 +171,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tiny: Path, tmp
         (["inspect", tiny, "--budget", "1MB", "--run", "-2"], "expected 0 or a positive integer, got '-2'"),
         (["serve-hub", tiny, "--port", "99999"], "expected a TCP port from 0"),
         (["convert", tmp_path / "missing", tmp_path / "out"], "no such folder, and not a Hub repo id"),
-        (["convert", tiny, tmp_path / "out", "--max-shard-size", "abc"], "Cannot read budget='abc'"),
+        (["convert", tiny, tmp_path / "out", "--max-shard-size", "abc"], "Cannot read max_shard_size='abc'"),
         (["generate", tiny, PROMPT, "--stats-json", tmp_path / "no" / "x.json"], "its folder does not exist"),
     ]:
         code, _, err = run(capsys, *args)
@@ -443,6 +443,22 @@ def test_inspect_plans_what_the_engine_keeps_after_tracing(capsys: pytest.Captur
     assert planned == set(plan(engine.schedule, budget, lookahead, Timing(1e6)).keep)
 
 
+def test_inspect_of_a_repo_whole_in_the_hub_cache_reads_it_as_local_files(
+    capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
+) -> None:
+    """A repo already in the cache reads as a local folder (its I/O path, under the budget asked for): inspect
+    said its shards stream from the Hub, measured no read bandwidth, and named the I/O path of its own planning
+    load, whose budget is unlimited."""
+    from huggingface_hub import snapshot_download
+
+    with hub_server({"org/tiny": tiny}) as server, hf_hub_endpoint(server.url, tmp_path):
+        snapshot_download("org/tiny", cache_dir=tmp_path)
+        code, out, err = run(capsys, "inspect", "org/tiny", "--budget", "60KB")
+    assert code == 0, err
+    assert "I/O under this budget: local safetensors files" in out and "the budget holds the whole model" not in out
+    assert "Read bandwidth: not measured" not in out and "Read bandwidth" in out
+
+
 def test_inspect_run_shows_the_engines_plan_predicted_and_measured(
     capsys: pytest.CaptureFixture[str], tiny: Path
 ) -> None:
@@ -639,6 +655,8 @@ def test_serve_hub_bad_input_exits_2(capsys: pytest.CaptureFixture[str], tiny: P
     assert code == 2 and "no such folder" in err
     code, _, err = run(capsys, "serve-hub", tiny, "--repo-id", "a/b/c")
     assert code == 2 and "repo-id" in err
+    code, _, err = run(capsys, "serve-hub", tiny, "--bandwidth", "10XB")  # named as what it is, not as a budget
+    assert code == 2 and "argument --bandwidth: Cannot read bandwidth='10XB'" in err
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,11 +178,16 @@ def stream_report(stats: dict[str, Any], answer: Answer, rss: int | None, overla
 
 
 # ------------------------------------------------------------------------------------------------- arguments
-def size_arg(value: str) -> int:
-    try:
-        return parse_size(value)
-    except StreamConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def size_arg(what: str) -> Callable[[str], int]:
+    """The parser of a SIZE argument; its errors name what the size is of (argparse names only the option)."""
+
+    def parse(value: str) -> int:
+        try:
+            return parse_size(value, what)
+        except StreamConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
 
 
 def fraction_arg(value: str) -> float:

@@ -27,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-class", help="class to load with (default: the one config.json names)")
     parser.add_argument("--dtype", default="auto", help="dtype to save in, e.g. bfloat16 (default: as stored)")
     parser.add_argument(
-        "--max-shard-size", type=size_arg, metavar="SIZE", default="5GB", help="largest shard file (default: 5GB)"
+        "--max-shard-size",
+        type=size_arg("max_shard_size"),
+        metavar="SIZE",
+        default="5GB",
+        help="largest shard file (default: 5GB)",
     )
 
 

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bandwidth",
-        type=size_arg,
+        type=size_arg("bandwidth"),
         metavar="SIZE",
         default=parse_size("100MB"),
         help="with --hub: the server's bandwidth in bytes/s (default: 100MB)",

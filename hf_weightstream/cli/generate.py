@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL", help="folder, repo id or 'demo' (default: demo)")
     parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read stdin)")
     parser.add_argument(
-        "--budget", type=size_arg, metavar="SIZE", help="bytes of weights held at once (default: from free memory)"
+        "--budget",
+        type=size_arg("budget"),
+        metavar="SIZE",
+        help="bytes of weights held at once (default: from free memory)",
     )
     parser.add_argument("--policy", choices=POLICIES, default="schedule", help="eviction policy (default: schedule)")
     parser.add_argument("--device", help="execution device, e.g. cpu or cuda:0 (default: first GPU, else cpu)")

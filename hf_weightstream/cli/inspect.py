@@ -50,7 +50,9 @@ measured time per token and overlap of reads with compute."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="folder, repo id or 'demo'")
-    parser.add_argument("--budget", type=size_arg, metavar="SIZE", required=True, help="bytes of weights held at once")
+    parser.add_argument(
+        "--budget", type=size_arg("budget"), metavar="SIZE", required=True, help="bytes of weights held at once"
+    )
     parser.add_argument(
         "--run",
         type=non_negative_int_arg,
@@ -105,6 +107,15 @@ def execution_order(model: Any, units: list[Unit]) -> list[Unit]:
     return order
 
 
+def _local_files(source: Any) -> Any:
+    """The shard files on disk: a folder's, or those of a Hub repo already whole in the cache, which reads as a
+    folder does (`HubSource.cached_whole`); None while shards stream from the Hub."""
+    if hasattr(source, "paths"):
+        return source
+    cached_whole = getattr(source, "cached_whole", None)
+    return cached_whole() if cached_whole is not None else None
+
+
 def make_plan(model_id: str, budget: int, lookahead: int, dtype: str) -> Plan:
     from ..planner import DEFAULT_BANDWIDTH, Timing, plan
     from ._read_speed import measure_read_bandwidth
@@ -116,7 +127,8 @@ def make_plan(model_id: str, budget: int, lookahead: int, dtype: str) -> Plan:
     model = load_streamed(model_id, config, dtype)
     engine = model._hf_weightstream
     result = Plan(model_id, model, engine, budget, lookahead, execution_order(model, engine.units))
-    shards = [Path(p) for p in getattr(engine.checkpoint.source, "paths", {}).values()]
+    local = _local_files(engine.checkpoint.source)
+    shards = [Path(p) for p in local.paths.values()] if local is not None else []
     result.sample = measure_read_bandwidth(shards) if shards else None
     bandwidth = result.sample.bandwidth if result.sample and result.sample.bandwidth else DEFAULT_BANDWIDTH
     result.estimate = plan(result.scheduled, budget, lookahead, Timing(bandwidth))
@@ -171,7 +183,7 @@ def _io_line(plan: Plan) -> str:
     from ..sources import choose_reader
 
     engine = plan.engine
-    if engine.copy_to_device or not hasattr(engine.source, "paths"):
+    if engine.copy_to_device or _local_files(engine.source) is None:
         return f"I/O: {io_path(engine)}"
     reader, reason = choose_reader(
         engine.source,

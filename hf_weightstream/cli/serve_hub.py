@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", help="repo id to serve it as (default: local/<folder name>)")
     parser.add_argument("--port", type=port_arg, metavar="PORT", default=0, help="TCP port (default: 0, any free port)")
     parser.add_argument(
-        "--bandwidth", type=size_arg, metavar="SIZE", help="cap in bytes/s, e.g. 100MB (default: unlimited)"
+        "--bandwidth",
+        type=size_arg("bandwidth"),
+        metavar="SIZE",
+        help="cap in bytes/s, e.g. 100MB (default: unlimited)",
     )
 
 
