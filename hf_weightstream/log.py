@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers.utils import logging as hf_logging
 
+from .sources import local_files
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -50,8 +52,7 @@ def budget_origin(config: StreamConfig, max_memory: Any, default_pool: WeightPoo
 
 def io_path(engine: StreamEngine) -> str:
     """How weight bytes reach the execution device, in one phrase."""
-    source = engine.source
-    if hasattr(source, "paths"):
+    if local_files(engine.source) is not None:
         origin = "local safetensors files"
     else:
         origin = "the Hub (HTTP range requests, kept in the Hub cache)"

@@ -514,6 +514,15 @@ def _pread_full(fd: int, out: memoryview, offset: int) -> int:
 Reader = MappedReader | CopyReader | DirectReader
 
 
+def local_files(source: ByteSource) -> LocalFileSource | None:
+    """The source's files on a local disk: a folder's, or those of a Hub repo already whole in the cache, whose read
+    paths are a folder's (`HubSource.cached_whole`); None while shards stream from the Hub."""
+    if isinstance(source, LocalFileSource):
+        return source
+    cached_whole = getattr(source, "cached_whole", None)
+    return cached_whole() if cached_whole is not None else None
+
+
 def choose_reader(
     source: ByteSource,
     io: str,
@@ -535,14 +544,12 @@ def choose_reader(
     """
     if device.type != "cpu":
         return None, f"{device}: reads go through pinned staging buffers"
-    if not isinstance(source, LocalFileSource):
-        cached = source.cached_whole() if hasattr(source, "cached_whole") else None
-        if cached is not None:  # a Hub repo already in the cache: its files are local files
-            source = cached
-        elif hasattr(source, "map"):
+    local = local_files(source)
+    if local is None:
+        if hasattr(source, "map"):
             return MappedReader(source), "Hub source: ranges are mapped in place once fetched"
-        else:
-            return CopyReader(source), "the source cannot map its files"
+        return CopyReader(source), "the source cannot map its files"
+    source = local
     if io == "mmap":
         return MappedReader(source), "io='mmap' asked for"
     if io in READ_MODES:

@@ -60,6 +60,7 @@ import hf_weightstream
 from hf_weightstream import BudgetError, CheckpointError, StreamConfig, checkpoint, hub, wait_until_cached
 from hf_weightstream.checkpoint import SAFE_INDEX
 from hf_weightstream.index import TensorEntry
+from hf_weightstream.log import io_path
 from hf_weightstream.testing.hub_repo import xet_hash_stand_in
 from hf_weightstream.testing.hub_server import Fault, HubServer, RequestRecord
 
@@ -1253,6 +1254,7 @@ def test_a_repo_already_in_the_cache_takes_the_read_paths_of_local_files(tiny: P
         assert generate(model) == expected
         stats = hf_weightstream.stats(model)
         assert stats["io"] == "direct" and stats["io_reason"] == "io='direct' asked for"
+        assert io_path(model._hf_weightstream).startswith("local safetensors files; ")  # not "the Hub"
 
 
 def test_an_moe_without_complete_download_fetches_the_experts_it_routes_to(tmp_path: Path) -> None:

@@ -107,17 +107,9 @@ def execution_order(model: Any, units: list[Unit]) -> list[Unit]:
     return order
 
 
-def _local_files(source: Any) -> Any:
-    """The shard files on disk: a folder's, or those of a Hub repo already whole in the cache, which reads as a
-    folder does (`HubSource.cached_whole`); None while shards stream from the Hub."""
-    if hasattr(source, "paths"):
-        return source
-    cached_whole = getattr(source, "cached_whole", None)
-    return cached_whole() if cached_whole is not None else None
-
-
 def make_plan(model_id: str, budget: int, lookahead: int, dtype: str) -> Plan:
     from ..planner import DEFAULT_BANDWIDTH, Timing, plan
+    from ..sources import local_files
     from ._read_speed import measure_read_bandwidth
 
     # Nothing is read here, so the engine's own check (budget >= largest unit) must not stop us from showing
@@ -127,7 +119,7 @@ def make_plan(model_id: str, budget: int, lookahead: int, dtype: str) -> Plan:
     model = load_streamed(model_id, config, dtype)
     engine = model._hf_weightstream
     result = Plan(model_id, model, engine, budget, lookahead, execution_order(model, engine.units))
-    local = _local_files(engine.checkpoint.source)
+    local = local_files(engine.checkpoint.source)
     shards = [Path(p) for p in local.paths.values()] if local is not None else []
     result.sample = measure_read_bandwidth(shards) if shards else None
     bandwidth = result.sample.bandwidth if result.sample and result.sample.bandwidth else DEFAULT_BANDWIDTH
@@ -180,10 +172,10 @@ def _model_line(plan: Plan) -> str:
 def _io_line(plan: Plan) -> str:
     from ..limits import memory_limits
     from ..log import io_path
-    from ..sources import choose_reader
+    from ..sources import choose_reader, local_files
 
     engine = plan.engine
-    if engine.copy_to_device or _local_files(engine.source) is None:
+    if engine.copy_to_device or local_files(engine.source) is None:
         return f"I/O: {io_path(engine)}"
     reader, reason = choose_reader(
         engine.source,
